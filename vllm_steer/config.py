@@ -1,0 +1,58 @@
+"""Plugin settings: where the profiles are and how many slots to keep.
+
+Read from vLLM's ``additional_config={"vllm_steer": {...}}`` (which also enters
+vLLM's config hash) or, key by key, from ``VLLM_STEER_*`` environment
+variables, which reach every vLLM process (API server, engine core, workers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["SteerConfig", "ConfigError", "ADDITIONAL_CONFIG_KEY"]
+
+ADDITIONAL_CONFIG_KEY = "vllm_steer"
+_ENV = {
+    "profiles": "VLLM_STEER_PROFILES",
+    "max_slots": "VLLM_STEER_MAX_SLOTS",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class SteerConfig(BaseModel):
+    """Validated plugin settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    profiles: str | None = None
+    """Directory of profile sub-directories; ``None`` = the plugin is loaded but steers nothing."""
+    max_slots: int | None = Field(default=None, ge=1, le=4096)
+    """Distinct (profile, categories) in flight at once; default ``min(max_num_seqs, 64)``."""
+
+    @classmethod
+    def resolve(cls, additional_config: Mapping[str, Any] | None) -> SteerConfig:
+        raw: dict[str, Any] = {}
+        for key, env in _ENV.items():
+            if os.environ.get(env):
+                raw[key] = os.environ[env]
+        section = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+        if section is not None:
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"additional_config.{ADDITIONAL_CONFIG_KEY} must be a mapping")
+            raw.update(section)
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"vllm_steer config: {field}: {first['msg']}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.profiles is not None

@@ -1,0 +1,215 @@
+"""Steering operators, in pure torch (no vLLM import anywhere in this module).
+
+Two layers live here, on purpose:
+
+* One small *reference* function per method, written as the formula in
+  ``methods.md`` §3 reads (``h + a·v``, ``h − (h·r̂)r̂``, ...). They are slow and
+  obvious; tests and the Hugging Face reference path use them.
+* :func:`steer_tokens`, the *batched* operator the engine runs. Every method is
+  an edit of a token's activation inside a rank-≤2 subspace ``span{b1, b2}``,
+  so one op serves every method and every profile at once: it reads each
+  token's in-plane coordinates ``p = (h·b1, h·b2)``, computes the method's new
+  coordinates ``q``, and writes back ``h + U (q − p)``. Per-slot data (basis,
+  method, gain, threshold) and per-token data (slot, cos θ, sin θ, scale) are
+  plain tensors, so the op has static shapes and its cost does not depend on
+  how many distinct profiles a batch holds.
+
+Conventions (``methods.md`` §1): activations are rows ``[..., d]``; angles are
+DEGREES at the API and radians nowhere else; rotations are counter-clockwise,
+turning ``+b1`` toward ``+b2``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+
+__all__ = [
+    "Method",
+    "add",
+    "probe",
+    "ablate",
+    "angular_standard",
+    "angular_adaptive",
+    "selective_rotation",
+    "rotation_matrix",
+    "token_deltas",
+    "steer_tokens",
+]
+
+
+class Method(enum.IntEnum):
+    """What the batched op does to a token's in-plane coordinates ``p = (x, y)``.
+
+    The integer values are stored in per-slot buffers, so they are part of the
+    op's contract: never renumber them.
+    """
+
+    NONE = 0
+    """Leave the token untouched (unsteered rows, layers a profile skips)."""
+    ADD = 1
+    """``q = (x + scale·gain, y)``: activation addition, category and probe vectors."""
+    ABLATE = 2
+    """``q = (0, y)``: remove the ``b1`` component (directional ablation)."""
+    ANGULAR_STANDARD = 3
+    """``q = r (cos θ, sin θ)``: snap the in-plane part to the absolute angle θ."""
+    ANGULAR_ADAPTIVE = 4
+    """Standard angular steering, only for tokens with ``x > threshold``."""
+    ROTATE = 5
+    """``q = R(θ) p``: Selective Steering's norm-preserving relative rotation."""
+
+
+# --------------------------------------------------------------------------
+# Reference operators: one formula each, straight from methods.md §3.
+# --------------------------------------------------------------------------
+
+
+def add(h: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Activation addition / category vectors: ``h + α·v`` (methods.md §3.6, §3.8)."""
+    return h + alpha * v.to(h.dtype)
+
+
+def probe(h: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
+    """Probe steering ``h + λ·v̂`` (methods.md §3.9); ``λ < 0`` steers away from the probe's class."""
+    v_hat = v / v.norm()
+    return h + lam * v_hat.to(h.dtype)
+
+
+def ablate(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Directional ablation ``h − (h·r̂) r̂`` (methods.md §3.5)."""
+    r_hat = (r / (r.norm() + 1e-8)).to(h.dtype)
+    return h - (h @ r_hat)[..., None] * r_hat
+
+
+def _plane(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor):
+    b1 = b1.to(h.dtype)
+    b2 = b2.to(h.dtype)
+    x = h @ b1
+    y = h @ b2
+    return b1, b2, x, y
+
+
+def angular_standard(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
+    """Standard angular steering ``h − Ph + ‖Ph‖ v_θ`` (methods.md §3.2).
+
+    θ is an ABSOLUTE angle: every token's in-plane part is set to it, so no θ
+    gives back the unsteered model.
+    """
+    b1, b2, x, y = _plane(h, b1, b2)
+    t = math.radians(theta_deg)
+    r = torch.sqrt(x * x + y * y)
+    v_theta = math.cos(t) * b1 + math.sin(t) * b2
+    in_plane = x[..., None] * b1 + y[..., None] * b2
+    return h - in_plane + r[..., None] * v_theta
+
+
+def angular_adaptive(
+    h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float, threshold: float = 0.0
+) -> torch.Tensor:
+    """Adaptive angular steering (methods.md §3.3): standard angular steering on tokens with ``h·b1 > τ``."""
+    steered = angular_standard(h, b1, b2, theta_deg)
+    gate = (h @ b1.to(h.dtype)) > threshold
+    return torch.where(gate[..., None], steered, h)
+
+
+def rotation_matrix(b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
+    """``R_P^θ = I − P + [b1 b2] R(θ) [b1 b2]ᵀ`` as a dense ``d×d`` matrix (methods.md §3.1)."""
+    t = math.radians(theta_deg)
+    basis = torch.stack([b1, b2], dim=1)  # d×2
+    rot = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=b1.dtype)
+    eye = torch.eye(b1.shape[0], dtype=b1.dtype)
+    return eye - basis @ basis.T + basis @ rot @ basis.T
+
+
+def selective_rotation(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
+    """Selective Steering's rotation ``R_P^θ h`` (methods.md §3.1), in its O(d) form.
+
+    Norm-preserving and the identity at θ = 0. Restricting it to the
+    discriminative layers is the caller's job (profiles list those layers).
+    """
+    b1, b2, x, y = _plane(h, b1, b2)
+    t = math.radians(theta_deg)
+    c, s = math.cos(t), math.sin(t)
+    dx = (c - 1.0) * x - s * y
+    dy = s * x + (c - 1.0) * y
+    return h + dx[..., None] * b1 + dy[..., None] * b2
+
+
+# --------------------------------------------------------------------------
+# The batched operator the engine runs.
+# --------------------------------------------------------------------------
+
+
+def token_deltas(
+    h: torch.Tensor,
+    bases: torch.Tensor,
+    methods: torch.Tensor,
+    gains: torch.Tensor,
+    thresholds: torch.Tensor,
+    token_slot: torch.Tensor,
+    token_cos: torch.Tensor,
+    token_sin: torch.Tensor,
+    token_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Each token's steering correction ``U (q − p)``, for a whole batch, in one pass.
+
+    Args:
+        h: ``[N, d]`` activations, one row per token (any float dtype).
+        bases: ``[S, 2, d]`` float32, per slot the orthonormal rows ``b1, b2``
+            (``b2 = 0`` for rank-1 methods, all zeros for an empty slot).
+        methods: ``[S]`` integer :class:`Method` per slot at this hook site.
+        gains: ``[S]`` float32, the length of the added vector (``ADD`` only).
+        thresholds: ``[S]`` float32, the gate τ (``ANGULAR_ADAPTIVE`` only).
+        token_slot: ``[N]`` int64, each token's slot, ``-1`` = unsteered.
+        token_cos, token_sin: ``[N]`` float32, cos θ and sin θ of the token's request.
+        token_scale: ``[N]`` float32, the request's strength (``ADD`` only).
+
+    Returns:
+        ``[N, d]`` in ``h``'s dtype. Rows whose slot is ``-1`` or whose slot's
+        method is ``NONE`` are exact zeros, so ``h + delta`` leaves them
+        bit-identical — also when the caller adds the delta to one term of a
+        sum (vLLM's fused residual stream).
+
+    Each token gathers only its own slot's basis (``[N, 2, d]``), so the cost is
+    the same whether the batch holds one profile or sixty-four, and every shape
+    is static (torch.compile / CUDA-graph friendly).
+    """
+    compute_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hc = h.to(compute_dtype)
+    steered = token_slot >= 0
+    slot = token_slot.clamp(min=0)
+    method = torch.where(steered, methods[slot].to(torch.int64), torch.zeros_like(slot))
+
+    basis = bases[slot].to(compute_dtype)  # [N, 2, d]
+    p = torch.bmm(basis, hc.unsqueeze(-1)).squeeze(-1)  # [N, 2] in-plane coordinates
+    x, y = p[:, 0], p[:, 1]
+    c = token_cos.to(compute_dtype)
+    s = token_sin.to(compute_dtype)
+    scale = token_scale.to(compute_dtype)
+    gain = gains[slot].to(compute_dtype)
+    tau = thresholds[slot].to(compute_dtype)
+    r = torch.sqrt(x * x + y * y)
+    zero = torch.zeros_like(x)
+
+    # New coordinates per method, selected per token.
+    qx, qy = x, y
+    qx = torch.where(method == Method.ADD, x + scale * gain, qx)
+    qx = torch.where(method == Method.ABLATE, zero, qx)
+    snap = (method == Method.ANGULAR_STANDARD) | ((method == Method.ANGULAR_ADAPTIVE) & (x > tau))
+    qx = torch.where(snap, r * c, qx)
+    qy = torch.where(snap, r * s, qy)
+    rotate = method == Method.ROTATE
+    qx = torch.where(rotate, x * c - y * s, qx)
+    qy = torch.where(rotate, x * s + y * c, qy)
+
+    active = method != Method.NONE
+    dq = torch.stack([torch.where(active, qx - x, zero), torch.where(active, qy - y, zero)], dim=1)
+    delta = torch.bmm(dq.unsqueeze(1), basis).squeeze(1)  # [N, d]
+    return torch.where(active[:, None], delta, torch.zeros_like(delta)).to(h.dtype)
+
+
+def steer_tokens(h: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
+    """``h + token_deltas(h, ...)``: the batched op as a map on activations (same arguments)."""
+    return h + token_deltas(h, *tables)

@@ -1,0 +1,337 @@
+"""Steering profiles, format v1: a directory with ``profile.json`` + ``tensors.safetensors``.
+
+``profile.json`` is validated by :class:`ProfileSpec` (pydantic, unknown
+fields refused); the tensors are checked for shape, finiteness and, where the
+method needs it, orthonormality. Every refusal is a :class:`ProfileError` that
+names the file and the field, because the person reading it is an operator
+who has to fix that exact file.
+
+Which tensors a profile holds depends on its method (``tensors`` maps a layer
+index to ``{role: tensor name}``):
+
+=====================  ==========================================  =========================
+method                 roles per layer                             hook sites per layer
+=====================  ==========================================  =========================
+``addition``           ``vector`` (raw, its length is the gain)    decoder-layer output
+``probe``              ``vector`` (unit)                           decoder-layer output
+``category``           one per category name                       decoder-layer output
+``ablation``           ``vector`` (direction r)                    layer input, attn out, MLP out
+``angular_standard``   ``b1``, ``b2`` (orthonormal)                input norm, post-attn norm
+``angular_adaptive``   ``b1``, ``b2``                              input norm, post-attn norm
+``selective``          ``b1``, ``b2`` (layers = discriminative)    input norm, post-attn norm
+=====================  ==========================================  =========================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "PROFILE_FILE",
+    "TENSORS_FILE",
+    "MethodName",
+    "HookKind",
+    "METHOD_HOOKS",
+    "ANGLE_METHODS",
+    "SCALE_METHODS",
+    "ModelFingerprint",
+    "ValueRange",
+    "ProfileSpec",
+    "Profile",
+    "ProfileError",
+    "load_profile",
+    "save_profile",
+    "load_profile_dir",
+]
+
+PROFILE_FILE = "profile.json"
+TENSORS_FILE = "tensors.safetensors"
+FORMAT_VERSION = 1
+
+MethodName = Literal[
+    "addition", "probe", "category", "ablation", "angular_standard", "angular_adaptive", "selective"
+]
+HookKind = Literal["layer_input", "attn_output", "mlp_output", "layer_output", "input_norm", "post_attn_norm"]
+
+METHOD_HOOKS: dict[str, tuple[str, ...]] = {
+    "addition": ("layer_output",),
+    "probe": ("layer_output",),
+    "category": ("layer_output",),
+    "ablation": ("layer_input", "attn_output", "mlp_output"),
+    "angular_standard": ("input_norm", "post_attn_norm"),
+    "angular_adaptive": ("input_norm", "post_attn_norm"),
+    "selective": ("input_norm", "post_attn_norm"),
+}
+"""Where each method edits the network (methods.md §1)."""
+
+ANGLE_METHODS = frozenset({"angular_standard", "angular_adaptive", "selective"})
+SCALE_METHODS = frozenset({"addition", "probe", "category"})
+_PLANE_METHODS = ANGLE_METHODS
+_ORTHO_TOL = 1e-3
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file and the field."""
+
+    def __init__(self, path: Path | str, field: str, message: str):
+        self.path = str(path)
+        self.field = field
+        super().__init__(f"{path}: {field}: {message}")
+
+
+class ModelFingerprint(BaseModel):
+    """What a profile was computed on; checked against the served model at load."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    name: str | None = None
+
+    def mismatch(self, other: ModelFingerprint) -> str | None:
+        for key in ("architecture", "hidden_size", "num_layers"):
+            if getattr(self, key) != getattr(other, key):
+                return f"{key} is {getattr(self, key)!r} but the served model has {getattr(other, key)!r}"
+        return None
+
+
+class ValueRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float = Field(allow_inf_nan=False)
+    max: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValueRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+    def __contains__(self, value: float) -> bool:
+        return self.min <= value <= self.max
+
+
+class Defaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    angle: float | None = Field(default=None, allow_inf_nan=False)
+    scale: float | None = Field(default=None, allow_inf_nan=False)
+
+
+class Allowed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    angle: ValueRange | None = None
+    scale: ValueRange | None = None
+
+
+class ProfileSpec(BaseModel):
+    """The validated content of ``profile.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1]
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")
+    method: MethodName
+    description: str = ""
+    model: ModelFingerprint
+    layers: list[int] = Field(min_length=1)
+    tensors: dict[int, dict[str, str]]
+    defaults: Defaults = Defaults()
+    allowed: Allowed = Allowed()
+    categories: list[str] = []
+    threshold: float = Field(default=0.0, allow_inf_nan=False)
+    calibration: dict[str, Any] = {}
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_sorted(cls, layers: list[int]) -> list[int]:
+        if len(set(layers)) != len(layers):
+            raise ValueError("layers must not repeat")
+        if any(layer < 0 for layer in layers):
+            raise ValueError("layers must be >= 0")
+        return sorted(layers)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProfileSpec:
+        too_deep = [layer for layer in self.layers if layer >= self.model.num_layers]
+        if too_deep:
+            raise ValueError(f"layers {too_deep} do not exist in a {self.model.num_layers}-layer model")
+        if set(self.tensors) != set(self.layers):
+            raise ValueError(f"tensors must have exactly one entry per layer in 'layers' ({self.layers})")
+        expected = self.expected_roles()
+        for layer, roles in self.tensors.items():
+            if set(roles) != set(expected):
+                raise ValueError(f"tensors[{layer}] has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}")
+        if self.method == "category":
+            if not self.categories:
+                raise ValueError("a category profile lists its categories")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError("categories must not repeat")
+        elif self.categories:
+            raise ValueError(f"categories are only for method 'category', not {self.method!r}")
+        if self.method in ANGLE_METHODS and self.defaults.angle is None:
+            raise ValueError(f"method {self.method!r} needs defaults.angle")
+        if self.method in SCALE_METHODS and self.defaults.scale is None:
+            raise ValueError(f"method {self.method!r} needs defaults.scale")
+        for name, value in (("angle", self.defaults.angle), ("scale", self.defaults.scale)):
+            allowed = getattr(self.allowed, name)
+            if value is not None and allowed is not None and value not in allowed:
+                raise ValueError(f"defaults.{name}={value} is outside allowed.{name} [{allowed.min}, {allowed.max}]")
+        return self
+
+    def expected_roles(self) -> tuple[str, ...]:
+        if self.method in _PLANE_METHODS:
+            return ("b1", "b2")
+        if self.method == "category":
+            return tuple(self.categories)
+        return ("vector",)
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return METHOD_HOOKS[self.method]
+
+
+class Profile:
+    """A loaded, validated profile: its spec and its float32 tensors per layer and role."""
+
+    def __init__(self, spec: ProfileSpec, vectors: dict[int, dict[str, torch.Tensor]], source: str = "<memory>"):
+        self.spec = spec
+        self.vectors = vectors
+        self.source = source
+        self.digest = _digest(spec, vectors)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def method(self) -> str:
+        return self.spec.method
+
+    def __repr__(self) -> str:
+        return f"Profile(id={self.id!r}, method={self.method!r}, layers={self.spec.layers})"
+
+
+def _digest(spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]) -> str:
+    """Content hash: two profiles with the same digest steer identically."""
+    h = hashlib.sha256(spec.model_dump_json().encode())
+    for layer in sorted(vectors):
+        for role in sorted(vectors[layer]):
+            h.update(f"{layer}/{role}".encode())
+            h.update(vectors[layer][role].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "<root>"
+    return field, first["msg"]
+
+
+def load_profile(directory: str | Path, expected_model: ModelFingerprint | None = None) -> Profile:
+    """Load and check one profile directory; raise :class:`ProfileError` naming file and field."""
+    directory = Path(directory)
+    spec_path = directory / PROFILE_FILE
+    tensors_path = directory / TENSORS_FILE
+    try:
+        raw = json.loads(spec_path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(spec_path, "<file>", "not found") from None
+    except json.JSONDecodeError as exc:
+        raise ProfileError(spec_path, "<json>", f"not valid JSON ({exc})") from None
+    try:
+        spec = ProfileSpec.model_validate(raw)
+    except ValidationError as exc:
+        field, msg = _format_validation_error(exc)
+        raise ProfileError(spec_path, field, msg) from None
+
+    if expected_model is not None:
+        problem = spec.model.mismatch(expected_model)
+        if problem:
+            raise ProfileError(spec_path, "model", f"profile {spec.id!r} was made for another model: {problem}")
+
+    try:
+        stored = load_file(str(tensors_path))
+    except FileNotFoundError:
+        raise ProfileError(tensors_path, "<file>", "not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ProfileError(tensors_path, "<file>", f"not a readable safetensors file ({exc})") from None
+    vectors = _check_tensors(spec, stored, tensors_path)
+    return Profile(spec, vectors, source=str(directory))
+
+
+def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    d = spec.model.hidden_size
+    vectors: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in spec.layers:
+        vectors[layer] = {}
+        for role, name in spec.tensors[layer].items():
+            field = f"tensors.{layer}.{role}"
+            if name not in stored:
+                raise ProfileError(path, field, f"tensor {name!r} is not in the file")
+            t = stored[name]
+            if tuple(t.shape) != (d,):
+                raise ProfileError(path, field, f"tensor {name!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)")
+            t = t.to(torch.float32)
+            if not torch.isfinite(t).all():
+                raise ProfileError(path, field, f"tensor {name!r} has NaN or inf values")
+            if float(t.norm()) == 0.0 and spec.method != "category":
+                raise ProfileError(path, field, f"tensor {name!r} is all zeros")
+            vectors[layer][role] = t
+        if spec.method in _PLANE_METHODS:
+            b1, b2 = vectors[layer]["b1"], vectors[layer]["b2"]
+            for role, vec in (("b1", b1), ("b2", b2)):
+                if abs(float(vec.norm()) - 1.0) > _ORTHO_TOL:
+                    raise ProfileError(path, f"tensors.{layer}.{role}", f"must have unit norm, has {float(vec.norm()):.6f}")
+            if abs(float(b1 @ b2)) > _ORTHO_TOL:
+                raise ProfileError(path, f"tensors.{layer}.b2", f"must be orthogonal to b1 (b1·b2 = {float(b1 @ b2):.6f})")
+        if spec.method == "probe":
+            norm = float(vectors[layer]["vector"].norm())
+            if abs(norm - 1.0) > _ORTHO_TOL:
+                raise ProfileError(path, f"tensors.{layer}.vector", f"a probe direction has unit norm, this one {norm:.6f}")
+    return vectors
+
+
+def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]) -> Path:
+    """Write a profile directory; tensors shared between layers (one plane for all) are stored once."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stored: dict[str, torch.Tensor] = {}
+    for layer, roles in spec.tensors.items():
+        for role, name in roles.items():
+            t = vectors[layer][role].detach().to(torch.float32).contiguous().clone()
+            if name in stored and not torch.equal(stored[name], t):
+                raise ProfileError(directory / TENSORS_FILE, f"tensors.{layer}.{role}", f"name {name!r} reused for a different tensor")
+            stored[name] = t
+    save_file(stored, str(directory / TENSORS_FILE))
+    (directory / PROFILE_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+    load_profile(directory)  # refuse to leave behind a profile that would not load
+    return directory
+
+
+def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None = None) -> dict[str, Profile]:
+    """Load every profile under ``root`` (one sub-directory each); ids must be unique."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProfileError(root, "<dir>", "profile directory does not exist")
+    profiles: dict[str, Profile] = {}
+    for sub in sorted(p for p in root.iterdir() if (p / PROFILE_FILE).exists()):
+        resolved = sub.resolve()
+        if root.resolve() not in resolved.parents:
+            raise ProfileError(sub, "<dir>", "symlink points outside the profile directory")
+        profile = load_profile(sub, expected_model)
+        if profile.id in profiles:
+            raise ProfileError(sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})")
+        profiles[profile.id] = profile
+    return profiles
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

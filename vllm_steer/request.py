@@ -1,0 +1,171 @@
+"""Per-request steering settings: parsed from ``SamplingParams.extra_args``, resolved against a profile.
+
+The OpenAI server fills ``extra_args`` from ``vllm_xargs``, which only admits
+flat values, so the keys are flat too: ``steer_profile``, ``steer_angle``,
+``steer_scale``, ``steer_categories``. A request without any ``steer_*`` key is
+unsteered. Anything malformed is a :class:`SteeringRequestError` naming the
+key — never silently dropped, because a dropped safety setting means an
+unsteered answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+
+from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, Profile
+
+__all__ = [
+    "STEER_KEYS",
+    "SteeringRequestError",
+    "SteeringRequest",
+    "ResolvedSteering",
+    "parse_steering",
+    "resolve_steering",
+    "steering_cache_salt",
+]
+
+STEER_PREFIX = "steer_"
+STEER_KEYS = ("steer_profile", "steer_angle", "steer_scale", "steer_categories")
+
+
+class SteeringRequestError(ValueError):
+    """Bad steering input for one request; ``field`` is the request key to fix."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class SteeringRequest(BaseModel):
+    """What a client asked for, type-checked but not yet checked against a profile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    steer_profile: StrictStr = Field(min_length=1, max_length=128)
+    steer_angle: Number | None = None
+    steer_scale: Number | None = None
+    steer_categories: tuple[StrictStr, ...] | None = None
+
+    @field_validator("steer_categories", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringRequest | None:
+    """Read the ``steer_*`` keys of ``extra_args``; ``None`` when the request is unsteered.
+
+    Keys without the ``steer_`` prefix belong to other plugins and are left alone;
+    an unknown ``steer_*`` key (a typo such as ``steer_angel``) is an error.
+    """
+    if not extra_args:
+        return None
+    if not isinstance(extra_args, Mapping):
+        raise SteeringRequestError("extra_args", f"must be a mapping, got {type(extra_args).__name__}")
+    ours = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(STEER_PREFIX)}
+    if not ours:
+        return None
+    unknown = sorted(set(ours) - set(STEER_KEYS))
+    if unknown:
+        raise SteeringRequestError(unknown[0], f"unknown steering field (known: {', '.join(STEER_KEYS)})")
+    if "steer_profile" not in ours:
+        raise SteeringRequestError("steer_profile", f"required when {sorted(ours)[0]} is given")
+    try:
+        return SteeringRequest.model_validate(ours)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "steer_profile"
+        raise SteeringRequestError(field, first["msg"]) from None
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    """A request's effective steering: profile, category selection, angle (degrees), scale.
+
+    ``slot_key`` is what the engine shares a slot on (same basis); angle and scale
+    are per request and travel with each token instead.
+    """
+
+    profile_id: str
+    profile_digest: str
+    method: str
+    categories: tuple[str, ...]
+    angle: float
+    scale: float
+
+    @property
+    def slot_key(self) -> tuple[str, str, tuple[str, ...]]:
+        return (self.profile_id, self.profile_digest, self.categories)
+
+    @property
+    def cos_sin(self) -> tuple[float, float]:
+        t = math.radians(self.angle % 360.0)
+        return math.cos(t), math.sin(t)
+
+
+def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) -> ResolvedSteering:
+    """Check a request against its profile (existence, method fields, allowed ranges) and fill defaults."""
+    profile = profiles.get(request.steer_profile)
+    if profile is None:
+        known = ", ".join(sorted(profiles)) or "none loaded"
+        raise SteeringRequestError("steer_profile", f"unknown profile {request.steer_profile!r} (known: {known})")
+    spec = profile.spec
+
+    if request.steer_angle is not None and spec.method not in ANGLE_METHODS:
+        raise SteeringRequestError("steer_angle", f"profile {spec.id!r} (method {spec.method!r}) takes no angle")
+    if request.steer_scale is not None and spec.method not in SCALE_METHODS:
+        raise SteeringRequestError("steer_scale", f"profile {spec.id!r} (method {spec.method!r}) takes no scale")
+    if request.steer_categories is not None and spec.method != "category":
+        raise SteeringRequestError("steer_categories", f"profile {spec.id!r} (method {spec.method!r}) has no categories")
+
+    angle = request.steer_angle if request.steer_angle is not None else (spec.defaults.angle or 0.0)
+    scale = request.steer_scale if request.steer_scale is not None else (spec.defaults.scale or 0.0)
+    for field, value, allowed in (
+        ("steer_angle", request.steer_angle, spec.allowed.angle),
+        ("steer_scale", request.steer_scale, spec.allowed.scale),
+    ):
+        if value is not None and allowed is not None and value not in allowed:
+            raise SteeringRequestError(field, f"{value} is outside the range [{allowed.min}, {allowed.max}] profile {spec.id!r} allows")
+
+    categories: tuple[str, ...] = ()
+    if spec.method == "category":
+        chosen = request.steer_categories if request.steer_categories is not None else tuple(spec.categories)
+        if not chosen:
+            raise SteeringRequestError("steer_categories", "must name at least one category")
+        unknown = [c for c in chosen if c not in spec.categories]
+        if unknown:
+            raise SteeringRequestError("steer_categories", f"unknown categories {unknown} (profile {spec.id!r} has {spec.categories})")
+        if len(set(chosen)) != len(chosen):
+            raise SteeringRequestError("steer_categories", "must not repeat a category")
+        categories = tuple(sorted(chosen))
+
+    return ResolvedSteering(
+        profile_id=spec.id,
+        profile_digest=profile.digest,
+        method=spec.method,
+        categories=categories,
+        angle=float(angle),
+        scale=float(scale),
+    )
+
+
+def steering_cache_salt(resolved: ResolvedSteering, client_salt: str | None) -> str:
+    """Prefix-cache salt for a steered request.
+
+    Steering at layer L changes the KV of every later layer, so two requests
+    may share KV blocks only if their steering is identical; vLLM mixes the
+    salt into block hashes. A client's own salt stays part of it.
+    """
+    payload = json.dumps(
+        [resolved.profile_id, resolved.profile_digest, resolved.categories, repr(resolved.angle), repr(resolved.scale), client_salt]
+    )
+    return "vllm-steer:" + hashlib.sha256(payload.encode()).hexdigest()[:32]

@@ -1,0 +1,295 @@
+"""The steering runtime of one model process: slots, static buffers, the per-step token map, the custom op.
+
+Modelled on vLLM's LoRA support (``vllm/lora/``):
+
+* **Slots.** Each distinct (profile, category selection) in flight occupies one
+  of ``max_slots`` fixed slots. A slot holds, per hook *site* (layer × hook
+  kind), the basis ``[b1, b2]``, the method, gain and threshold. Requests that
+  share a profile share its slot; their angle and scale travel per token.
+* **Static buffers.** Every tensor the op reads is allocated once at start and
+  filled in place, so shapes and addresses never change: no recompilation,
+  CUDA-graph safe, and loading a profile is a copy into a free slot.
+* **A token → slot map built once per step** (``begin_step``), like LoRA's
+  ``token_lora_mapping``: prefill chunks, decodes and padding all follow from
+  the number of tokens each request has in the step; padding maps to ``-1``.
+* **A custom op**, ``torch.ops.vllm_steer.delta(h, site)``, that torch.compile
+  keeps opaque: compiled graphs call it at every step and it reads the buffers.
+  It returns the correction, which the hook adds (``h + delta``), so unsteered
+  rows get ``+ 0`` and stay bit-identical.
+
+Nothing here imports vLLM; :mod:`vllm_steer.vllm_integration` feeds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_steer.ops import Method, token_deltas
+from vllm_steer.profile import METHOD_HOOKS, Profile
+from vllm_steer.request import ResolvedSteering
+
+__all__ = ["Site", "SlotsExhaustedError", "SteeringRuntime", "sites_for_profiles", "get_runtime", "set_runtime"]
+
+logger = logging.getLogger("vllm_steer")
+
+_METHOD_CODES = {
+    "addition": Method.ADD,
+    "probe": Method.ADD,
+    "category": Method.ADD,
+    "ablation": Method.ABLATE,
+    "angular_standard": Method.ANGULAR_STANDARD,
+    "angular_adaptive": Method.ANGULAR_ADAPTIVE,
+    "selective": Method.ROTATE,
+}
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One place in the network where the op runs: a decoder layer and a hook kind."""
+
+    layer: int
+    kind: str
+
+    def __str__(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+
+def sites_for_profiles(profiles: Mapping[str, Profile]) -> list[Site]:
+    """Every site some profile steers, sorted; hooks are installed only there."""
+    sites = {Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHOD_HOOKS[p.method]}
+    return sorted(sites)
+
+
+class SlotsExhaustedError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Slot:
+    key: tuple | None = None
+    refs: int = 0
+    active_sites: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class _Binding:
+    slot: int
+    cos: float
+    sin: float
+    scale: float
+
+
+class SteeringRuntime:
+    """Per-process steering state; one per model runner."""
+
+    def __init__(
+        self,
+        profiles: Mapping[str, Profile],
+        sites: Sequence[Site],
+        hidden_size: int,
+        max_slots: int,
+        max_tokens: int,
+        device: torch.device | str = "cpu",
+    ):
+        self.profiles = dict(profiles)
+        self.sites = list(sites)
+        self.site_ids = {site: i for i, site in enumerate(self.sites)}
+        self.hidden_size = hidden_size
+        self.max_slots = max_slots
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        n_sites = len(self.sites)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        # Per site × slot: what the op does there.
+        self.bases = torch.zeros(n_sites, max_slots, 2, hidden_size, **f32)
+        self.methods = torch.zeros(n_sites, max_slots, dtype=torch.int64, device=self.device)
+        self.gains = torch.zeros(n_sites, max_slots, **f32)
+        self.thresholds = torch.zeros(n_sites, max_slots, **f32)
+        # Per token of the current step.
+        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int64, device=self.device)
+        self.token_cos = torch.ones(max_tokens, **f32)
+        self.token_sin = torch.zeros(max_tokens, **f32)
+        self.token_scale = torch.zeros(max_tokens, **f32)
+        pin = self.device.type == "cuda"
+        self._staging = {
+            "slot": torch.empty(max_tokens, dtype=torch.int64, pin_memory=pin),
+            "cos": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
+            "sin": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
+            "scale": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
+        }
+        self._slots = [_Slot() for _ in range(max_slots)]
+        self._bindings: dict[str, _Binding] = {}
+        self._site_active = [False] * n_sites
+        self._filled = 0  # tokens written by the last step (the rest of token_slot is -1)
+        self.steps_steered = 0  # steps in which at least one token was steered (for tests/metrics)
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, req_id: str, steering: ResolvedSteering | None) -> None:
+        """Bind a new request to a slot (loading its profile into one if needed)."""
+        self.remove_request(req_id)
+        if steering is None:
+            return
+        slot = self._acquire(steering)
+        cos, sin = steering.cos_sin
+        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale)
+
+    def remove_request(self, req_id: str) -> None:
+        binding = self._bindings.pop(req_id, None)
+        if binding is not None:
+            self._slots[binding.slot].refs -= 1
+
+    def is_bound(self, req_id: str) -> bool:
+        return req_id in self._bindings
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(1 for s in self._slots if s.refs > 0)
+
+    def _acquire(self, steering: ResolvedSteering) -> int:
+        key = steering.slot_key
+        for i, slot in enumerate(self._slots):
+            if slot.key == key:
+                slot.refs += 1
+                return i
+        # Prefer a never-used slot, then any idle one (its old profile is overwritten).
+        free = [i for i, s in enumerate(self._slots) if s.refs == 0]
+        if not free:
+            raise SlotsExhaustedError(
+                f"all {self.max_slots} steering slots are in use by distinct profiles; raise max_slots"
+            )
+        free.sort(key=lambda i: self._slots[i].key is not None)
+        i = free[0]
+        self._load_slot(i, steering)
+        self._slots[i].key = key
+        self._slots[i].refs = 1
+        return i
+
+    def _load_slot(self, slot: int, steering: ResolvedSteering) -> None:
+        profile = self.profiles[steering.profile_id]
+        method = _METHOD_CODES[profile.method]
+        self.bases[:, slot].zero_()
+        self.methods[:, slot] = int(Method.NONE)
+        self.gains[:, slot] = 0.0
+        self.thresholds[:, slot] = 0.0
+        active = set()
+        for layer in profile.spec.layers:
+            b1, b2, gain = self._slot_vectors(profile, layer, steering.categories)
+            for kind in METHOD_HOOKS[profile.method]:
+                site = self.site_ids.get(Site(layer, kind))
+                if site is None:
+                    raise RuntimeError(f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed")
+                self.bases[site, slot, 0].copy_(b1)
+                self.bases[site, slot, 1].copy_(b2)
+                self.methods[site, slot] = int(method)
+                self.gains[site, slot] = gain
+                self.thresholds[site, slot] = profile.spec.threshold
+                active.add(site)
+        self._slots[slot].active_sites = frozenset(active)
+
+    @staticmethod
+    def _slot_vectors(profile: Profile, layer: int, categories: tuple[str, ...]):
+        roles = profile.vectors[layer]
+        if profile.method in ("angular_standard", "angular_adaptive", "selective"):
+            return roles["b1"], roles["b2"], 0.0
+        if profile.method == "category":
+            v = torch.stack([roles[c] for c in categories]).sum(0)
+        else:
+            v = roles["vector"]
+        norm = float(v.norm())
+        b1 = v / norm if norm > 0 else torch.zeros_like(v)
+        return b1, torch.zeros_like(v), norm
+
+    # ---------------------------------------------------------------- steps
+
+    def begin_step(self, req_ids: Sequence[str | None], num_tokens: Sequence[int] | np.ndarray) -> None:
+        """Build this step's token → slot map: request ``i`` owns the next ``num_tokens[i]`` rows."""
+        counts = np.asarray(num_tokens, dtype=np.int64)
+        n = int(counts.sum())
+        if n > self.max_tokens:
+            raise RuntimeError(f"step has {n} tokens, buffers hold {self.max_tokens}")
+        slots = np.full(len(counts), -1, dtype=np.int64)
+        cos = np.ones(len(counts), dtype=np.float32)
+        sin = np.zeros(len(counts), dtype=np.float32)
+        scale = np.zeros(len(counts), dtype=np.float32)
+        active: set[int] = set()
+        for i, req_id in enumerate(req_ids):
+            binding = self._bindings.get(req_id) if req_id is not None else None
+            if binding is not None and counts[i] > 0:
+                slots[i], cos[i], sin[i], scale[i] = binding.slot, binding.cos, binding.sin, binding.scale
+                active |= self._slots[binding.slot].active_sites
+        self._site_active = [i in active for i in range(len(self.sites))]
+        if active:
+            self.steps_steered += 1
+        stage = self._staging
+        stage["slot"][:n] = torch.from_numpy(np.repeat(slots, counts))
+        stage["cos"][:n] = torch.from_numpy(np.repeat(cos, counts))
+        stage["sin"][:n] = torch.from_numpy(np.repeat(sin, counts))
+        stage["scale"][:n] = torch.from_numpy(np.repeat(scale, counts))
+        non_blocking = self.device.type == "cuda"
+        self.token_slot[:n].copy_(stage["slot"][:n], non_blocking=non_blocking)
+        self.token_cos[:n].copy_(stage["cos"][:n], non_blocking=non_blocking)
+        self.token_sin[:n].copy_(stage["sin"][:n], non_blocking=non_blocking)
+        self.token_scale[:n].copy_(stage["scale"][:n], non_blocking=non_blocking)
+        if self._filled > n:
+            self.token_slot[n : self._filled].fill_(-1)
+        self._filled = n
+
+    def delta(self, h: torch.Tensor, site: int) -> torch.Tensor:
+        """The ``[N, d]`` steering correction at one site for the current step (zeros for unsteered rows)."""
+        n = h.shape[0]
+        if not self._site_active[site] and not _capturing_cuda_graph(h):
+            return torch.zeros_like(h)  # nothing steered here this step (a captured graph must run the op)
+        return token_deltas(
+            h,
+            self.bases[site],
+            self.methods[site],
+            self.gains[site],
+            self.thresholds[site],
+            self.token_slot[:n],
+            self.token_cos[:n],
+            self.token_sin[:n],
+            self.token_scale[:n],
+        )
+
+
+def _capturing_cuda_graph(h: torch.Tensor) -> bool:
+    return h.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------- the custom op
+
+_RUNTIME: SteeringRuntime | None = None
+
+
+def set_runtime(runtime: SteeringRuntime | None) -> None:
+    global _RUNTIME
+    _RUNTIME = runtime
+
+
+def get_runtime() -> SteeringRuntime | None:
+    return _RUNTIME
+
+
+_lib = torch.library.Library("vllm_steer", "FRAGMENT")
+_lib.define("delta(Tensor h, int site) -> Tensor")
+
+
+def _delta_impl(h: torch.Tensor, site: int) -> torch.Tensor:
+    runtime = _RUNTIME
+    if runtime is None:
+        return torch.zeros_like(h)
+    return runtime.delta(h, site)
+
+
+def _delta_fake(h: torch.Tensor, site: int) -> torch.Tensor:
+    return torch.empty_like(h)
+
+
+_lib.impl("delta", _delta_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("vllm_steer::delta", _delta_fake, lib=_lib)

