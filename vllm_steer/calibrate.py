@@ -1,0 +1,149 @@
+"""Calibration core: activations of harmful vs harmless prompts → directions, plane, discriminative layers.
+
+Follows ``methods.md`` §2 (Selective Steering's pipeline) with Hugging Face
+``transformers`` on the same weights the engine serves, hooked at the same
+points the runtime steers (``hf_reference`` module names):
+
+* the last token of the chat-templated prompt is read at every hook site;
+* statistics are *running* sums per class (raw and per-sample unit-normalized),
+  so memory does not grow with the number of prompts;
+* ``d_k = normalize(μ_pos − μ_neg)`` per site; ``b1`` = the candidate with the
+  highest mean cosine to all candidates (self included); ``b2`` = first
+  principal axis of the centred candidates, Gram–Schmidt against ``b1``;
+* a block is discriminative iff at every one of its norm sites the mean
+  per-sample cosines with ``b1`` of the two classes have opposite signs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_steer.hf_reference import decoder_layers
+
+__all__ = ["ClassStats", "collect_activations", "diff_of_means", "select_b1", "second_axis", "discriminative_layers", "chat_prompts"]
+
+NORM_KINDS = ("input_norm", "post_attn_norm")
+
+
+@dataclass
+class ClassStats:
+    """Running sums of last-token activations per site (``(layer, kind)``) for one class."""
+
+    count: int = 0
+    total: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    total_unit: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def add(self, site: tuple[int, str], acts: torch.Tensor) -> None:
+        acts = acts.double()
+        unit = acts / (acts.norm(dim=-1, keepdim=True) + 1e-8)
+        if site in self.total:
+            self.total[site] += acts.sum(0)
+            self.total_unit[site] += unit.sum(0)
+        else:
+            self.total[site] = acts.sum(0)
+            self.total_unit[site] = unit.sum(0)
+
+    def mean(self, site: tuple[int, str]) -> torch.Tensor:
+        return self.total[site] / self.count
+
+    def mean_unit(self, site: tuple[int, str]) -> torch.Tensor:
+        return self.total_unit[site] / self.count
+
+
+def chat_prompts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    """The model's chat template, one user turn, generation prompt on, no system message (methods.md §2.1)."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+@torch.no_grad()
+def collect_activations(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    kinds: Sequence[str] = NORM_KINDS + ("layer_output",),
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> ClassStats:
+    """Last-token activations at every layer × ``kinds``, accumulated into :class:`ClassStats`.
+
+    Prompts are left-padded so the last position is every prompt's last token.
+    """
+    stats = ClassStats()
+    layers = decoder_layers(model)
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+
+    def grab(site):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[site] = out[:, -1, :].detach()
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(layers):
+        for kind in kinds:
+            module = {"input_norm": block.input_layernorm, "post_attn_norm": block.post_attention_layernorm, "layer_output": block}[kind]
+            handles.append(module.register_forward_hook(grab((i, kind))))
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            model(**enc)
+            for site, acts in captured.items():
+                stats.add(site, acts)
+            stats.count += len(batch)
+            if progress:
+                progress(len(batch))
+    finally:
+        tokenizer.padding_side = old_side
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def diff_of_means(pos: ClassStats, neg: ClassStats, site: tuple[int, str], normalize: bool = True) -> torch.Tensor:
+    d = pos.mean(site) - neg.mean(site)
+    return d / (d.norm() + 1e-8) if normalize else d
+
+
+def select_b1(candidates: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``k* = argmax_i mean_j cos(d_i, d_j)`` (diagonal included); returns ``(k*, b1)`` (methods.md §2.4)."""
+    unit = candidates / (candidates.norm(dim=-1, keepdim=True) + 1e-8)
+    scores = (unit @ unit.T).mean(dim=1)
+    k = int(scores.argmax())
+    b1 = candidates[k] / (candidates[k].norm() + 1e-8)
+    return k, b1
+
+
+def second_axis(candidates: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """First principal axis of the centred candidates, orthogonalized against ``b1`` (methods.md §2.5).
+
+    The sign follows sklearn's ``svd_flip`` convention (largest-magnitude entry of the
+    first left singular vector positive), so it is deterministic.
+    """
+    centred = candidates - candidates.mean(0, keepdim=True)
+    u, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    p = vh[0]
+    if u[:, 0][u[:, 0].abs().argmax()] < 0:
+        p = -p
+    p = p - (p @ b1) * b1
+    return p / (p.norm() + 1e-8)
+
+
+def discriminative_layers(pos: ClassStats, neg: ClassStats, b1: torch.Tensor, num_layers: int, kinds=NORM_KINDS) -> list[int]:
+    """Blocks whose every norm site has ``mean(â_pos·b1) · mean(â_neg·b1) < 0`` (methods.md §2.6)."""
+    kept = []
+    for layer in range(num_layers):
+        if all(float(pos.mean_unit((layer, k)) @ b1) * float(neg.mean_unit((layer, k)) @ b1) < 0 for k in kinds):
+            kept.append(layer)
+    return kept
