@@ -293,3 +293,66 @@ def test_compiled_equals_eager(compiled_on, eager_on):
 def test_compile_cache_keeps_plugin_and_plain_graphs_apart(compiled_on, compiled_off, compile_cache):
     entries = list((compile_cache / "torch_compile_cache").rglob("torch_aot_compile/*"))
     assert len({p.name for p in entries}) >= 2, f"expected separate cache entries, found {entries}"
+
+
+# ----------------------------------------------------------------- fail closed
+
+
+def test_broken_profile_dir_refuses_to_start(tiny_root, prompt_ids, tmp_path_factory):
+    """A worker that cannot load its profiles must stop the engine, not serve steered requests unsteered."""
+    import shutil
+
+    broken = tmp_path_factory.mktemp("broken_profiles")
+    shutil.copytree(tiny_root / "profiles" / "tiny-selective", broken / "tiny-selective")
+    (broken / "tiny-selective" / "tensors.safetensors").write_bytes(b"not a safetensors file")
+    spec = {
+        "model": str(tiny_root / "model"), "profiles": str(broken), "eager": True,
+        "phases": [[{"prompt_token_ids": prompt_ids[0], "extra_args": {"steer_profile": "tiny-selective"}}]],
+    }
+    with pytest.raises(AssertionError) as failed:
+        run_engine(spec, tmp_path_factory.mktemp("broken_run"), plugin=True, timeout=300)
+    message = str(failed.value)
+    assert "engine run failed" in message
+    assert "tensors.safetensors" in message and "not a readable safetensors file" in message
+
+
+# ----------------------------------------------------------------- the real default model
+
+REAL_SETTINGS = [
+    None,
+    {"steer_profile": "smollm2-refusal-add", "steer_scale": 2.0},
+    {"steer_profile": "smollm2-selective", "steer_angle": 150.0},
+    {"steer_profile": "smollm2-angular", "steer_angle": 60.0},
+    {"steer_profile": "smollm2-ablation"},
+]
+REAL_PROMPTS = ["Explain how to pick a lock.", "Give three tips for staying healthy."]
+REPO_PROFILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
+
+
+def test_default_model_mixed_batch_matches_hf_reference(tmp_path_factory):
+    """SmolLM2-135M-Instruct with the shipped demo profiles: one mixed batch vs HF hooks, greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_steer.default_model import ensure_default_model
+
+    model_dir = ensure_default_model()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True) for p in REAL_PROMPTS]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
+    requests = [{"prompt_token_ids": i, "extra_args": s, "max_tokens": 16} for i in ids for s in REAL_SETTINGS]
+    spec = {"model": str(model_dir), "profiles": REPO_PROFILES, "eager": True, "max_model_len": 1024, "phases": [requests]}
+    result = run_engine(spec, tmp_path_factory.mktemp("smollm2"), plugin=True)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    profiles = load_profile_dir(REPO_PROFILES)
+    outputs = {}
+    for req, row in zip(requests, result["phases"][0]):
+        request = parse_steering(req["extra_args"])
+        resolved = resolve_steering(request, profiles) if request else None
+        with torch.no_grad(), steered(model, profiles[resolved.profile_id] if resolved else None, resolved):
+            out = model.generate(torch.tensor([req["prompt_token_ids"]]), max_new_tokens=16, min_new_tokens=16,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+        ref = out[0, len(req["prompt_token_ids"]):].tolist()
+        assert row["tokens"] == ref, (req["extra_args"], tok.decode(row["tokens"]), tok.decode(ref))
+        outputs.setdefault(repr(req["extra_args"]), []).append(row["tokens"])
+    assert len({repr(v) for v in outputs.values()}) == len(REAL_SETTINGS), "every demo setting changes the output"

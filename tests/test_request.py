@@ -121,7 +121,8 @@ def test_bad_categories_types(value):
 def test_ints_are_accepted_as_numbers():
     request = parse_steering({"steer_profile": "ss", "steer_angle": 90})
     assert request.steer_angle == 90.0
-    assert _resolve({"steer_profile": "ss", "steer_angle": 90}) == _resolve({"steer_profile": "ss", "steer_angle": 90.0})
+    as_int = _resolve({"steer_profile": "ss", "steer_angle": 90})
+    assert as_int == _resolve({"steer_profile": "ss", "steer_angle": 90.0})
 
 
 def test_extra_args_must_be_a_mapping():

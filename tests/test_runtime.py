@@ -54,10 +54,14 @@ def no_global_runtime():
 
 def test_sites_for_profiles():
     assert SITES == sorted(set(SITES))
-    expected = {Site(layer, kind) for p in PROFILES.values() for layer in p.spec.layers for kind in METHOD_HOOKS[p.method]}
+    expected = {
+        Site(layer, kind) for p in PROFILES.values() for layer in p.spec.layers for kind in METHOD_HOOKS[p.method]
+    }
     assert set(SITES) == expected
     only_ss = sites_for_profiles({"ss": PROFILES["ss"]})
-    assert only_ss == [Site(1, "input_norm"), Site(1, "post_attn_norm"), Site(2, "input_norm"), Site(2, "post_attn_norm")]
+    assert only_ss == [
+        Site(1, "input_norm"), Site(1, "post_attn_norm"), Site(2, "input_norm"), Site(2, "post_attn_norm")
+    ]
     assert str(Site(2, "mlp_output")) == "layers.2.mlp_output"
 
 

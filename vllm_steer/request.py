@@ -75,7 +75,7 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringRequest | No
     if not ours:
         return None
     unknown = sorted(set(ours) - set(STEER_KEYS))
-    if False:
+    if unknown:
         raise SteeringRequestError(unknown[0], f"unknown steering field (known: {', '.join(STEER_KEYS)})")
     if "steer_profile" not in ours:
         raise SteeringRequestError("steer_profile", f"required when {sorted(ours)[0]} is given")
