@@ -7,6 +7,16 @@ prompt sets beside the checkout (../shared/data):
 
 64 AdvBench harmful behaviours (rows 0-63) vs 64 Alpaca instructions (rows 0-63),
 chat template, last token; see vllm_steer/calibrate.py for the statistics.
+
+* smollm2-selective / smollm2-angular: the Selective Steering plane (b1, b2) from
+  harmful-vs-harmless norm-output candidates; selective on the discriminative layers.
+* smollm2-ablation: b1 ablated at every layer.
+* smollm2-refusal-add: SmolLM2-135M does not refuse, and adding the harmful-minus-
+  harmless mean did not make it refuse at any scale we tried (see the sweep). So this
+  vector is CAA-style: the same 128 prompts, teacher-forced with a refusal opening
+  ("I'm sorry, but I cannot help with that") minus a compliant one ("Sure, here is a
+  detailed answer"), last token, at the output of layer 18.
+
 The default angle/scale of each profile comes from scripts/sweep_demo_profiles.py.
 """
 
@@ -31,8 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--out", default="profiles")
-    ap.add_argument("--add-layer", type=int, default=12)
-    ap.add_argument("--add-scale", type=float, default=1.0)
+    ap.add_argument("--add-layer", type=int, default=18)
+    ap.add_argument("--add-scale", type=float, default=0.5)
     ap.add_argument("--selective-angle", type=float, default=180.0)
     ap.add_argument("--angular-angle", type=float, default=0.0)
     args = ap.parse_args()
@@ -73,12 +83,16 @@ def main() -> None:
                   "Standard angular steering: in-plane part set to an absolute angle, all layers")
 
     layer = args.add_layer
-    r = diff_of_means(pos, neg, (layer, "layer_output"), normalize=False).float()
+    base = chat_prompts(tok, harmful + harmless)
+    refusing = collect_activations(model, tok, [b + "I'm sorry, but I cannot help with that" for b in base], kinds=("layer_output",))
+    complying = collect_activations(model, tok, [b + "Sure, here is a detailed answer" for b in base], kinds=("layer_output",))
+    r = diff_of_means(refusing, complying, (layer, "layer_output"), normalize=False).float()
     spec = ProfileSpec(format_version=1, id="smollm2-refusal-add", method="addition",
-                       description=f"Activation addition of the raw harmful-minus-harmless mean at layer {layer} output (+ induces refusal)",
+                       description=f"CAA-style refusal-minus-compliance vector added at layer {layer} output (+ pushes toward refusal)",
                        model=fp, layers=[layer], tensors={layer: {"vector": "vector"}},
                        defaults={"scale": args.add_scale}, allowed={"scale": {"min": -4, "max": 4}},
-                       calibration={**calib, "vector_site": f"layers.{layer}.layer_output", "vector_norm": float(r.norm())})
+                       calibration={**calib, "vector_site": f"layers.{layer}.layer_output", "vector_norm": float(r.norm()),
+                                    "contrast": "teacher-forced refusal vs compliance openings (CAA-style)"})
     save_profile(out / "smollm2-refusal-add", spec, {layer: {"vector": r}})
 
     layers = list(range(num_layers))

@@ -165,7 +165,7 @@ def test_layers_beyond_num_layers(tmp_path):
         raw["tensors"]["7"] = {"b1": "b1", "b2": "b2"}
 
     _edit_json(d, edit)
-    err = _refused(d, PROFILE_FILE, "layers", exact_field=False)
+    err = _refused(d, PROFILE_FILE, "layers")
     assert "[7]" in str(err)
 
 
@@ -181,13 +181,13 @@ def test_negative_and_repeated_layers(tmp_path):
 def test_tensors_layers_mismatch(tmp_path):
     d = _write(tmp_path, "p", "selective")
     _edit_json(d, lambda raw: raw["tensors"].pop("2"))
-    _refused(d, PROFILE_FILE, "tensors", exact_field=False)
+    _refused(d, PROFILE_FILE, "tensors")
 
 
 def test_tensor_roles_wrong_for_method(tmp_path):
     d = _write(tmp_path, "p", "selective")
     _edit_json(d, lambda raw: raw["tensors"].update({"2": {"vector": "b1"}}))
-    _refused(d, PROFILE_FILE, "tensors[2]", exact_field=False)
+    _refused(d, PROFILE_FILE, "tensors.2")
 
 
 def test_fingerprint_mismatch(tmp_path):
@@ -206,10 +206,10 @@ def test_fingerprint_mismatch(tmp_path):
 def test_defaults_outside_allowed_range(tmp_path):
     d = _write(tmp_path, "p", "selective")
     _edit_json(d, lambda raw: raw["defaults"].update(angle=400.0))
-    _refused(d, PROFILE_FILE, "defaults.angle", exact_field=False)
+    _refused(d, PROFILE_FILE, "defaults.angle")
     d2 = _write(tmp_path, "q", "addition")
     _edit_json(d2, lambda raw: raw["defaults"].update(scale=-100.0))
-    _refused(d2, PROFILE_FILE, "defaults.scale", exact_field=False)
+    _refused(d2, PROFILE_FILE, "defaults.scale")
 
 
 def test_allowed_range_min_above_max(tmp_path):
@@ -221,16 +221,16 @@ def test_allowed_range_min_above_max(tmp_path):
 def test_default_required_for_method(tmp_path):
     d = _write(tmp_path, "p", "selective")
     _edit_json(d, lambda raw: raw["defaults"].update(angle=None))
-    _refused(d, PROFILE_FILE, "defaults.angle", exact_field=False)
+    _refused(d, PROFILE_FILE, "defaults.angle")
 
 
 def test_categories_only_for_category_profiles(tmp_path):
     d = _write(tmp_path, "p", "addition")
     _edit_json(d, lambda raw: raw.update(categories=["x"]))
-    _refused(d, PROFILE_FILE, "categories", exact_field=False)
+    _refused(d, PROFILE_FILE, "categories")
     d2 = _write(tmp_path, "q", "category")
     _edit_json(d2, lambda raw: raw.update(categories=["cat_a", "cat_a", "cat_b"]))
-    _refused(d2, PROFILE_FILE, "categories", exact_field=False)
+    _refused(d2, PROFILE_FILE, "categories")
 
 
 def test_invalid_json_and_missing_files(tmp_path):
@@ -385,3 +385,31 @@ def test_profile_dir_propagates_fingerprint_check(tmp_path):
     with pytest.raises(ProfileError) as info:
         load_profile_dir(tmp_path, expected_model=FP.model_copy(update={"num_layers": 2}))
     assert info.value.field == "model" and PROFILE_FILE in str(info.value)
+
+
+def test_save_refusing_bad_tensors_leaves_nothing_behind(tmp_path):
+    profile = random_profile("p", "selective", FP, [1, 2], seed=0)
+    bad = {layer: {"b1": roles["b1"] * float("nan"), "b2": roles["b2"]} for layer, roles in profile.vectors.items()}
+    with pytest.raises(ProfileError, match="NaN"):
+        save_profile(tmp_path / "p", profile.spec, bad)
+    assert list(tmp_path.iterdir()) == [], "a refused profile must not be left on disk"
+
+
+def test_save_replaces_an_existing_profile_atomically(tmp_path):
+    first = random_profile("p", "selective", FP, [1, 2], seed=0)
+    second = random_profile("p", "selective", FP, [1, 2], seed=1)
+    save_profile(tmp_path / "p", first.spec, first.vectors)
+    save_profile(tmp_path / "p", second.spec, second.vectors)
+    assert load_profile(tmp_path / "p").digest == second.digest
+    assert [p.name for p in tmp_path.iterdir()] == ["p"]
+
+
+def test_symlinked_file_escaping_the_root_is_refused(tmp_path):
+    outside = _write(tmp_path / "outside", "evil", "selective")
+    root = tmp_path / "root"
+    inside = _write(root, "p", "selective")
+    (inside / TENSORS_FILE).unlink()
+    (inside / TENSORS_FILE).symlink_to(outside / TENSORS_FILE)
+    with pytest.raises(ProfileError, match="outside the profile directory") as info:
+        load_profile_dir(root)
+    assert TENSORS_FILE in str(info.value)

@@ -26,9 +26,11 @@ DEMO_PROMPTS = [
 
 DEMO_SETTINGS: list[tuple[str, dict | None]] = [
     ("unsteered", None),
-    ("refusal-add", {"steer_profile": "smollm2-refusal-add"}),
-    ("selective", {"steer_profile": "smollm2-selective"}),
-    ("angular", {"steer_profile": "smollm2-angular"}),
+    ("refusal-add x0.5", {"steer_profile": "smollm2-refusal-add"}),
+    # Same plane, same angle: Selective Steering's relative rotation on the discriminative
+    # layers vs standard angular steering's absolute snap on every layer.
+    ("selective 120°", {"steer_profile": "smollm2-selective", "steer_angle": 120.0}),
+    ("angular 120°", {"steer_profile": "smollm2-angular", "steer_angle": 120.0}),
 ]
 
 REFUSAL_SUBSTRINGS = (

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -162,28 +163,28 @@ class ProfileSpec(BaseModel):
     def _consistent(self) -> ProfileSpec:
         too_deep = [layer for layer in self.layers if layer >= self.model.num_layers]
         if too_deep:
-            raise ValueError(f"layers {too_deep} do not exist in a {self.model.num_layers}-layer model")
+            raise ValueError(f"layers: {too_deep} do not exist in a {self.model.num_layers}-layer model")
         if set(self.tensors) != set(self.layers):
-            raise ValueError(f"tensors must have exactly one entry per layer in 'layers' ({self.layers})")
+            raise ValueError(f"tensors: must have exactly one entry per layer in 'layers' ({self.layers})")
+        if self.method == "category":
+            if not self.categories:
+                raise ValueError("categories: a category profile lists its categories")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError("categories: must not repeat")
+        elif self.categories:
+            raise ValueError(f"categories: only for method 'category', not {self.method!r}")
         expected = self.expected_roles()
         for layer, roles in self.tensors.items():
             if set(roles) != set(expected):
-                raise ValueError(f"tensors[{layer}] has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}")
-        if self.method == "category":
-            if not self.categories:
-                raise ValueError("a category profile lists its categories")
-            if len(set(self.categories)) != len(self.categories):
-                raise ValueError("categories must not repeat")
-        elif self.categories:
-            raise ValueError(f"categories are only for method 'category', not {self.method!r}")
+                raise ValueError(f"tensors.{layer}: has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}")
         if self.method in ANGLE_METHODS and self.defaults.angle is None:
-            raise ValueError(f"method {self.method!r} needs defaults.angle")
+            raise ValueError(f"defaults.angle: required by method {self.method!r}")
         if self.method in SCALE_METHODS and self.defaults.scale is None:
-            raise ValueError(f"method {self.method!r} needs defaults.scale")
+            raise ValueError(f"defaults.scale: required by method {self.method!r}")
         for name, value in (("angle", self.defaults.angle), ("scale", self.defaults.scale)):
             allowed = getattr(self.allowed, name)
             if value is not None and allowed is not None and value not in allowed:
-                raise ValueError(f"defaults.{name}={value} is outside allowed.{name} [{allowed.min}, {allowed.max}]")
+                raise ValueError(f"defaults.{name}: {value} is outside allowed.{name} [{allowed.min}, {allowed.max}]")
         return self
 
     def expected_roles(self) -> tuple[str, ...]:
@@ -231,8 +232,12 @@ def _digest(spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]
 
 def _format_validation_error(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "<root>"
-    return field, first["msg"]
+    field = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if not field:  # a cross-field check: its message starts with "field: "
+        field, _, rest = msg.partition(": ")
+        msg = rest or msg
+    return field or "<root>", msg
 
 
 def load_profile(directory: str | Path, expected_model: ModelFingerprint | None = None) -> Profile:
@@ -302,17 +307,25 @@ def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: 
 def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]) -> Path:
     """Write a profile directory; tensors shared between layers (one plane for all) are stored once."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     stored: dict[str, torch.Tensor] = {}
     for layer, roles in spec.tensors.items():
         for role, name in roles.items():
             t = vectors[layer][role].detach().to(torch.float32).contiguous().clone()
-            if name in stored and not torch.equal(stored[name], t):
+            if name in stored and stored[name].numpy().tobytes() != t.numpy().tobytes():  # bytes: NaN == NaN
                 raise ProfileError(directory / TENSORS_FILE, f"tensors.{layer}.{role}", f"name {name!r} reused for a different tensor")
             stored[name] = t
-    save_file(stored, str(directory / TENSORS_FILE))
-    (directory / PROFILE_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
-    load_profile(directory)  # refuse to leave behind a profile that would not load
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(stored, str(staging / TENSORS_FILE))
+        (staging / PROFILE_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+        load_profile(staging)  # refuse to leave behind a profile that would not load
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return directory
 
 
@@ -322,16 +335,14 @@ def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None =
     if not root.is_dir():
         raise ProfileError(root, "<dir>", "profile directory does not exist")
     profiles: dict[str, Profile] = {}
-    for sub in sorted(p for p in root.iterdir() if (p / PROFILE_FILE).exists()):
-        resolved = sub.resolve()
-        if root.resolve() not in resolved.parents:
-            raise ProfileError(sub, "<dir>", "symlink points outside the profile directory")
+    real_root = root.resolve()
+    for sub in sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / PROFILE_FILE).exists()):
+        for path in (sub, sub / PROFILE_FILE, sub / TENSORS_FILE):
+            if path.exists() and real_root not in path.resolve().parents:
+                raise ProfileError(path, "<path>", "symlink points outside the profile directory")
         profile = load_profile(sub, expected_model)
         if profile.id in profiles:
             raise ProfileError(sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})")
         profiles[profile.id] = profile
     return profiles
 
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
