@@ -309,11 +309,12 @@ def test_broken_profile_dir_refuses_to_start(tiny_root, prompt_ids, tmp_path_fac
         "model": str(tiny_root / "model"), "profiles": str(broken), "eager": True,
         "phases": [[{"prompt_token_ids": prompt_ids[0], "extra_args": {"steer_profile": "tiny-selective"}}]],
     }
-    with pytest.raises(AssertionError) as failed:
-        run_engine(spec, tmp_path_factory.mktemp("broken_run"), plugin=True, timeout=300)
-    message = str(failed.value)
-    assert "engine run failed" in message
-    assert "tensors.safetensors" in message and "not a readable safetensors file" in message
+    workdir = tmp_path_factory.mktemp("broken_run")
+    with pytest.raises(AssertionError, match="engine run failed"):
+        run_engine(spec, workdir, plugin=True, timeout=300)
+    log = (workdir / "engine.log").read_text()
+    assert "ProfileError" in log and "tensors.safetensors: <file>: not a readable safetensors file" in log
+    assert not (workdir / "result.json").exists(), "no request may have been served"
 
 
 # ----------------------------------------------------------------- the real default model

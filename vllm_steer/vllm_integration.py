@@ -41,6 +41,7 @@ import torch
 
 from vllm_steer import __version__
 from vllm_steer.config import SteerConfig
+from vllm_steer.hf_reference import decoder_layers
 from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir
 from vllm_steer.request import SteeringRequestError, parse_steering, resolve_steering, steering_cache_salt
 from vllm_steer.runtime import Site, SteeringRuntime, set_runtime, sites_for_profiles
@@ -163,7 +164,7 @@ def install_hooks(model: torch.nn.Module, sites: list[Site]) -> list[Any]:
     projections of the stream are computed on the sum, and every correction is
     added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact).
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)  # same module layout as Hugging Face Llama-style models
     handles = []
     for index, site in enumerate(sites):
         block = layers[site.layer]
@@ -182,14 +183,6 @@ def install_hooks(model: torch.nn.Module, sites: list[Site]) -> list[Any]:
         else:  # pragma: no cover - sites come from METHOD_HOOKS
             raise ValueError(f"unknown hook kind {site.kind!r}")
     return handles
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise RuntimeError(f"vllm-steer supports Llama-style decoders (model.model.layers); got {type(model).__name__}")
-    return layers
 
 
 def _norm_hook(site: int):
