@@ -62,8 +62,7 @@ def main() -> None:
             sin = torch.full((n,), 0.866, device=dev)
             scale = torch.zeros(n, device=dev)
             base = None
-            for k in (1, 8, 32, 64):
-                k = min(k, args.slots, n)
+            for k in sorted({min(k, args.slots, n) for k in (1, 8, 32, 64)}):
                 slot = (torch.arange(n, device=dev) % k).to(torch.int64)
                 t = _time(lambda: token_deltas(h, bases, methods, zeros, zeros, slot, cos, sin, scale), dev, args.reps)
                 # The hook way: one call per distinct setting, each on its own rows.

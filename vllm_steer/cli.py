@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Per-request activation steering inside vLLM.", no_args_is_help=True, add_completion=False)
@@ -33,7 +34,7 @@ def demo(
     table.add_column("output", max_width=70)
     for row in rows:
         mark = "[red]yes[/red]" if row.refusal else "no"
-        table.add_row(f"[{row.kind}] {row.prompt}", row.setting, mark, row.text.replace("\n", " "))
+        table.add_row(escape(f"[{row.kind}] {row.prompt}"), escape(row.setting), mark, escape(row.text.replace("\n", " ")))
     console.print(table)
     status = facts["status"]
     console.print(

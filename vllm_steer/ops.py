@@ -182,8 +182,8 @@ def token_deltas(
     slot = token_slot.clamp(min=0)
     method = torch.where(steered, methods[slot].to(torch.int64), torch.zeros_like(slot))
 
-    basis = bases[slot].to(compute_dtype)  # [N, 2, d]
-    p = torch.bmm(basis, hc.unsqueeze(-1)).squeeze(-1)  # [N, 2] in-plane coordinates
+    basis = bases.index_select(0, slot).to(compute_dtype)  # [N, 2, d]: each token's own slot
+    p = (basis * hc.unsqueeze(1)).sum(-1)  # [N, 2] in-plane coordinates (faster than a batch of tiny matmuls)
     x, y = p[:, 0], p[:, 1]
     c = token_cos.to(compute_dtype)
     s = token_sin.to(compute_dtype)
@@ -206,8 +206,9 @@ def token_deltas(
 
     active = method != Method.NONE
     dq = torch.stack([torch.where(active, qx - x, zero), torch.where(active, qy - y, zero)], dim=1)
+    # Inactive rows have dq == 0 exactly and a finite basis, so their delta is exactly 0.
     delta = torch.bmm(dq.unsqueeze(1), basis).squeeze(1)  # [N, d]
-    return torch.where(active[:, None], delta, torch.zeros_like(delta)).to(h.dtype)
+    return delta.to(h.dtype)
 
 
 def steer_tokens(h: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
