@@ -23,7 +23,16 @@ import torch
 
 from vllm_steer.hf_reference import decoder_layers
 
-__all__ = ["ClassStats", "collect_activations", "diff_of_means", "select_b1", "second_axis", "discriminative_layers", "chat_prompts"]
+__all__ = [
+    "ClassStats",
+    "collect_activations",
+    "diff_of_means",
+    "select_b1",
+    "second_axis",
+    "discriminative_layers",
+    "chat_prompts",
+    "fit_probe",
+]
 
 NORM_KINDS = ("input_norm", "post_attn_norm")
 
@@ -35,8 +44,12 @@ class ClassStats:
     count: int = 0
     total: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     total_unit: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    samples: dict[tuple[int, str], list[torch.Tensor]] | None = None
+    """Per-sample activations, kept only when asked (probes need them; means do not)."""
 
     def add(self, site: tuple[int, str], acts: torch.Tensor) -> None:
+        if self.samples is not None:
+            self.samples.setdefault(site, []).append(acts.float().clone())
         acts = acts.double()
         unit = acts / (acts.norm(dim=-1, keepdim=True) + 1e-8)
         if site in self.total:
@@ -69,12 +82,13 @@ def collect_activations(
     kinds: Sequence[str] = NORM_KINDS + ("layer_output",),
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
+    keep_samples: bool = False,
 ) -> ClassStats:
     """Last-token activations at every layer × ``kinds``, accumulated into :class:`ClassStats`.
 
     Prompts are left-padded so the last position is every prompt's last token.
     """
-    stats = ClassStats()
+    stats = ClassStats(samples={} if keep_samples else None)
     layers = decoder_layers(model)
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -147,3 +161,26 @@ def discriminative_layers(pos: ClassStats, neg: ClassStats, b1: torch.Tensor, nu
         if all(float(pos.mean_unit((layer, k)) @ b1) * float(neg.mean_unit((layer, k)) @ b1) < 0 for k in kinds):
             kept.append(layer)
     return kept
+
+
+def fit_probe(pos: torch.Tensor, neg: torch.Tensor, held_pos: torch.Tensor, held_neg: torch.Tensor, seed: int = 0):
+    """Logistic-regression probe (methods.md §3.9): unit ``coef`` (points to the positive class), held-out accuracy.
+
+    Features are standardized by the training mean only (no scaling), so the
+    direction lives in activation space; sklearn defaults otherwise (L2, C = 1).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    centre = x.mean(0)
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit((x - centre).numpy(), y.numpy())
+    coef = torch.from_numpy(clf.coef_[0]).double()
+    v = coef / coef.norm()
+    if len(held_pos) and len(held_neg):
+        hx = torch.cat([held_pos, held_neg]).double() - centre
+        hy = torch.cat([torch.ones(len(held_pos)), torch.zeros(len(held_neg))])
+        accuracy = float((torch.from_numpy(clf.predict(hx.numpy())) == hy).double().mean())
+    else:
+        accuracy = float("nan")
+    return v.float(), accuracy

@@ -44,6 +44,54 @@ def demo(
     )
 
 
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="HF model directory (the weights the engine serves)."),
+    method: str = typer.Option(..., help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe"),
+    out: Path = typer.Option(..., help="Profile directory to write."),
+    harmful: str = typer.Option("advbench", help="advbench | catqa | harmbench | a CSV/JSONL file."),
+    harmless: str = typer.Option("alpaca", help="alpaca | a CSV/JSONL file."),
+    profile_id: Optional[str] = typer.Option(None, "--id", help="Profile id (default: <model>-<method>)."),
+    data_dir: Optional[str] = typer.Option(None, help="Where the named prompt sets are (default: ../shared/data or $VLLM_STEER_DATA)."),
+    n: int = typer.Option(128, min=1, help="Prompts per class (per category for the category method)."),
+    held_out: float = typer.Option(0.2, min=0.0, max=0.9, help="Share of prompts held out (probe accuracy, sweeps)."),
+    seed: int = typer.Option(0, help="Split seed."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: chosen per method)."),
+    categories: Optional[str] = typer.Option(None, help="Comma-separated categories to keep (category method)."),
+    angle: Optional[float] = typer.Option(None, help="Default angle to record (rotation methods)."),
+    scale: Optional[float] = typer.Option(None, help="Default scale to record (additive methods)."),
+    batch_size: int = typer.Option(8, min=1),
+) -> None:
+    """Collect activations, compute the method's directions, and write a validated profile."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vllm_steer.calibration_pipeline import CalibrationConfig, CalibrationError, calibrate_profile
+    from vllm_steer.datasets import DatasetError
+    from vllm_steer.profile import ProfileError, load_profile
+
+    cfg = CalibrationConfig(
+        model=model, method=method, out=out, harmful=harmful, harmless=harmless, profile_id=profile_id,
+        data_dir=data_dir, n=n, held_out=held_out, seed=seed, batch_size=batch_size,
+        layers=[int(x) for x in layers.split(",")] if layers else None,
+        categories=[c.strip() for c in categories.split(",")] if categories else None, angle=angle, scale=scale,
+    )
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        try:
+            path = calibrate_profile(cfg, progress)
+        except (CalibrationError, DatasetError, ProfileError) as exc:
+            console.print(f"[red]calibration failed:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+    profile = load_profile(path)
+    console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)}")
+
+
 @profiles_app.command("list")
 def list_profiles(
     directory: Path = typer.Argument(Path("profiles"), help="Directory of profile sub-directories."),

@@ -1,0 +1,247 @@
+"""``vllm-steer calibrate``: prompt sets in, a validated profile (format v1) out, for every method.
+
+The statistics live in :mod:`vllm_steer.calibrate`; this module chooses the data,
+the hook sites and the layers per method, and writes the profile with everything
+needed to reproduce it (datasets, sizes, split, seed, model fingerprint, contrast).
+
+==================  ==================================================================
+method              what is computed (train split)
+==================  ==================================================================
+selective           plane (b1, b2) from harmful-vs-harmless norm-output candidates;
+                    steers the discriminative layers only
+angular_standard    the same plane, every layer
+angular_adaptive    the same plane, every layer, gate ``h·b1 > 0``
+ablation            ``b1`` ablated at every layer (input, attention and MLP outputs)
+addition            refusal-vs-compliance contrast (the same prompts teacher-forced with
+                    a refusal reply and a compliant reply; CAA-style), one layer's output
+category            per harm category ``mean(harmful_c) − mean(harmless)`` plus a
+                    ``generic`` vector from all categories, at the chosen layers
+probe               logistic regression per layer (harmful = 1), held-out accuracy per
+                    layer; the most accurate layers are steered with the unit direction
+==================  ==================================================================
+
+The default angle/scale written here is a fixed, documented starting point; the
+angle/scale sweep through the engine refines it (recorded as ``default_from``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_steer.calibrate import (
+    NORM_KINDS,
+    ClassStats,
+    chat_prompts,
+    collect_activations,
+    diff_of_means,
+    discriminative_layers,
+    fit_probe,
+    second_axis,
+    select_b1,
+)
+from vllm_steer.datasets import DatasetError, Prompt, load_prompts, split
+from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint, ProfileSpec, save_profile
+
+__all__ = ["CalibrationConfig", "calibrate_profile", "CalibrationError", "METHODS"]
+
+METHODS = tuple(METHOD_HOOKS)
+REFUSAL_REPLY = "I'm sorry, but I cannot help with that"
+COMPLIANT_REPLY = "Sure, here is a detailed answer"
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class CalibrationConfig:
+    model: str
+    method: str
+    out: Path
+    harmful: str = "advbench"
+    harmless: str = "alpaca"
+    profile_id: str | None = None
+    data_dir: str | None = None
+    n: int | None = 128
+    held_out: float = 0.2
+    seed: int = 0
+    batch_size: int = 8
+    layers: Sequence[int] | None = None
+    categories: Sequence[str] | None = None
+    angle: float | None = None
+    scale: float | None = None
+    probe_layers: int = 3
+    extra: dict = field(default_factory=dict)
+
+
+def _load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _fingerprint(model, path: str) -> ModelFingerprint:
+    cfg = model.config
+    return ModelFingerprint(
+        architecture=(cfg.architectures or [type(model).__name__])[0],
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        name=Path(path).name,
+    )
+
+
+def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Run the calibration for ``cfg.method`` and write the profile to ``cfg.out``; returns the directory.
+
+    ``progress(phase, done, total)`` is called as prompts are processed.
+    """
+    if cfg.method not in METHODS:
+        raise CalibrationError(f"method: unknown {cfg.method!r} (one of {', '.join(METHODS)})")
+    harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if cfg.method != "category" else None)
+    harmless = load_prompts(cfg.harmless, cfg.data_dir, cfg.n)
+    if cfg.method == "category":
+        harmful = _category_subset(harmful, cfg)
+    harmful_train, harmful_held = split(harmful, cfg.held_out, cfg.seed)
+    harmless_train, harmless_held = split(harmless, cfg.held_out, cfg.seed)
+    if not harmful_train or not harmless_train:
+        raise CalibrationError("both classes need training prompts: got "
+                               f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split")
+
+    model, tokenizer = _load_model(cfg.model)
+    fp = _fingerprint(model, cfg.model)
+    num_layers = fp.num_layers
+
+    def collect(name: str, prompts: list[str], kinds, keep_samples=False) -> ClassStats:
+        done = [0]
+
+        def tick(k: int) -> None:
+            done[0] += k
+            if progress:
+                progress(name, done[0], len(prompts))
+
+        return collect_activations(model, tokenizer, prompts, kinds, cfg.batch_size, tick, keep_samples)
+
+    calibration = {
+        "datasets": {"harmful": cfg.harmful, "harmless": cfg.harmless},
+        "sizes": {"harmful_train": len(harmful_train), "harmful_held_out": len(harmful_held),
+                  "harmless_train": len(harmless_train), "harmless_held_out": len(harmless_held)},
+        "split": {"held_out": cfg.held_out, "seed": cfg.seed},
+        "prompt_format": "chat template, one user turn, generation prompt, last token",
+        "default_from": "fixed starting point (no sweep run)",
+        **cfg.extra,
+    }
+    texts = lambda prompts: chat_prompts(tokenizer, [p.text for p in prompts])  # noqa: E731
+    method = cfg.method
+    profile_id = cfg.profile_id or f"{fp.name.lower()}-{method.replace('_', '-')}"
+
+    if method in ("selective", "angular_standard", "angular_adaptive", "ablation"):
+        pos = collect("harmful", texts(harmful_train), NORM_KINDS)
+        neg = collect("harmless", texts(harmless_train), NORM_KINDS)
+        sites = [(layer, kind) for layer in range(num_layers) for kind in NORM_KINDS]
+        candidates = torch.stack([diff_of_means(pos, neg, s) for s in sites])
+        k, b1 = select_b1(candidates)
+        b2 = second_axis(candidates, b1)
+        disc = discriminative_layers(pos, neg, b1, num_layers)
+        calibration.update({"b1_site": f"layers.{sites[k][0]}.{sites[k][1]}", "discriminative_layers": disc,
+                            "direction": "b1 = normalized mean(harmful) − mean(harmless): +b1 is the harmful side"})
+        b1f, b2f = b1.float(), b2.float()
+        if method == "ablation":
+            layers = list(cfg.layers or range(num_layers))
+            vectors = {layer: {"vector": b1f} for layer in layers}
+            tensors = {layer: {"vector": "b1"} for layer in layers}
+            defaults, allowed = {}, {}
+        else:
+            if method == "selective":
+                if not disc and not cfg.layers:
+                    raise CalibrationError("no discriminative layer found (no block where the classes project with "
+                                           "opposite signs on b1); pass --layers to choose some")
+                layers = list(cfg.layers or disc)
+            else:
+                layers = list(cfg.layers or range(num_layers))
+            vectors = {layer: {"b1": b1f, "b2": b2f} for layer in layers}
+            tensors = {layer: {"b1": "b1", "b2": "b2"} for layer in layers}
+            default_angle = cfg.angle if cfg.angle is not None else (180.0 if method == "selective" else 0.0)
+            defaults, allowed = {"angle": default_angle}, {"angle": {"min": 0.0, "max": 360.0}}
+            calibration["angle_convention"] = ("degrees, counter-clockwise from +b1 toward +b2; "
+                                               + ("relative rotation, 0 = unsteered" if method == "selective"
+                                                  else "absolute target angle, 0 = snapped onto +b1 (harmful side)"))
+    elif method == "addition":
+        layer = (cfg.layers[0] if cfg.layers else round(0.6 * (num_layers - 1)))
+        prompts = texts(harmful_train + harmless_train)
+        refusing = collect("refusal replies", [p + REFUSAL_REPLY for p in prompts], ("layer_output",))
+        complying = collect("compliant replies", [p + COMPLIANT_REPLY for p in prompts], ("layer_output",))
+        r = diff_of_means(refusing, complying, (layer, "layer_output"), normalize=False).float()
+        vectors, tensors, layers = {layer: {"vector": r}}, {layer: {"vector": "vector"}}, [layer]
+        defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else 1.0}, {"scale": {"min": -4.0, "max": 4.0}}
+        calibration.update({"contrast": f"teacher-forced {REFUSAL_REPLY!r} minus {COMPLIANT_REPLY!r}, last reply token",
+                            "sign": "+scale pushes toward refusal", "vector_norm": float(r.norm())})
+    elif method == "category":
+        layers = list(cfg.layers or range(num_layers // 3, 2 * num_layers // 3))
+        categories = sorted({p.category for p in harmful_train})
+        neg = collect("harmless", texts(harmless_train), ("layer_output",))
+        everything = collect("harmful (all)", texts(harmful_train), ("layer_output",))
+        vectors = {layer: {} for layer in layers}
+        for cat in categories:
+            stats = collect(f"harmful: {cat}", texts([p for p in harmful_train if p.category == cat]), ("layer_output",))
+            for layer in layers:
+                vectors[layer][cat] = diff_of_means(stats, neg, (layer, "layer_output"), normalize=False).float()
+        for layer in layers:
+            vectors[layer]["generic"] = diff_of_means(everything, neg, (layer, "layer_output"), normalize=False).float()
+        names = categories + ["generic"]
+        tensors = {layer: {c: f"category.{i}.{layer}" for i, c in enumerate(names)} for layer in layers}
+        defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -1.0}, {"scale": {"min": -4.0, "max": 4.0}}
+        calibration.update({"categories_from": cfg.harmful, "generic": "mean(all harmful) − mean(harmless)",
+                            "sign": "vectors point toward the category's harmful side; negative scale steers away"})
+    elif method == "probe":
+        train = (collect("harmful", texts(harmful_train), ("layer_output",), True),
+                 collect("harmless", texts(harmless_train), ("layer_output",), True))
+        held = (collect("harmful held-out", texts(harmful_held), ("layer_output",), True) if harmful_held else None,
+                collect("harmless held-out", texts(harmless_held), ("layer_output",), True) if harmless_held else None)
+        accuracy, directions = {}, {}
+        for layer in range(num_layers):
+            site = (layer, "layer_output")
+            get = lambda stats: torch.cat(stats.samples[site]) if stats is not None else torch.empty(0)  # noqa: E731
+            directions[layer], accuracy[layer] = fit_probe(get(train[0]), get(train[1]), get(held[0]), get(held[1]), cfg.seed)
+        ranked = sorted(range(num_layers), key=lambda l: (-(accuracy[l] if accuracy[l] == accuracy[l] else 0.0), l))
+        layers = sorted(cfg.layers or ranked[: cfg.probe_layers])
+        vectors = {layer: {"vector": directions[layer]} for layer in layers}
+        tensors = {layer: {"vector": f"vector.{layer}"} for layer in layers}
+        defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -4.0}, {"scale": {"min": -32.0, "max": 32.0}}
+        calibration.update({"probe_accuracy_held_out": {str(k): v for k, v in accuracy.items()},
+                            "sign": "v points toward harmful; negative scale steers toward safe"})
+    spec = ProfileSpec(
+        format_version=1, id=profile_id, method=method, model=fp, layers=layers, tensors=tensors,
+        defaults=defaults, allowed=allowed, calibration=calibration,
+        categories=(sorted({p.category for p in harmful_train}) + ["generic"]) if method == "category" else [],
+        description=f"{method} profile calibrated by vllm-steer from {cfg.harmful} vs {cfg.harmless}",
+    )
+    return save_profile(cfg.out, spec, vectors)
+
+
+def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prompt]:
+    if any(p.category is None for p in harmful):
+        raise CalibrationError(f"harmful: {cfg.harmful} has prompts without a category; the category method needs one per prompt")
+    present = sorted({p.category for p in harmful})
+    if cfg.categories:
+        unknown = sorted(set(cfg.categories) - set(present))
+        if unknown:
+            raise CalibrationError(f"categories: unknown {unknown} (the data has {present})")
+        harmful = [p for p in harmful if p.category in set(cfg.categories)]
+    if cfg.n:  # at most n per category, in file order
+        counts: dict[str, int] = {}
+        kept = []
+        for p in harmful:
+            counts[p.category] = counts.get(p.category, 0) + 1
+            if counts[p.category] <= cfg.n:
+                kept.append(p)
+        harmful = kept
+    return harmful
+
+
+_ = DatasetError  # re-exported for callers catching data problems
