@@ -27,7 +27,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_steer.default_model import ensure_default_model
-    from vllm_steer.demo import is_refusal
+    from vllm_steer.metrics import is_refusal
 
     data = Path(args.data)
     harmful = [r["goal"] for r in csv.DictReader(open(data / "advbench_harmful_behaviors.csv", newline=""))][64:64 + args.n]

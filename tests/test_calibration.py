@@ -130,3 +130,37 @@ def test_category_pipeline_has_one_vector_per_category_plus_generic(tiny_root, t
                                       harmful=str(DATA / "harmful.csv"), harmless=str(DATA / "harmless.jsonl"))
     with pytest.raises(CalibrationError, match="without a category"):
         calibrate_profile(no_categories)
+
+
+@pytest.mark.engine
+def test_calibrate_cli_sweeps_the_angle_through_the_engine(tiny_root, tmp_path):
+    """The command end to end: calibrate, then every angle as a row of one engine call, recorded in the profile."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "sel"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_PLUGINS", None)
+    cmd = [sys.executable, "-m", "vllm_steer.cli", "calibrate", str(tiny_root / "model"), "--method", "selective",
+           "--layers", "1,2", "--out", str(out), "--harmful", str(DATA / "harmful.csv"),
+           "--harmless", str(DATA / "harmless.jsonl"), "--n", "10", "--sweep", "0:360:90", "--sweep-n", "2",
+           "--max-tokens", "8", "--report"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spec = load_profile(out).spec
+    sweep = spec.calibration["sweep"]
+    assert [p["value"] for p in sweep["points"]] == [None, 0, 90, 180, 270]
+    assert sweep["served_in_one_mixed_batch"] is True
+    baseline, zero = sweep["points"][0], sweep["points"][1]
+    # Selective Steering at 0 degrees is the identity: the same text, the same logprobs.
+    assert zero["example"] == baseline["example"]
+    assert zero["perplexity"] == pytest.approx(baseline["perplexity"], rel=1e-6)
+    assert any(p["example"] != baseline["example"] for p in sweep["points"][2:]), "some angle must steer"
+    if sweep["chosen"] is None:
+        assert spec.defaults.angle == 180.0 and "no coherent point" in sweep["criterion"]
+    else:
+        assert spec.defaults.angle == sweep["chosen"]
+    for png in ("sweep.png", "layer_projections.png", "direction_cosines.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    assert "discriminative layers" in (out / "report" / "README.md").read_text().lower()

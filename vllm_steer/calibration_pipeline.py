@@ -43,10 +43,10 @@ from vllm_steer.calibrate import (
     second_axis,
     select_b1,
 )
-from vllm_steer.datasets import DatasetError, Prompt, load_prompts, split
+from vllm_steer.datasets import Prompt, load_prompts, split
 from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint, ProfileSpec, save_profile
 
-__all__ = ["CalibrationConfig", "calibrate_profile", "CalibrationError", "METHODS"]
+__all__ = ["CalibrationConfig", "calibrate_profile", "split_data", "CalibrationError", "METHODS"]
 
 METHODS = tuple(METHOD_HOOKS)
 REFUSAL_REPLY = "I'm sorry, but I cannot help with that"
@@ -96,19 +96,16 @@ def _fingerprint(model, path: str) -> ModelFingerprint:
     )
 
 
-def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None) -> Path:
+def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None,
+                      diagnostics: dict | None = None) -> Path:
     """Run the calibration for ``cfg.method`` and write the profile to ``cfg.out``; returns the directory.
 
-    ``progress(phase, done, total)`` is called as prompts are processed.
+    ``progress(phase, done, total)`` is called as prompts are processed; ``diagnostics``, if
+    given, is filled with what the report plots (per-site projections, candidate cosines,
+    probe accuracy).
     """
-    if cfg.method not in METHODS:
-        raise CalibrationError(f"method: unknown {cfg.method!r} (one of {', '.join(METHODS)})")
-    harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if cfg.method != "category" else None)
-    harmless = load_prompts(cfg.harmless, cfg.data_dir, cfg.n)
-    if cfg.method == "category":
-        harmful = _category_subset(harmful, cfg)
-    harmful_train, harmful_held = split(harmful, cfg.held_out, cfg.seed)
-    harmless_train, harmless_held = split(harmless, cfg.held_out, cfg.seed)
+    diagnostics = {} if diagnostics is None else diagnostics
+    harmful_train, harmful_held, harmless_train, harmless_held = split_data(cfg)
     if not harmful_train or not harmless_train:
         raise CalibrationError("both classes need training prompts: got "
                                f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split")
@@ -148,6 +145,13 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         k, b1 = select_b1(candidates)
         b2 = second_axis(candidates, b1)
         disc = discriminative_layers(pos, neg, b1, num_layers)
+        unit = candidates / candidates.norm(dim=1, keepdim=True)
+        diagnostics.update({
+            "sites": [f"{layer}.{kind}" for layer, kind in sites], "b1_index": k, "discriminative_layers": disc,
+            "projection_harmful": [float(pos.mean_unit(s) @ b1) for s in sites],
+            "projection_harmless": [float(neg.mean_unit(s) @ b1) for s in sites],
+            "candidate_cosines": (unit @ unit.T).tolist(),
+        })
         calibration.update({"b1_site": f"layers.{sites[k][0]}.{sites[k][1]}", "discriminative_layers": disc,
                             "direction": "b1 = normalized mean(harmful) − mean(harmless): +b1 is the harmful side"})
         b1f, b2f = b1.float(), b2.float()
@@ -213,6 +217,7 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         vectors = {layer: {"vector": directions[layer]} for layer in layers}
         tensors = {layer: {"vector": f"vector.{layer}"} for layer in layers}
         defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -4.0}, {"scale": {"min": -32.0, "max": 32.0}}
+        diagnostics["probe_accuracy"] = {int(k): v for k, v in accuracy.items()}
         calibration.update({"probe_accuracy_held_out": {str(k): v for k, v in accuracy.items()},
                             "sign": "v points toward harmful; negative scale steers toward safe"})
     spec = ProfileSpec(
@@ -222,6 +227,19 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         description=f"{method} profile calibrated by vllm-steer from {cfg.harmful} vs {cfg.harmless}",
     )
     return save_profile(cfg.out, spec, vectors)
+
+
+def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list[Prompt], list[Prompt]]:
+    """``(harmful_train, harmful_held, harmless_train, harmless_held)``, reproducible from ``cfg.seed``."""
+    if cfg.method not in METHODS:
+        raise CalibrationError(f"method: unknown {cfg.method!r} (one of {', '.join(METHODS)})")
+    harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if cfg.method != "category" else None)
+    harmless = load_prompts(cfg.harmless, cfg.data_dir, cfg.n)
+    if cfg.method == "category":
+        harmful = _category_subset(harmful, cfg)
+    harmful_train, harmful_held = split(harmful, cfg.held_out, cfg.seed)
+    harmless_train, harmless_held = split(harmless, cfg.held_out, cfg.seed)
+    return harmful_train, harmful_held, harmless_train, harmless_held
 
 
 def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prompt]:
@@ -243,5 +261,3 @@ def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prom
         harmful = kept
     return harmful
 
-
-_ = DatasetError  # re-exported for callers catching data problems

@@ -61,8 +61,13 @@ def calibrate(
     angle: Optional[float] = typer.Option(None, help="Default angle to record (rotation methods)."),
     scale: Optional[float] = typer.Option(None, help="Default scale to record (additive methods)."),
     batch_size: int = typer.Option(8, min=1),
+    sweep: str = typer.Option("auto", help="Grid through the engine: 'start:stop:step' or 'a,b,c'; 'auto' "
+                              "(angles 0:360:10, scales 0.25,0.5,1,2,4) or 'none'."),
+    sweep_n: int = typer.Option(8, min=1, help="Held-out prompts per class in the sweep."),
+    max_tokens: int = typer.Option(32, min=1, help="New tokens per sweep row."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write plots and a Markdown summary to <out>/report/."),
 ) -> None:
-    """Collect activations, compute the method's directions, and write a validated profile."""
+    """Collect activations, compute the method's directions, write a validated profile, sweep its default."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from vllm_steer.calibration_pipeline import CalibrationConfig, CalibrationError, calibrate_profile
@@ -83,13 +88,50 @@ def calibrate(
                 tasks[phase] = bar.add_task(phase, total=total)
             bar.update(tasks[phase], completed=done)
 
+        diagnostics: dict = {}
         try:
-            path = calibrate_profile(cfg, progress)
+            path = calibrate_profile(cfg, progress, diagnostics)
         except (CalibrationError, DatasetError, ProfileError) as exc:
             console.print(f"[red]calibration failed:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
     profile = load_profile(path)
     console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)}")
+    from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS
+
+    if sweep != "none" and profile.method in ANGLE_METHODS | SCALE_METHODS:
+        _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
+    if report:
+        from vllm_steer.report import write_report
+
+        console.print(f"report: {write_report(path, diagnostics)}")
+
+
+def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_tokens: int) -> None:
+    from vllm_steer.profile import ANGLE_METHODS
+
+    from vllm_steer.calibration_pipeline import split_data
+    from vllm_steer.sweep import parse_grid, sweep_profile_dir
+
+    grid = parse_grid(sweep if sweep != "auto" else ("0:360:10" if profile.method in ANGLE_METHODS else "0.25,0.5,1,2,4"))
+    if profile.method == "category" or profile.method == "probe":
+        grid = sorted({*grid, *(-g for g in grid)})  # these steer away from harm with negative scales
+    _, harmful_held, _, harmless_held = split_data(cfg)
+    if not harmful_held or not harmless_held:
+        console.print("[yellow]no held-out prompts (--held-out 0): sweep skipped[/yellow]")
+        return
+    harmful_texts = [p.text for p in harmful_held[:sweep_n]]
+    harmless_texts = [p.text for p in harmless_held[:sweep_n]]
+    console.print(f"sweeping {len(grid)} values x {len(harmful_texts) + len(harmless_texts)} held-out prompts in one engine call")
+    points, chosen, criterion = sweep_profile_dir(path, model, grid, harmful_texts, harmless_texts, max_tokens)
+    table = Table(title=f"sweep of {profile.id}")
+    for col in ("value", "refusal harmful", "refusal harmless", "perplexity", "compression", "unicode"):
+        table.add_column(col, justify="right")
+    for p in points:
+        mark = " *" if chosen is not None and p.value == chosen.value else ""
+        table.add_row("unsteered" if p.value is None else f"{p.value:g}{mark}", f"{p.refusal_harmful:.2f}",
+                      f"{p.refusal_harmless:.2f}", f"{p.perplexity:.2f}", f"{p.compression_ratio:.2f}", f"{p.unicode_score:.3f}")
+    console.print(table)
+    console.print(f"default: {'kept ' if chosen is None else ''}{'' if chosen is None else chosen.value} ({escape(criterion)})")
 
 
 @profiles_app.command("list")

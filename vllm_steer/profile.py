@@ -321,6 +321,9 @@ def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int,
         (staging / PROFILE_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
         load_profile(staging)  # refuse to leave behind a profile that would not load
         if directory.exists():
+            for extra in directory.iterdir():  # keep what is not the profile itself (e.g. report/)
+                if extra.name not in (PROFILE_FILE, TENSORS_FILE):
+                    extra.rename(staging / extra.name)
             shutil.rmtree(directory)
         staging.rename(directory)
     finally:

@@ -1,0 +1,120 @@
+"""The calibration report a person reads: PNG plots and a Markdown summary in ``<profile>/report/``.
+
+* ``sweep.png`` — refusal rate (harmful, harmless) and perplexity against the swept angle/scale,
+  with the perplexity-violation threshold (methods.md §5.3) and the chosen default.
+* ``layer_projections.png`` — per hook site, the mean per-sample cosine of each class with
+  ``b1``; the discriminative layers (opposite signs) are shaded.
+* ``direction_cosines.png`` — cosine similarity between the per-site candidate directions.
+* ``probe_accuracy.png`` — held-out probe accuracy per layer (probe profiles).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vllm_steer.metrics import PERPLEXITY_VIOLATION
+from vllm_steer.profile import load_profile
+
+__all__ = ["write_report"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Path:
+    profile_dir = Path(profile_dir)
+    out = profile_dir / "report"
+    out.mkdir(exist_ok=True)
+    profile = load_profile(profile_dir)
+    spec = profile.spec
+    diagnostics = diagnostics or {}
+    plt = _plt()
+    lines = [f"# Calibration report: `{spec.id}`", "", f"- method: `{spec.method}`",
+             f"- model: {spec.model.name or spec.model.architecture} (d={spec.model.hidden_size}, {spec.model.num_layers} layers)",
+             f"- steered layers: {spec.layers}", f"- defaults: {spec.defaults.model_dump(exclude_none=True)}",
+             f"- data: {spec.calibration.get('datasets')} sizes {spec.calibration.get('sizes')} split {spec.calibration.get('split')}"]
+    for key in ("b1_site", "contrast", "sign", "angle_convention", "default_from"):
+        if key in spec.calibration:
+            lines.append(f"- {key.replace('_', ' ')}: {spec.calibration[key]}")
+
+    if "sites" in diagnostics:
+        sites = diagnostics["sites"]
+        x = range(len(sites))
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        ax.plot(x, diagnostics["projection_harmful"], label="harmful: mean cos(â, b1)", color="tab:red")
+        ax.plot(x, diagnostics["projection_harmless"], label="harmless: mean cos(â, b1)", color="tab:blue")
+        ax.axhline(0, color="grey", lw=0.8)
+        disc = set(diagnostics["discriminative_layers"])
+        for i, site in enumerate(sites):
+            if int(site.split(".")[0]) in disc:
+                ax.axvspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.15, lw=0)
+        ax.set_xlabel("hook site (layer.norm), discriminative layers shaded")
+        ax.set_ylabel("projection on b1")
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "layer_projections.png", dpi=110)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        im = ax.imshow(diagnostics["candidate_cosines"], vmin=-1, vmax=1, cmap="coolwarm")
+        ax.set_title(f"cosine between site directions (b1 = site {diagnostics['b1_index']})", fontsize=9)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / "direction_cosines.png", dpi=110)
+        plt.close(fig)
+        lines += ["", f"Discriminative layers (opposite-signed class projections on every norm of the block): "
+                  f"{diagnostics['discriminative_layers']}", "",
+                  "![projections](layer_projections.png) ![cosines](direction_cosines.png)"]
+
+    if "probe_accuracy" in diagnostics:
+        acc = diagnostics["probe_accuracy"]
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.bar(list(acc), list(acc.values()), color=["tab:green" if layer in spec.layers else "tab:grey" for layer in acc])
+        ax.set_xlabel("layer (steered layers green)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1.05)
+        fig.tight_layout()
+        fig.savefig(out / "probe_accuracy.png", dpi=110)
+        plt.close(fig)
+        lines += ["", "| layer | held-out probe accuracy |", "|---|---|"]
+        lines += [f"| {layer} | {a:.3f} |" for layer, a in acc.items()]
+        lines += ["", "![probe accuracy](probe_accuracy.png)"]
+
+    sweep = spec.calibration.get("sweep")
+    if sweep:
+        points = [p for p in sweep["points"] if p["value"] is not None]
+        base = next(p for p in sweep["points"] if p["value"] is None)
+        xs = [p["value"] for p in points]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        ax.plot(xs, [p["refusal_harmful"] for p in points], "o-", color="tab:red", label="refusal, harmful")
+        ax.plot(xs, [p["refusal_harmless"] for p in points], "o-", color="tab:blue", label="refusal, harmless")
+        ax.set_xlabel(sweep["parameter"])
+        ax.set_ylabel("refusal rate (substring)")
+        ax.set_ylim(-0.05, 1.05)
+        ax2 = ax.twinx()
+        ax2.plot(xs, [p["perplexity"] for p in points], "s--", color="black", label="perplexity")
+        ax2.axhline(PERPLEXITY_VIOLATION, color="grey", ls=":", label=f"violation ({PERPLEXITY_VIOLATION})")
+        ax2.axhline(base["perplexity"], color="tab:green", ls=":", label="unsteered perplexity")
+        ax2.set_ylabel("perplexity")
+        if sweep["chosen"] is not None:
+            ax.axvline(sweep["chosen"], color="tab:purple", lw=1.5, label="chosen default")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=7, loc="upper left")
+        ax.set_title(f"{spec.id}: sweep ({sweep['prompts']['harmful']}+{sweep['prompts']['harmless']} held-out prompts, one mixed batch)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=110)
+        plt.close(fig)
+        lines += ["", f"## Sweep ({sweep['parameter']})", "", f"Criterion: {sweep['criterion']}. Chosen: {sweep['chosen']}.", "",
+                  "| value | refusal harmful | refusal harmless | perplexity | compression | unicode |", "|---|---|---|---|---|---|"]
+        for p in sweep["points"]:
+            v = "unsteered" if p["value"] is None else f"{p['value']:g}"
+            lines.append(f"| {v} | {p['refusal_harmful']:.2f} | {p['refusal_harmless']:.2f} | {p['perplexity']:.2f} | "
+                         f"{p['compression_ratio']:.2f} | {p['unicode_score']:.3f} |")
+        lines += ["", "![sweep](sweep.png)"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return out
