@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_datasets_read_user_files_and_refuse_bad_ones(tmp_path):
 def test_one_labelled_file_holds_both_classes_and_one_class_is_refused(tiny_root, tmp_path):
     rows = [{"prompt": f"harmful request {i}", "label": "harmful" if i % 2 else 0} for i in range(12)]
     labelled = tmp_path / "mixed.jsonl"
-    labelled.write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    labelled.write_text("\n".join(json.dumps(r) for r in rows))
     harmful, harmless = load_labelled(str(labelled))
     assert len(harmful) == 6 and len(harmless) == 6 and all(p.harmful for p in harmful)
     one_class = tmp_path / "one.csv"

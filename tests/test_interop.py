@@ -103,6 +103,10 @@ def test_gguf_import_refuses_what_would_silently_misbehave(tmp_path):
     good = {"direction.1": _vec(1), "direction.2": _vec(2)}
     with pytest.raises(VectorImportError, match=r"direction\.0: layer index 0 is invalid.*--layer-offset -1"):
         read_gguf_control_vector(_write_gguf(tmp_path / "zero.gguf", {"direction.0": _vec(0)}), TINY)
+    subset = read_gguf_control_vector(_write_gguf(tmp_path / "two.gguf", good), TINY, layers=[2])
+    assert sorted(subset.vectors) == [2]
+    with pytest.raises(VectorImportError, match=r"layers: \[3\] have no vector in the file"):
+        read_gguf_control_vector(tmp_path / "two.gguf", TINY, layers=[3])
     shifted = read_gguf_control_vector(_write_gguf(tmp_path / "hs.gguf", {"direction.1": _vec(1), "direction.4": _vec(4)}),
                                        TINY, layer_offset=-1)
     assert sorted(shifted.vectors) == [0, 3]

@@ -302,13 +302,8 @@ def import_cmd(
                 raise VectorImportError(source, "sae_layer", "an SAE import needs --sae-layer (the layer it was trained on)")
             vectors = read_sae_features(source, fp, _ints(sae_features) or [], sae_layer, sae_key)
         elif source.suffix.lower() == ".gguf":
-            vectors = read_gguf_control_vector(source, fp, layer_offset, check_model_hint=not ignore_model_hint)
-            if layers:
-                keep = _ints(layers) or []
-                missing = sorted(set(keep) - set(vectors.vectors))
-                if missing:
-                    raise VectorImportError(source, "layers", f"{missing} have no direction in the file")
-                vectors.vectors = {layer: vectors.vectors[layer] for layer in keep}
+            vectors = read_gguf_control_vector(source, fp, layer_offset, check_model_hint=not ignore_model_hint,
+                                               layers=_ints(layers))
         else:
             vectors = read_vector_file(source, fp, _ints(layers), layer_offset, key)
         path = import_vectors(vectors, fp, out, profile_id, method, scale, (lo, hi))

@@ -320,15 +320,14 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     generate_s = time.time() - t0
     _save_generations(cfg.out, rows, gens)  # kept before any scoring: a long run's generations are never lost
     say("scoring perplexity under the unsteered model")
-    scored = [i for i, r in enumerate(rows) if r.group in ("harmful", "harmless", "category")]
-    ppl_unsteered = dict(zip(scored, backend.score_unsteered([gens[i] for i in scored])))
+    free_text = [i for i, r in enumerate(rows) if r.group != "capability"]  # scored and judged alike
+    ppl_unsteered = dict(zip(free_text, backend.score_unsteered([gens[i] for i in free_text])))
 
-    judge_results: dict[str, list] = {}
-    judged = [i for i, r in enumerate(rows) if r.group in ("harmful", "harmless", "category")]
+    judge_results: dict[str, dict] = {}
     for judge in judges:
-        say(f"judging {len(judged)} responses with {judge.name}")
-        verdicts = judge.judge([(rows[i].text, gens[i].text) for i in judged])
-        judge_results[judge.name] = dict(zip(judged, verdicts))
+        say(f"judging {len(free_text)} responses with {judge.name}")
+        verdicts = judge.judge([(rows[i].text, gens[i].text) for i in free_text])
+        judge_results[judge.name] = dict(zip(free_text, verdicts))
 
     results: list[PointResult] = []
     for pi, (profile, value) in enumerate(points):

@@ -110,8 +110,10 @@ def _gguf_int(reader, key: str) -> int | None:
 
 
 def read_gguf_control_vector(path: str | Path, fp: ModelFingerprint, layer_offset: int = 0,
-                             check_model_hint: bool = True) -> VectorSource:
-    """Read a llama.cpp/repeng control vector, checking its architecture, hint, width and layer indices."""
+                             check_model_hint: bool = True, layers: Sequence[int] | None = None) -> VectorSource:
+    """Read a llama.cpp/repeng control vector, checking its architecture, hint, width and layer indices.
+
+    ``layers`` keeps a subset of the file's layers (after ``layer_offset``)."""
     import gguf
 
     path = Path(path)
@@ -143,7 +145,7 @@ def read_gguf_control_vector(path: str | Path, fp: ModelFingerprint, layer_offse
     count = _gguf_int(reader, "controlvector.layer_count")
     if count is not None and count != len(vectors):
         raise VectorImportError(path, "controlvector.layer_count", f"says {count} but the file has {len(vectors)} direction tensors")
-    return VectorSource(vectors, {"format": "gguf", "file": path.name, "model_hint": hint, "layer_offset": layer_offset,
+    return VectorSource(_subset(path, vectors, layers), {"format": "gguf", "file": path.name, "model_hint": hint, "layer_offset": layer_offset,
                                   "convention": "direction.N is added at the output of decoder layer N (0-based)"})
 
 
@@ -227,13 +229,19 @@ def read_vector_file(path: str | Path, fp: ModelFingerprint, layers: Sequence[in
         if layer in vectors:
             raise VectorImportError(path, name, f"a second vector for layer {layer}")
         vectors[layer] = _vector(path, name, array.reshape(-1) if array.ndim == 1 else array, fp)
-    if layers is not None:
-        missing = sorted(set(layers) - set(vectors))
-        if missing:
-            raise VectorImportError(path, "layers", f"{missing} have no vector in the file (it has {sorted(vectors)})")
-        vectors = {layer: vectors[layer] for layer in layers}
+    vectors = _subset(path, vectors, layers)
     return VectorSource(vectors, {"format": path.suffix[1:], "file": path.name, "layout": "named per layer",
                                   "layer_offset": layer_offset})
+
+
+def _subset(path: Path, vectors: dict[int, torch.Tensor], layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
+    """Only ``layers`` (all of them when ``None``); a layer the file has no vector for is an error."""
+    if layers is None:
+        return vectors
+    missing = sorted(set(layers) - set(vectors))
+    if missing:
+        raise VectorImportError(path, "layers", f"{missing} have no vector in the file (it has {sorted(vectors)})")
+    return {layer: vectors[layer] for layer in layers}
 
 
 def read_sae_features(path: str | Path, fp: ModelFingerprint, features: Sequence[int], layer: int,

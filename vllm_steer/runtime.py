@@ -167,8 +167,7 @@ class SteeringRuntime:
         be hooked; otherwise :class:`MissingSitesError` and nothing changes.
         """
         for profile in profiles.values():
-            missing = sorted({Site(layer, kind) for layer in profile.spec.layers for kind in METHOD_HOOKS[profile.method]}
-                             - set(self.site_ids))
+            missing = sorted(set(sites_for_profiles({profile.id: profile})) - set(self.site_ids))
             if missing:
                 shown = ", ".join(f"{s.layer}.{s.kind}" for s in missing[:6])
                 raise MissingSitesError(f"profile {profile.id!r} steers sites this engine has no hooks at ({shown}"

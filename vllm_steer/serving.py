@@ -113,9 +113,7 @@ def _error(err: PolicyError) -> JSONResponse:
 def _parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except _BadBody:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # _BadBody (a duplicate key) is not a ValueError: it passes
         raise _BadBody("body", f"not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise _BadBody("body", "must be a JSON object")
@@ -157,20 +155,37 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class _UsageMeter:
-    """Reads ``usage`` from the response (a JSON body, or SSE chunks that carry it) for the token counters."""
+    """Reads ``usage`` from the response for the token counters.
+
+    A JSON body is kept (bounded) and parsed once at the end; of a streamed (SSE) body only the
+    last chunk that mentions ``"usage"`` is kept — vLLM sends usage in the final chunk, so nothing
+    accumulates while tokens stream.
+    """
+
+    _MAX_JSON_BYTES = 4 * 1024 * 1024
 
     def __init__(self, labels: dict[str, str]):
         self.labels = labels
-        self.buffer = b""
+        self.streaming = False
+        self._chunks: list[bytes] = []
+        self._size = 0
         self.usage: dict | None = None
 
+    def start(self, headers: list[tuple[bytes, bytes]]) -> None:
+        content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+        self.streaming = content_type.startswith(b"text/event-stream")
+
     def feed(self, chunk: bytes) -> None:
-        if len(self.buffer) < 4 * 1024 * 1024:
-            self.buffer += chunk
+        if self.streaming:
+            if b'"usage"' in chunk:
+                self._chunks = [chunk]
+        elif self._size < self._MAX_JSON_BYTES:
+            self._chunks.append(chunk)
+            self._size += len(chunk)
 
     def finish(self) -> None:
-        text = self.buffer.decode("utf-8", errors="replace")
-        candidates = [text] + [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+        text = b"".join(self._chunks).decode("utf-8", errors="replace")
+        candidates = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")] if self.streaming else [text]
         for candidate in reversed(candidates):
             if '"usage"' not in candidate:
                 continue
@@ -248,7 +263,9 @@ class SteeringPolicyMiddleware:
         meter = _UsageMeter(labels)
 
         async def send_and_count(message: Message) -> None:
-            if message["type"] == "http.response.body":
+            if message["type"] == "http.response.start":
+                meter.start(message.get("headers", []))
+            elif message["type"] == "http.response.body":
                 meter.feed(message.get("body", b""))
                 if not message.get("more_body", False):
                     meter.finish()

@@ -105,15 +105,18 @@ def _profiles_key(config: SteerConfig, vllm_config: Any) -> tuple[str, str]:
     return os.path.abspath(config.profiles), fingerprint_of(vllm_config).model_dump_json()
 
 
-def _profiles_for(vllm_config: Any) -> tuple[SteerConfig, dict[str, Profile]]:
-    config = SteerConfig.resolve(vllm_config.additional_config)
-    if not config.enabled:
-        return config, {}
+def _current_profiles(config: SteerConfig, vllm_config: Any) -> dict[str, Profile]:
+    """This process's current profiles for an enabled ``config``, loaded on first use."""
     key = _profiles_key(config, vllm_config)
     with _CURRENT_LOCK:
         if key not in _CURRENT:
             _CURRENT[key] = load_profile_dir(key[0], fingerprint_of(vllm_config))
-        return config, _CURRENT[key]
+        return _CURRENT[key]
+
+
+def _profiles_for(vllm_config: Any) -> tuple[SteerConfig, dict[str, Profile]]:
+    config = SteerConfig.resolve(vllm_config.additional_config)
+    return config, (_current_profiles(config, vllm_config) if config.enabled else {})
 
 
 # ------------------------------------------------------------------ front end
@@ -139,10 +142,9 @@ def _validate_request(vllm_config: Any, extra_args: Any):
             raise SteeringRequestError(
                 "steer_profile", "steering needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
             )
-        config, profiles = _profiles_for(vllm_config)
         if not config.enabled:
             raise SteeringRequestError("steer_profile", "this server has no steering profiles loaded (set VLLM_STEER_PROFILES)")
-        return resolve_steering(request, profiles)
+        return resolve_steering(request, _current_profiles(config, vllm_config))
     except SteeringRequestError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.field) from None
 
