@@ -12,7 +12,7 @@ VLLM_VERSION := 0.32.0
 # (pipefail keeps pip's own exit status.)
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo serve test test-fast clean
+.PHONY: setup demo serve serve-ray test test-fast clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ demo: setup
 serve: setup
 	$(VENV)/bin/vllm-steer serve --plugin vllm_steer --steer-profiles profiles \
 		--steer-tenants deploy/tenants.example.yaml --dtype float32 --host 127.0.0.1 --port 8000 $(ARGS)
+
+# Ray Serve on this machine: the demo profiles and tiers behind Ray's OpenAI ingress on 127.0.0.1:8000
+# (deploy/serve.yaml; each CPU replica reserves 2 logical CPUs, hence the over-subscription).
+serve-ray: setup
+	$(VENV)/bin/vllm-steer serve-ray deploy/serve.yaml --num-cpus 8 $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

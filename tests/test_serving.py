@@ -332,6 +332,13 @@ def test_hot_reload_is_admin_only_validated_first_and_changes_only_new_requests(
     assert gone.status_code == 400 and gone.json()["error"]["param"] == "steer_profile"
     assert admin("POST", "/reload").json()["added"] == ["tiny-probe"], "the next reload reads the directory again"
 
+    # Status: which profile versions the engine holds (the same route reports every replica under Ray).
+    assert admin("GET", "/status", key=KEYS["research"]).status_code == 403
+    status = admin("GET", "/status").json()
+    (replica,) = status["replicas"]
+    assert status["profiles"]["tiny-addition"] == new.digest == replica["profiles"]["tiny-addition"]
+    assert replica["requests"] > 0 and replica["workers"][0]["hooked"] is True
+
 
 def test_a_server_without_the_policy_refuses_instead_of_serving_unchecked(tiny_root, tenants_file, tmp_path_factory, prompt_ids):
     """Tenants configured but the endpoint plugin not allowlisted (plain `python -m vllm...api_server`): fail closed."""

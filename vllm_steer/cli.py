@@ -187,6 +187,34 @@ def serve(
     os.execvpe(cmd[0], cmd, env)
 
 
+@app.command("serve-ray")
+def serve_ray(
+    config: Path = typer.Argument(Path("deploy/serve.yaml"), help="Serve config whose applications use vllm_steer.ray_serve:build_app."),
+    num_cpus: Optional[int] = typer.Option(None, min=1, help="Logical CPUs of the local Ray cluster (each CPU replica "
+                                           "reserves 2: over-subscribe small machines, e.g. 8 on 2 cores)."),
+    num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs of the local Ray cluster (default: detected)."),
+    address: Optional[str] = typer.Option(None, help="Join this running Ray cluster instead of starting one."),
+    host: Optional[str] = typer.Option(None, help="Override http_options.host."),
+    port: Optional[int] = typer.Option(None, help="Override http_options.port."),
+) -> None:
+    """Ray Serve: steered vLLM replicas behind the tenant-policy ingress, until Ctrl-C (see deploy/README.md)."""
+    from pydantic import ValidationError
+
+    from vllm_steer.profile import ProfileError
+    from vllm_steer.ray_serve import RayAppArgsError, run_local
+    from vllm_steer.tenants import TenantsFileError
+
+    if not config.is_file():
+        console.print(f"[red]config:[/red] {escape(str(config))} does not exist")
+        raise typer.Exit(2)
+    try:
+        run_local(config, num_cpus=num_cpus, num_gpus=num_gpus, address=address, host=host, port=port,
+                  log=lambda line: console.print(f"[bold]serve-ray[/bold] {escape(line)}"))
+    except (RayAppArgsError, ProfileError, TenantsFileError, ValidationError) as err:
+        console.print(f"[red]{escape(str(err))}[/red]")
+        raise typer.Exit(2) from None
+
+
 @app.command("eval", context_settings={"allow_extra_args": True})
 def eval_cmd(
     ctx: typer.Context,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ ADMIN_PREFIX = "/v1/steering/admin"
 POLICY_TOKEN_KEY = "vllm_steer_policy"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
-_TOKEN = secrets.token_hex(16)
+POLICY_SECRET_ENV = "VLLM_STEER_POLICY_SECRET"
+_RANDOM_TOKEN = secrets.token_hex(16)
 
 REQUESTS = Counter("vllm_steer_requests", "Requests admitted by the steering policy",
                    ["tier", "profile"])
@@ -67,8 +69,12 @@ REJECTIONS = Counter("vllm_steer_rejections", "Requests refused by the steering 
 
 
 def policy_token() -> str:
-    """This process's secret; only requests that went through the middleware carry it."""
-    return _TOKEN
+    """The secret only requests that went through the middleware carry.
+
+    Per process on ``vllm serve`` (middleware and engine front end share the process); a Ray deployment
+    gives its ingress and replicas one shared secret in ``VLLM_STEER_POLICY_SECRET``.
+    """
+    return os.environ.get(POLICY_SECRET_ENV) or _RANDOM_TOKEN
 
 
 def check_policy_token(extra_args: dict | None) -> bool:
@@ -76,7 +82,7 @@ def check_policy_token(extra_args: dict | None) -> bool:
     if not isinstance(extra_args, dict):
         return False
     token = extra_args.pop(POLICY_TOKEN_KEY, None)
-    return isinstance(token, str) and secrets.compare_digest(token, _TOKEN)
+    return isinstance(token, str) and secrets.compare_digest(token, policy_token())
 
 
 @dataclass
@@ -249,7 +255,7 @@ class SteeringPolicyMiddleware:
                 return await _error(err)(scope, receive, send)
         if state.stamp:
             effective = dict(effective or {})
-            effective[POLICY_TOKEN_KEY] = _TOKEN
+            effective[POLICY_TOKEN_KEY] = policy_token()
         if effective is None:
             body.pop("vllm_xargs", None)
         else:
@@ -336,8 +342,22 @@ async def remove_profile(request: Request) -> JSONResponse:
         return _error(PolicyError(404, "profile_id", f"no loaded profile {profile_id!r}"))
     except TenantsFileError as err:
         return _error(PolicyError(409, "profile_id", str(err)))
+    except RuntimeError as err:  # a Ray replica did not confirm; the ingress no longer admits the profile
+        return _error(PolicyError(409, "profile_id", str(err)))
     logger.info("vllm-steer: admin %s unloaded profile %s", name, profile_id)
     return JSONResponse(result)
+
+
+async def admin_status(request: Request) -> JSONResponse:
+    """``GET /v1/steering/admin/status``: loaded profile versions, and per engine replica its pid, requests
+    admitted, profile versions and workers' runtime state (which replicas have which version)."""
+    try:
+        state, _ = _admin(request)
+        return JSONResponse(await state.admin.status())
+    except PolicyError as err:
+        return _error(err)
+    except Exception as err:  # noqa: BLE001 - an engine replica not answering: say so, do not 500
+        return _error(PolicyError(503, "server", f"engine replicas did not answer: {err}"))
 
 
 def attach(app: Any) -> None:
@@ -346,6 +366,8 @@ def attach(app: Any) -> None:
                       summary="Steering profiles the caller may use")
     app.add_api_route(ADMIN_PREFIX + "/reload", reload_profiles, methods=["POST"], tags=["vllm-steer admin"],
                       summary="Hot-reload the profile directory")
+    app.add_api_route(ADMIN_PREFIX + "/status", admin_status, methods=["GET"], tags=["vllm-steer admin"],
+                      summary="Profile versions and engine replicas")
     app.add_api_route(ADMIN_PREFIX + "/profiles/{profile_id}", remove_profile, methods=["DELETE"],
                       tags=["vllm-steer admin"], summary="Unload a profile")
     app.add_middleware(SteeringPolicyMiddleware)

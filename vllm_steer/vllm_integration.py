@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,7 +48,8 @@ from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir
 from vllm_steer.request import SteeringRequestError, parse_steering, resolve_steering, steering_cache_salt
 from vllm_steer.runtime import Site, SteeringRuntime, every_site, set_runtime, sites_for_profiles
 
-__all__ = ["SUPPORTED_VLLM", "register", "fingerprint_of", "install_hooks", "engine_status"]
+__all__ = ["SUPPORTED_VLLM", "register", "fingerprint_of", "install_hooks", "engine_status", "apply_reload",
+           "unload_profile", "engine_status_async"]
 
 logger = logging.getLogger("vllm_steer")
 
@@ -96,6 +98,8 @@ def fingerprint_of(vllm_config: Any) -> ModelFingerprint:
 _CURRENT: dict[tuple[str, str], dict[str, Profile]] = {}
 """This process's current profiles per (directory, model); hot reload swaps the dict as a whole."""
 _CURRENT_LOCK = threading.Lock()
+_FRONT_END_REQUESTS = [0]
+"""Requests this process's front end admitted to its engine (reported by the admin status route)."""
 DIGEST_KEY = "vllm_steer_digest"
 """Stamped by the front end into a steered request's ``extra_args``: the profile version it was
 validated against, which the worker then uses (a reload never changes a request mid-way)."""
@@ -167,6 +171,7 @@ def _patch_input_processor() -> None:
             if steering is not None:
                 params.extra_args[DIGEST_KEY] = steering.profile_digest
         engine_request = original(self, request_id, prompt, params, *args, **kwargs)
+        _FRONT_END_REQUESTS[0] += 1
         if steering is not None:
             engine_request.cache_salt = steering_cache_salt(steering, engine_request.cache_salt)
         return engine_request
@@ -514,7 +519,7 @@ class SteeringEndpointPlugin:
 
 
 class _AdminOps:
-    """Hot reload for the admin routes: workers first, then this process (see :mod:`vllm_steer.serving`)."""
+    """The admin routes' operations on this server's one engine (see :mod:`vllm_steer.serving`)."""
 
     def __init__(self, engine_client: Any, vllm_config: Any, policy: Any):
         self.engine_client, self.vllm_config, self.policy = engine_client, vllm_config, policy
@@ -525,32 +530,73 @@ class _AdminOps:
 
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:
-            config, old = _profiles_for(self.vllm_config)
-            if not config.enabled:
-                raise ValueError("this server was started without a profile directory")
-            key = _profiles_key(config, self.vllm_config)
-            new = load_profile_dir(key[0], fingerprint_of(self.vllm_config))  # ProfileError: nothing changes
-            self.policy.check_profiles(new)  # TenantsFileError: a tier would lose its profile; nothing changes
-            expected = {pid: p.digest for pid, p in new.items()}
-            await self.engine_client.collective_rpc("vllm_steer_reload", args=(expected,))
-            with _CURRENT_LOCK:
-                _CURRENT[key] = new
-            changes = {
-                "added": sorted(set(new) - set(old)),
-                "removed": sorted(set(old) - set(new)),
-                "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
-                "profiles": sorted(new),
-            }
-            logger.info("vllm-steer: profiles reloaded: %s", changes)
-            return changes
+            return await apply_reload(self.engine_client, check=self.policy.check_profiles)
 
     async def remove(self, profile_id: str) -> dict[str, Any]:
-        config, old = _profiles_for(self.vllm_config)
-        if profile_id not in old:
-            raise KeyError(profile_id)
-        new = {pid: p for pid, p in old.items() if pid != profile_id}
-        self.policy.check_profiles(new)
-        with _CURRENT_LOCK:
-            _CURRENT[_profiles_key(config, self.vllm_config)] = new
-        logger.info("vllm-steer: profile %s unloaded (requests already admitted finish with it)", profile_id)
-        return {"removed": [profile_id], "profiles": sorted(new)}
+        return unload_profile(self.vllm_config, profile_id, check=self.policy.check_profiles)
+
+    async def status(self) -> dict[str, Any]:
+        status = await engine_status_async(self.engine_client)
+        return {"profiles": status["profiles"], "replicas": [{"replica": "local", **status}]}
+
+
+# ------------------------------------------------------------------ operations (vllm serve and Ray replicas)
+
+
+async def apply_reload(engine_client: Any, *, expected: dict[str, str] | None = None,
+                       check: Callable[[dict[str, Profile]], None] | None = None) -> dict[str, Any]:
+    """Hot reload of one engine: re-read the profile directory, then workers first, then this front end.
+
+    Nothing changes if the directory does not load (``ProfileError``), if ``check`` refuses the new set
+    (a tier would lose its profile), if its digests differ from ``expected`` (what a Ray ingress validated:
+    the files changed in between), or if a worker refuses (a profile needs hooks the engine lacks).
+    Requests already admitted keep the version they were validated against.
+    """
+    vllm_config = engine_client.vllm_config
+    config, old = _profiles_for(vllm_config)
+    if not config.enabled:
+        raise ValueError("this server was started without a profile directory")
+    key = _profiles_key(config, vllm_config)
+    new = load_profile_dir(key[0], fingerprint_of(vllm_config))
+    if check is not None:
+        check(new)
+    found = {pid: p.digest for pid, p in new.items()}
+    if expected is not None and found != expected:
+        raise RuntimeError("vllm-steer: the profile directory changed during the reload; retry")
+    await engine_client.collective_rpc("vllm_steer_reload", args=(found,))
+    with _CURRENT_LOCK:
+        _CURRENT[key] = new
+    changes = {
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+        "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
+        "profiles": sorted(new),
+    }
+    logger.info("vllm-steer: profiles reloaded: %s", changes)
+    return changes
+
+
+def unload_profile(vllm_config: Any, profile_id: str,
+                   check: Callable[[dict[str, Profile]], None] | None = None) -> dict[str, Any]:
+    """Stop admitting ``profile_id`` in this front end (until the next reload); admitted requests finish with it."""
+    config, old = _profiles_for(vllm_config)
+    if profile_id not in old:
+        raise KeyError(profile_id)
+    new = {pid: p for pid, p in old.items() if pid != profile_id}
+    if check is not None:
+        check(new)
+    with _CURRENT_LOCK:
+        _CURRENT[_profiles_key(config, vllm_config)] = new
+    logger.info("vllm-steer: profile %s unloaded (requests already admitted finish with it)", profile_id)
+    return {"removed": [profile_id], "profiles": sorted(new)}
+
+
+async def engine_status_async(engine_client: Any) -> dict[str, Any]:
+    """This engine's steering status: front-end profile versions and request count, every worker's runtime."""
+    _, profiles = _profiles_for(engine_client.vllm_config)
+    return {
+        "pid": os.getpid(),
+        "requests": _FRONT_END_REQUESTS[0],
+        "profiles": {pid: p.digest for pid, p in sorted(profiles.items())},
+        "workers": await engine_client.collective_rpc("vllm_steer_status"),
+    }
