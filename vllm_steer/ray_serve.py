@@ -354,6 +354,26 @@ def _ingress_class():
             policy.check_profiles(admin.current)
             self.app.state.vllm_steer = serving.make_state(policy, admin.profiles, admin=admin)
 
+        async def _get_response(self, **kwargs: Any):
+            """A replica that dies before answering is a 503 the client can retry, not Ray's generic 500.
+
+            (Once a streamed response has started, the stream just ends without its final chunk.)
+            """
+            from ray.exceptions import ActorDiedError, ActorUnavailableError
+            from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
+            started = False
+            try:
+                async for item in super()._get_response(**kwargs):
+                    started = True
+                    yield item
+            except (ActorDiedError, ActorUnavailableError) as err:
+                if started:
+                    raise
+                raise OpenAIHTTPException(
+                    503, "the engine replica serving this request died before answering; retry — Ray is replacing it",
+                    type="ServiceUnavailableError", internal_message=type(err).__name__) from None
+
     return SteerIngress
 
 
