@@ -73,3 +73,19 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
     assert {e["tier"] for e in result["mix"]} == {"research", "strict", "standard"}
     assert not any(key in out.read_text() for key in keys.values()), "API keys never reach the results"
     assert out.with_suffix(".md").read_text().count("|") > 10 and out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.engine
+def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
+    out = tmp_path / "b1.json"
+    settings = {"unsteered": None, "selective": {"steer_profile": "tiny-selective", "steer_angle": 90.0}}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "batch1_latency.py"), "--model", str(tiny_root / "model"),
+                           "--profiles", str(tiny_root / "profiles"), "--settings", json.dumps(settings),
+                           "--reps", "2", "--max-tokens", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [r["setting"] for r in result["rows"]] == ["unsteered", "selective"]
+    assert all(len(v) == 2 for v in result["samples_ms"].values())
+    assert result["rows"][0]["ratio_to_unsteered_median"] == 1.0

@@ -160,9 +160,13 @@ def build_app(args: dict[str, Any] | None = None):
     Validates everything it can before anything starts: the args (naming the field), the profile
     directory (naming the file and field), the tenants file, and that every tier's profiles exist.
     """
+    import ray
     from ray import serve
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
+    if ray.__version__.split(".")[:2] != RAY_VERSION.split(".")[:2]:
+        logger.warning("vllm-steer: written against Ray %s (it uses a few Ray Serve LLM internals: the ingress app "
+                       "factory, the engine client, the response generator); this is Ray %s", RAY_VERSION, ray.__version__)
     cfg = RayAppArgs.parse(args)
     model, profiles, tenants = _resolve_paths(cfg)
     fingerprint = _fingerprint(model)
