@@ -76,7 +76,7 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "rows": rows, "samples_ms": ms}, indent=2))
     lines = [f"{meta['machine']}; {meta['model']}; {meta['mode']}; {args.reps} interleaved repetitions of "
              f"{args.max_tokens} tokens. Command: `{meta['command']}`", "",
-             "| setting | ms/token median (min–max) | ratio to the unsteered run before it: median (min–max) |",
+             "| setting | ms/token median (min–max) | ratio to its repetition's unsteered run: median (min–max) |",
              "|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['ms_per_token_median']:.1f} ({r['ms_per_token_min']:.1f}–{r['ms_per_token_max']:.1f}) | "
