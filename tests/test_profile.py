@@ -18,6 +18,7 @@ from vllm_steer.profile import (
     ProfileSpec,
     load_profile,
     load_profile_dir,
+    profile_changes,
     save_profile,
 )
 from vllm_steer.synthetic import random_profile
@@ -90,6 +91,14 @@ def test_round_trip_directory(tmp_path):
     profiles = load_profile_dir(tmp_path, expected_model=FP)
     assert sorted(profiles) == sorted(f"p-{m.replace('_', '-')}" for m in METHODS)
     assert {p.method for p in profiles.values()} == set(METHODS)
+
+
+def test_profile_changes_names_added_removed_and_replaced_by_digest():
+    keep, old_b, new_b = (random_profile(pid, "selective", FP, [1], seed=seed) for pid, seed in (("a", 1), ("b", 2), ("b", 3)))
+    gone, fresh = random_profile("c", "addition", FP, [1], seed=4), random_profile("d", "addition", FP, [1], seed=5)
+    changes = profile_changes({"a": keep, "b": old_b, "c": gone}, {"a": keep, "b": new_b, "d": fresh})
+    assert changes == {"added": ["d"], "removed": ["c"], "replaced": ["b"], "profiles": ["a", "b", "d"]}
+    assert profile_changes({"a": keep}, {"a": keep})["replaced"] == []
 
 
 def test_digest_depends_on_content():

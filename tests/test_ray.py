@@ -22,8 +22,10 @@ import requests
 import yaml
 
 from conftest import TINY
-from test_engine import MAX_TOKENS, SETTINGS, _rows, eager_on, prompt_ids, tokenizer  # noqa: F401 - shared fixtures
-from test_serving import ADMIN_KEY, ADMITTED, KEYS, REFUSED, _free_port, profiles_dir, tenants_file  # noqa: F401
+from test_engine import MAX_TOKENS, SETTINGS, eager_on, prompt_ids, tokenizer  # noqa: F401 - shared fixtures
+from test_serving import (  # noqa: F401 - shared fixtures and helpers
+    ADMIN_KEY, ADMITTED, KEYS, REFUSED, _free_port, _offline_rows, _tokens_and_logprobs, profiles_dir, tenants_file,
+)
 from vllm_steer.profile import save_profile
 from vllm_steer.synthetic import random_profile
 
@@ -104,14 +106,8 @@ def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
     app.stop()
 
 
-def _tokens_and_logprobs(response: requests.Response) -> dict:
-    assert response.status_code == 200, response.text
-    choice = response.json()["choices"][0]
-    return {"tokens": choice["token_ids"], "logprobs": choice["logprobs"]["token_logprobs"]}
-
-
 def test_mixed_tenants_spread_over_both_replicas_and_match_the_single_engine(ray_app, eager_on, prompt_ids):
-    offline = {(tuple(ids), json.dumps(s)): row for row, (ids, s) in zip(eager_on["phases"][0], _rows(prompt_ids))}
+    offline = _offline_rows(eager_on, prompt_ids)
     before = {r["replica"]: r["requests"] for r in ray_app.replicas()}
     jobs = [(tier, sent, index, ids) for ids in prompt_ids for tier, sent, index in ADMITTED] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -165,7 +161,7 @@ def test_hot_reload_reaches_every_replica(ray_app, profiles_dir, prompt_ids):
 
 
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_silently_lost(ray_app, eager_on, prompt_ids):
-    offline = {(tuple(ids), json.dumps(s)): row for row, (ids, s) in zip(eager_on["phases"][0], _rows(prompt_ids))}
+    offline = _offline_rows(eager_on, prompt_ids)
     replicas = ray_app.replicas()
     victim = replicas[0]
     jobs = [(KEYS["strict"], None, 9), (KEYS["research"], None, 0)] * 12

@@ -166,6 +166,11 @@ def _complete(server: Server, ids: list[int], xargs: dict | None, key: str | Non
     return server.post("/v1/completions", body, key)
 
 
+def _offline_rows(eager_on: dict, prompt_ids) -> dict:
+    """The offline engine's row for each (prompt ids, setting) of test_engine's mixed batch."""
+    return {(tuple(ids), json.dumps(s)): row for row, (ids, s) in zip(eager_on["phases"][0], _rows(prompt_ids))}
+
+
 def _tokens_and_logprobs(response: requests.Response) -> dict:
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
@@ -173,7 +178,7 @@ def _tokens_and_logprobs(response: requests.Response) -> dict:
 
 
 def test_three_tenants_concurrently_get_their_effective_steering(server, eager_on, prompt_ids, tiny_root):
-    offline = {(tuple(ids), json.dumps(s)): row for row, (ids, s) in zip(eager_on["phases"][0], _rows(prompt_ids))}
+    offline = _offline_rows(eager_on, prompt_ids)
     jobs = [(tier, sent, index, ids) for ids in prompt_ids for tier, sent, index in ADMITTED]
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: _complete(server, job[3], job[1], KEYS[job[0]]), jobs))

@@ -53,6 +53,7 @@ __all__ = [
     "load_profile",
     "save_profile",
     "load_profile_dir",
+    "profile_changes",
 ]
 
 PROFILE_FILE = "profile.json"
@@ -348,4 +349,14 @@ def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None =
             raise ProfileError(sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})")
         profiles[profile.id] = profile
     return profiles
+
+
+def profile_changes(old: Mapping[str, Profile], new: Mapping[str, Profile]) -> dict[str, list[str]]:
+    """What a reload from ``old`` to ``new`` did, by id: added, removed, replaced (new digest), and the new ids."""
+    return {
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+        "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
+        "profiles": sorted(new),
+    }
 

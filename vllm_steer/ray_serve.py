@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir
+from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
 
 __all__ = ["RayAppArgs", "RayAppArgsError", "SteerLLMServer", "build_app", "POLICY_SECRET_ENV"]
 
@@ -309,13 +309,7 @@ class _RayAdmin:
             expected = {pid: p.digest for pid, p in new.items()}
             replicas = await self._broadcast("vllm_steer_reload", expected)
             old, self.current = self.current, new
-            return {
-                "added": sorted(set(new) - set(old)),
-                "removed": sorted(set(old) - set(new)),
-                "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
-                "profiles": sorted(new),
-                "replicas": sorted(r["replica"] for r in replicas),
-            }
+            return {**profile_changes(old, new), "replicas": sorted(r["replica"] for r in replicas)}
 
     async def remove(self, profile_id: str) -> dict[str, Any]:
         async with self._lock:

@@ -44,7 +44,7 @@ import torch
 from vllm_steer import __version__
 from vllm_steer.config import SteerConfig
 from vllm_steer.hf_reference import decoder_layers
-from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir
+from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
 from vllm_steer.request import SteeringRequestError, parse_steering, resolve_steering, steering_cache_salt
 from vllm_steer.runtime import Site, SteeringRuntime, every_site, set_runtime, sites_for_profiles
 
@@ -566,12 +566,7 @@ async def apply_reload(engine_client: Any, *, expected: dict[str, str] | None = 
     await engine_client.collective_rpc("vllm_steer_reload", args=(found,))
     with _CURRENT_LOCK:
         _CURRENT[key] = new
-    changes = {
-        "added": sorted(set(new) - set(old)),
-        "removed": sorted(set(old) - set(new)),
-        "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
-        "profiles": sorted(new),
-    }
+    changes = profile_changes(old, new)
     logger.info("vllm-steer: profiles reloaded: %s", changes)
     return changes
 
