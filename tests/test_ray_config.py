@@ -89,7 +89,7 @@ def ray_session(monkeypatch):
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=128 * 1024 * 1024)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=128 * 1024 * 1024)
     yield
     ray.shutdown()
 

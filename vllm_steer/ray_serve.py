@@ -410,7 +410,9 @@ def run_local(config: str | Path, *, num_cpus: int | None = None, num_gpus: int 
         signal.signal(sig, lambda *_: stop.set())
     # Ray Serve LLM's builder needs a Ray session (it prepares placement groups), so Ray starts first;
     # a bad config still fails before anything is deployed, and the cluster is shut down again.
-    ray.init(address=address, num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+    # address="local" always starts a fresh cluster: without it, Ray would try to join whatever
+    # /tmp/ray/ray_current_cluster names (even a stale entry) and refuse num_cpus.
+    ray.init(address=address or "local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              **({} if address else {"object_store_memory": 512 * 1024 * 1024}))
     try:
         built = []
