@@ -7,7 +7,8 @@ plugin" never has it imported) and usable by hand:
 
 Spec keys: ``model``, ``profiles`` (directory or null), ``eager``,
 ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``,
-``enable_prefix_caching``, ``profiles_via_env``, ``phases`` (a list of request lists run one
+``enable_prefix_caching``, ``profiles_via_env``, ``num_gpu_blocks`` (a tiny KV cache forces preemption),
+``max_slots``, ``log_stats`` (record vLLM's counters, e.g. preemptions), ``phases`` (a list of request lists run one
 ``generate`` call after another; a request is ``{"prompt_token_ids", "extra_args",
 "max_tokens"}``), ``bad_requests`` (each sent alone; the error is recorded).
 """
@@ -53,6 +54,10 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
         kwargs["enable_chunked_prefill"] = True
+    if spec.get("num_gpu_blocks"):
+        kwargs["num_gpu_blocks_override"] = spec["num_gpu_blocks"]
+    if spec.get("log_stats"):
+        kwargs["disable_log_stats"] = False
     if spec.get("block_size"):
         kwargs["block_size"] = spec["block_size"]
     if spec.get("profiles"):
@@ -61,6 +66,8 @@ def main(spec_path: str, out_path: str) -> None:
             os.environ["VLLM_STEER_PROFILES"] = spec["profiles"]
         else:
             kwargs["additional_config"] = {"vllm_steer": {"profiles": spec["profiles"]}}
+            if spec.get("max_slots"):
+                kwargs["additional_config"]["vllm_steer"]["max_slots"] = spec["max_slots"]
     started = time.time()
     llm = LLM(**kwargs)
     result: dict = {"startup_s": time.time() - started}
@@ -73,6 +80,8 @@ def main(spec_path: str, out_path: str) -> None:
         result["status_error"] = repr(exc)
 
     result["phases"] = [_outputs(llm, phase) for phase in spec.get("phases", [])]
+    if spec.get("log_stats"):
+        result["counters"] = {m.name: m.value for m in llm.get_metrics() if type(m).__name__ == "Counter"}
 
     result["bad"] = []
     for bad in spec.get("bad_requests", []):

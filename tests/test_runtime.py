@@ -9,7 +9,7 @@ import vllm_steer.runtime as runtime_mod
 from vllm_steer.hf_reference import reference_op
 from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint
 from vllm_steer.request import parse_steering, resolve_steering
-from vllm_steer.runtime import Site, SlotsExhaustedError, SteeringRuntime, set_runtime, sites_for_profiles
+from vllm_steer.runtime import SlotGate, Site, SlotsExhaustedError, SteeringRuntime, set_runtime, sites_for_profiles
 from vllm_steer.synthetic import random_profile
 
 D = 16
@@ -418,3 +418,74 @@ def test_hot_reload_keeps_old_versions_and_refuses_unhooked_sites():
     with pytest.raises(runtime_mod.MissingSitesError, match=r"0\.layer_output"):
         rt.add_profiles({**rt.profiles, "deep": deep})
     assert "deep" not in rt.profiles
+
+
+# ------------------------------------------------------------------ the scheduler's slot gate
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.integers(1, 4),
+    keys=st.lists(st.one_of(st.none(), st.integers(0, 7)), min_size=1, max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_slot_gate_never_lets_the_worker_bind_more_distinct_settings_than_slots(budget, keys, seed):
+    """A toy scheduler loop: arrivals, partial scheduling, preemption, finishing, in random order.
+
+    The worker side is the real SteeringRuntime's rule (a slot per distinct key among bound
+    requests); the gate must keep it within budget at every step, and every request must finish.
+    """
+    import random
+
+    rng = random.Random(seed)
+    gate = SlotGate(budget)
+    waiting = [(f"r{i}", None if k is None else ("p", str(k), None, None)) for i, k in enumerate(keys)]
+    bound: dict[str, tuple | None] = {}  # the worker's bindings (unsteered requests bind nothing)
+    running: list[str] = []
+    finishing: set[str] = set()
+    done = 0
+    for _ in range(10 * len(keys) + 20):
+        gate.begin_step(finishing)
+        for req_id in finishing:
+            bound.pop(req_id, None)
+        finished_now, finishing = finishing, set()
+        new = []
+        for req_id, key in list(waiting):
+            if gate.admit(req_id, key) and rng.random() < 0.8:  # sometimes the token budget runs out
+                waiting.remove((req_id, key))
+                if req_id not in bound:
+                    new.append((req_id, key))
+                running.append(req_id)
+        gate.end_step(new, finished_now)
+        bound.update(new)
+        assert len({k for k in bound.values() if k is not None}) <= budget
+        for req_id in list(running):
+            roll = rng.random()
+            if roll < 0.3:
+                running.remove(req_id)
+                finishing.add(req_id)
+                done += 1
+            elif roll < 0.4:  # preempted: back to the front of the queue, still bound in the worker
+                running.remove(req_id)
+                waiting.insert(0, (req_id, bound[req_id]))
+        if done == len(keys):
+            break
+    assert done == len(keys), "every request is eventually admitted"
+
+
+def test_slot_gate_defers_only_a_new_distinct_setting_when_full():
+    gate = SlotGate(2)
+    a, b, c = ("a", "d1", None, None), ("b", "d2", None, None), ("c", "d3", None, None)
+    gate.begin_step(())
+    assert gate.admit("1", a) and gate.admit("2", b)
+    assert not gate.admit("3", c), "a third distinct setting waits"
+    assert gate.admit("4", a) and gate.admit("5", None), "a shared setting and unsteered rows go ahead"
+    gate.end_step([("1", a), ("2", b), ("4", a), ("5", None)], ())
+    assert gate.in_use == 2 and gate.deferred == 1
+    gate.begin_step({"2"})  # request 2 finished: the worker frees its slot before binding new ones
+    assert gate.admit("3", c)
+    gate.end_step([("3", c)], {"2"})
+    assert gate.in_use == 2

@@ -63,3 +63,7 @@ class SteerConfig(BaseModel):
     @property
     def enabled(self) -> bool:
         return self.profiles is not None
+
+    def slot_budget(self, max_num_seqs: int) -> int:
+        """Slots the worker allocates and the scheduler's admission gate counts: the same number in both."""
+        return self.max_slots or min(max_num_seqs, 64)

@@ -30,6 +30,7 @@ __all__ = [
     "parse_steering",
     "resolve_steering",
     "steering_cache_salt",
+    "admission_key",
 ]
 
 STEER_PREFIX = "steer_"
@@ -193,3 +194,24 @@ def steering_cache_salt(resolved: ResolvedSteering, client_salt: str | None) -> 
          resolved.layers, client_salt]
     )
     return "vllm-steer:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tuple | None:
+    """What the scheduler counts as one steering slot, read from a request it has not resolved.
+
+    The scheduler never sees resolved settings (only ``extra_args``), so this key is the request's
+    own spelling, normalized: profile, the version the front end stamped under ``digest_key``,
+    sorted categories and layers. Two requests that the worker would put in one slot may get two
+    keys here (e.g. categories omitted vs. spelled out as the default): the gate then admits fewer
+    at once, never more. ``None`` for an unsteered request; a request that does not parse gets a
+    key of its own (the worker refuses it anyway).
+    """
+    try:
+        request = parse_steering(extra_args)
+    except SteeringRequestError as exc:
+        return ("unparsed", str(exc))
+    if request is None:
+        return None
+    categories = tuple(sorted(set(request.steer_categories))) if request.steer_categories is not None else None
+    layers = tuple(sorted(set(request.steer_layers))) if request.steer_layers is not None else None
+    return (request.steer_profile, extra_args.get(digest_key), categories, layers)

@@ -23,7 +23,7 @@ Nothing here imports vLLM; :mod:`vllm_steer.vllm_integration` feeds it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +34,7 @@ from vllm_steer.profile import METHOD_HOOKS, Profile
 from vllm_steer.request import ResolvedSteering
 
 __all__ = [
-    "Site", "SlotsExhaustedError", "MissingSitesError", "SteeringRuntime", "sites_for_profiles", "every_site",
+    "Site", "SlotsExhaustedError", "MissingSitesError", "SteeringRuntime", "SlotGate", "sites_for_profiles", "every_site",
     "get_runtime", "set_runtime",
 ]
 
@@ -292,6 +292,56 @@ class SteeringRuntime:
             self.token_sin[:n],
             self.token_scale[:n],
         )
+
+
+class SlotGate:
+    """The scheduler's twin of the worker's slot table, so a step never needs more slots than exist.
+
+    vLLM's scheduler does the same for LoRA (``max_loras``): a waiting request whose adapter would
+    exceed the limit is skipped this step and stays first in line. Here a request holds its slot from
+    the step that first schedules it until the step that reports it finished (preempted requests keep
+    theirs, as in :class:`SteeringRuntime`), so the gate mirrors exactly what the worker sees in the
+    scheduler outputs: ``scheduled_new_reqs`` bind, ``finished_req_ids`` free. Without it, more
+    distinct settings in flight than slots raised :class:`SlotsExhaustedError` in the worker and
+    stopped the engine for every tenant.
+    """
+
+    def __init__(self, budget: int):
+        if budget < 1:
+            raise ValueError("the slot budget must be at least 1")
+        self.budget = budget
+        self._bound: dict[str, tuple] = {}
+        self._step: set[tuple] | None = None
+        self.deferred = 0
+        """Times a request waited a step for a slot (for tests and metrics)."""
+
+    def begin_step(self, finishing: Iterable[str]) -> None:
+        """Before a scheduling pass: slots in use, less those the worker frees first this step."""
+        finishing = set(finishing)
+        self._step = {key for req_id, key in self._bound.items() if req_id not in finishing}
+
+    def admit(self, req_id: str, key: tuple | None) -> bool:
+        """May this waiting request be scheduled now? Reserves its slot for the pass if so."""
+        if self._step is None or key is None or req_id in self._bound or key in self._step:
+            return True
+        if len(self._step) >= self.budget:
+            self.deferred += 1
+            return False
+        self._step.add(key)
+        return True
+
+    def end_step(self, new: Iterable[tuple[str, tuple | None]], finished: Iterable[str]) -> None:
+        """After the pass: what the worker will bind and free from this step's output."""
+        self._step = None
+        for req_id in finished:
+            self._bound.pop(req_id, None)
+        for req_id, key in new:
+            if key is not None:
+                self._bound[req_id] = key
+
+    @property
+    def in_use(self) -> int:
+        return len(set(self._bound.values()))
 
 
 def _capturing_cuda_graph(h: torch.Tensor) -> bool:

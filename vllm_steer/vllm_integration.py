@@ -19,6 +19,9 @@ worker):
   :class:`~vllm_steer.runtime.SteeringRuntime` sized from the live config and
   hook the op into the model. A failure here propagates and stops the engine:
   a steering engine that cannot steer must not serve.
+* ``Scheduler.schedule`` / ``Scheduler._handle_blocked_waiting_request`` (engine core): a
+  :class:`~vllm_steer.runtime.SlotGate` skips a waiting request for a step when its steering would
+  need more distinct slots than the worker has — what the scheduler does for ``max_loras``.
 * ``GPUModelRunner._update_states``: bind new requests to slots, free finished ones.
 * ``GPUModelRunner._prepare_inputs``: build the token → slot map for the step,
   at the point where LoRA builds its token mapping.
@@ -45,8 +48,9 @@ from vllm_steer import __version__
 from vllm_steer.config import SteerConfig
 from vllm_steer.hf_reference import decoder_layers
 from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
-from vllm_steer.request import SteeringRequestError, parse_steering, resolve_steering, steering_cache_salt
-from vllm_steer.runtime import Site, SteeringRuntime, every_site, set_runtime, sites_for_profiles
+from vllm_steer.request import (SteeringRequestError, admission_key, parse_steering, resolve_steering,
+                                steering_cache_salt)
+from vllm_steer.runtime import SlotGate, Site, SteeringRuntime, every_site, set_runtime, sites_for_profiles
 
 __all__ = ["SUPPORTED_VLLM", "register", "fingerprint_of", "install_hooks", "engine_status", "apply_reload",
            "unload_profile", "engine_status_async"]
@@ -269,8 +273,7 @@ def _install_on_runner(runner: Any) -> None:
         return
     num_layers = fingerprint_of(vllm_config).num_layers
     sites = every_site(num_layers) if config.hook_all_sites else sites_for_profiles(profiles)
-    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
-    max_slots = config.max_slots or min(max_num_seqs, 64)
+    max_slots = config.slot_budget(vllm_config.scheduler_config.max_num_seqs)
     runtime = SteeringRuntime(
         profiles=profiles,
         sites=sites,
@@ -372,6 +375,60 @@ def _patch_model_runner() -> None:
 
         setattr(_prepare_inputs, _PATCHED_ATTR, True)
         GPUModelRunner._prepare_inputs = _prepare_inputs
+
+
+# ------------------------------------------------------------------ scheduler
+
+
+def _gate_of(scheduler: Any) -> SlotGate | None:
+    gate = scheduler.__dict__.get("_vllm_steer_gate", False)
+    if gate is False:
+        config = SteerConfig.resolve(scheduler.vllm_config.additional_config)
+        gate = SlotGate(config.slot_budget(scheduler.scheduler_config.max_num_seqs)) if config.enabled else None
+        scheduler._vllm_steer_gate = gate
+    return gate
+
+
+def _request_key(request: Any) -> tuple | None:
+    params = getattr(request, "sampling_params", None)
+    return admission_key(getattr(params, "extra_args", None), DIGEST_KEY) if params is not None else None
+
+
+def _patch_scheduler() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original_schedule = Scheduler.schedule
+    if getattr(original_schedule, _PATCHED_ATTR, False):
+        return
+
+    @functools.wraps(original_schedule)
+    def schedule(self, *args, **kwargs):
+        gate = _gate_of(self)
+        if gate is None:
+            return original_schedule(self, *args, **kwargs)
+        gate.begin_step(self.finished_req_ids)
+        output = None
+        try:
+            output = original_schedule(self, *args, **kwargs)
+        finally:
+            new = [] if output is None else [(r.req_id, _request_key(self.requests.get(r.req_id)))
+                                              for r in output.scheduled_new_reqs]
+            gate.end_step(new, () if output is None else output.finished_req_ids)
+        return output
+
+    original_blocked = Scheduler._handle_blocked_waiting_request
+
+    @functools.wraps(original_blocked)
+    def _handle_blocked_waiting_request(self, request):
+        ready = original_blocked(self, request)
+        gate = self.__dict__.get("_vllm_steer_gate")
+        if not ready or gate is None:
+            return ready
+        return gate.admit(request.request_id, _request_key(request))
+
+    setattr(schedule, _PATCHED_ATTR, True)
+    Scheduler.schedule = schedule
+    Scheduler._handle_blocked_waiting_request = _handle_blocked_waiting_request
 
 
 def _patch_worker_status() -> None:
@@ -478,6 +535,7 @@ def register() -> None:
     _prefer_v1_runner()
     _patch_input_processor()
     _patch_model_runner()
+    _patch_scheduler()
     _patch_worker_status()
     _patch_config_hash()
     _registered = True
