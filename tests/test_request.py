@@ -79,10 +79,18 @@ def test_no_steer_keys_is_unsteered(extra):
 
 
 def test_other_plugins_keys_are_ignored():
-    extra = {"steer_profile": "ss", "lora_hint": "x", "steering": 1, "Steer_angle": "not ours", 7: "int key"}
+    extra = {"steer_profile": "ss", "lora_hint": "x", "steering": 1, 7: "int key"}
     request = parse_steering(extra)
     assert request == SteeringRequest(steer_profile="ss")
-    assert parse_steering({"steering": 1, "steerable": True, "STEER_ANGLE": 3}) is None
+    assert parse_steering({"steering": 1, "steerable": True}) is None
+
+
+@pytest.mark.parametrize("key", ["STEER_PROFILE", "Steer_Profile", " steer_profile", "steer_profile ", "ſteer_profile"])
+def test_a_steering_key_spelled_another_way_is_an_error_not_another_plugins_key(key):
+    """Otherwise {"STEER_PROFILE": "none"} would pass by silently while the client believes it opted out."""
+    with pytest.raises(SteeringRequestError) as info:
+        parse_steering({key: "none"})
+    assert info.value.field == key and "case-sensitive: write 'steer_profile'" in str(info.value)
 
 
 @pytest.mark.parametrize("key", ["steer_angel", "steer_", "steer_Profile", "steer_strength"])

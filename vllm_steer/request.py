@@ -24,6 +24,8 @@ from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, Profile
 
 __all__ = [
     "STEER_KEYS",
+    "is_steering_key",
+    "unknown_steering_key_message",
     "SteeringRequestError",
     "SteeringRequest",
     "ResolvedSteering",
@@ -35,6 +37,22 @@ __all__ = [
 
 STEER_PREFIX = "steer_"
 STEER_KEYS = ("steer_profile", "steer_angle", "steer_scale", "steer_categories", "steer_layers")
+
+
+def is_steering_key(key: Any) -> bool:
+    """A key that reads as ``steer_*`` however it is spelled (case, stray spaces) is ours.
+
+    So ``STEER_PROFILE: none`` or ``" steer_profile"`` is an error naming the key, not another
+    plugin's key passed by silently while the tier's setting applies behind the client's back.
+    """
+    return isinstance(key, str) and key.strip().casefold().startswith(STEER_PREFIX)
+
+
+def unknown_steering_key_message(key: str) -> str:
+    canonical = key.strip().casefold()
+    if canonical in STEER_KEYS:
+        return f"keys are case-sensitive: write {canonical!r}"
+    return f"unknown steering field (known: {', '.join(STEER_KEYS)})"
 
 
 class SteeringRequestError(ValueError):
@@ -79,12 +97,12 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringRequest | No
         return None
     if not isinstance(extra_args, Mapping):
         raise SteeringRequestError("extra_args", f"must be a mapping, got {type(extra_args).__name__}")
-    ours = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(STEER_PREFIX)}
+    ours = {k: v for k, v in extra_args.items() if is_steering_key(k)}
     if not ours:
         return None
     unknown = sorted(set(ours) - set(STEER_KEYS))
     if unknown:
-        raise SteeringRequestError(unknown[0], f"unknown steering field (known: {', '.join(STEER_KEYS)})")
+        raise SteeringRequestError(unknown[0], unknown_steering_key_message(unknown[0]))
     if "steer_profile" not in ours:
         raise SteeringRequestError("steer_profile", f"required when {sorted(ours)[0]} is given")
     try:

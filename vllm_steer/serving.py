@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_steer.profile import Profile
+from vllm_steer.request import is_steering_key
 from vllm_steer.tenants import PolicyError, TenantPolicy, bearer_token
 
 __all__ = [
@@ -123,13 +124,59 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
         raise _BadBody("body", f"not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise _BadBody("body", "must be a JSON object")
-    stray = sorted(k for k in body if k.startswith("steer_"))
+    broken = _first_broken_text(body, "")
+    if broken is not None:  # JSON's \ud800 escapes decode to text no engine can encode: vLLM answered 500
+        raise _BadBody(broken or "body", "is not valid Unicode text (it contains a lone surrogate escape)")
+    stray = sorted(k for k in body if is_steering_key(k))
     if stray:
         raise _BadBody(stray[0], "steering fields go inside vllm_xargs (extra_body={'vllm_xargs': {...}})")
     xargs = body.get("vllm_xargs")
     if xargs is not None and not isinstance(xargs, dict):
         raise _BadBody("vllm_xargs", f"must be an object, got {type(xargs).__name__}")
+    for key, value in (xargs or {}).items():
+        if key.startswith(RESERVED_XARGS_PREFIX):
+            raise _BadBody(key, "is reserved for the server; remove it")
+        if not _flat_value(value):
+            raise _BadBody(key or "vllm_xargs", f"vllm_xargs[{key!r}]: values must be a string, a number or a list of those")
     return body
+
+
+RESERVED_XARGS_PREFIX = "vllm_steer_"
+"""Keys the server itself writes into ``vllm_xargs`` (the policy token, the profile version)."""
+
+
+def _flat_value(value: Any) -> bool:
+    """What vLLM's ``vllm_xargs`` schema admits: a string or number, or a list of them."""
+    scalar = (str, int, float)
+    return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+
+
+def _first_broken_text(value: Any, path: str) -> str | None:
+    """The dotted path of the first key or string that cannot be encoded as UTF-8, if any."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else key
+            if not _encodable(key):
+                return path or "body"
+            found = _first_broken_text(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_broken_text(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _read_body(receive: Receive) -> bytes:

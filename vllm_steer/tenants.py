@@ -56,12 +56,14 @@ from pydantic import field_validator, model_validator
 
 from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, Profile
 from vllm_steer.request import (
-    STEER_PREFIX,
+    STEER_KEYS,
     ResolvedSteering,
     SteeringRequest,
     SteeringRequestError,
+    is_steering_key,
     parse_steering,
     resolve_steering,
+    unknown_steering_key_message,
 )
 
 __all__ = [
@@ -89,7 +91,7 @@ __all__ = [
 ALL_PROFILES = "*"
 UNSTEERED = "none"
 """The ``steer_profile`` value by which a client asks for no steering."""
-KNOWN_STEER_KEYS = ("steer_profile", "steer_angle", "steer_scale", "steer_categories", "steer_layers")
+KNOWN_STEER_KEYS = STEER_KEYS
 MAX_LIST_ITEMS = 256
 """Longest ``steer_categories`` / ``steer_layers`` list a request may send."""
 MAX_API_KEY_CHARS = 4096
@@ -520,7 +522,7 @@ def _split_extra_args(extra_args: Mapping[str, Any] | None) -> tuple[dict[Any, A
         return {}, {}
     if not isinstance(extra_args, Mapping):
         raise _malformed("extra_args", f"must be a mapping, got {type(extra_args).__name__}")
-    steer = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(STEER_PREFIX)}
+    steer = {k: v for k, v in extra_args.items() if is_steering_key(k)}
     others = {k: v for k, v in extra_args.items() if k not in steer}
     return others, steer
 
@@ -528,7 +530,7 @@ def _split_extra_args(extra_args: Mapping[str, Any] | None) -> tuple[dict[Any, A
 def _check_known_keys(steer: Mapping[str, Any]) -> None:
     unknown = sorted(set(steer) - set(KNOWN_STEER_KEYS))
     if unknown:
-        raise _malformed(unknown[0], f"unknown steering field (known: {', '.join(KNOWN_STEER_KEYS)})")
+        raise _malformed(unknown[0], unknown_steering_key_message(unknown[0]))
 
 
 def _check_list_lengths(steer: Mapping[str, Any]) -> None:

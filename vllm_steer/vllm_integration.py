@@ -142,7 +142,8 @@ def _validate_request(vllm_config: Any, extra_args: Any):
             if not check_policy_token(extra_args):
                 raise SteeringRequestError(
                     "vllm_xargs", "this server enforces tenant tiers but the request did not pass the vllm-steer "
-                    "policy (the endpoint plugin must be loaded: VLLM_PLUGINS=vllm_steer)")
+                    "policy: tiers cover POST /v1/completions and /v1/chat/completions only, and the endpoint "
+                    "plugin must be loaded (VLLM_PLUGINS=vllm_steer)")
         request = parse_steering(extra_args)
         if request is None:
             return None
