@@ -5,6 +5,8 @@
   server answers normally afterwards.
 * **Escalation**: every way we know for a tenant to lift its tier is refused, or served exactly as the
   tier's forced setting.
+* **Profile files**: each kind of bad file, written over the loaded profile's own files, is refused at
+  reload naming the file and the field, and requests keep the loaded version.
 * **Faults under load**: 1,200 mixed requests while profiles are hot-reloaded, added and removed and
   clients drop streams: no 5xx, the engine never restarts, no steering slot leaks.
 * **Fail closed**: a profile removed while requests that use it are queued (they finish steered with the
@@ -391,6 +393,76 @@ def test_the_profile_directory_vanishing_at_run_time_changes_nothing_served(serv
         assert _tokens_and_logprobs(_complete(server, prompt_ids[0], None, KEYS["strict"])) == before
     finally:
         moved.rename(profiles_dir)
+
+
+def _corrupt_json(edit):
+    def apply(d: Path) -> None:
+        spec = json.loads((d / "profile.json").read_text())
+        edit(spec)
+        (d / "profile.json").write_text(json.dumps(spec))
+    return apply
+
+
+def _corrupt_tensors(edit):
+    def apply(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(d / "tensors.safetensors")
+        edit(tensors)
+        save_file(tensors, d / "tensors.safetensors")
+    return apply
+
+
+def _escaping_symlink(d: Path) -> None:
+    outside = d.parent.parent / "outside.safetensors"
+    shutil.copy(d / "tensors.safetensors", outside)
+    (d / "tensors.safetensors").unlink()
+    (d / "tensors.safetensors").symlink_to(outside)
+
+
+BAD_FILES = [  # (what is done to the loaded tiny-addition's own files, file named, field named)
+    ("corrupt safetensors", lambda d: (d / "tensors.safetensors").write_bytes(b"garbage, not safetensors"), "tensors.safetensors", "<file>"),
+    ("truncated safetensors", lambda d: (d / "tensors.safetensors").write_bytes((d / "tensors.safetensors").read_bytes()[:-9]),
+     "tensors.safetensors", "<file>"),
+    ("wrong hidden width", _corrupt_tensors(lambda t: t.update({name: t[name][:64] for name in list(t)[:1]})),
+     "tensors.safetensors", "tensors."),
+    ("NaN tensor", _corrupt_tensors(lambda t: [v.__setitem__(0, float("nan")) for v in list(t.values())[:1]]),
+     "tensors.safetensors", "tensors."),
+    ("inf tensor", _corrupt_tensors(lambda t: [v.__setitem__(3, float("inf")) for v in list(t.values())[:1]]),
+     "tensors.safetensors", "tensors."),
+    ("wrong layer count", _corrupt_json(lambda s: s["model"].update(num_layers=30)), "profile.json", "model"),
+    ("layer beyond the model", _corrupt_json(lambda s: s.update(layers=[1, 7])), "profile.json", "layers"),
+    ("other model", _corrupt_json(lambda s: s["model"].update(architecture="MistralForCausalLM")), "profile.json", "model"),
+    ("missing field", _corrupt_json(lambda s: s.pop("method")), "profile.json", "method"),
+    ("extra field", _corrupt_json(lambda s: s.update(strength_boost=10)), "profile.json", "strength_boost"),
+    ("not JSON", lambda d: (d / "profile.json").write_text("{nope"), "profile.json", "<json>"),
+    ("symlink escaping the directory", _escaping_symlink, "tensors.safetensors", "<path>"),
+]
+
+
+def test_a_bad_file_never_replaces_the_loaded_profile(server, profiles_dir, prompt_ids):
+    """Each corruption is written over the *loaded* profile's own files: the reload is refused naming the
+    file and the field, and requests keep getting the loaded version."""
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    add = {"steer_profile": "tiny-addition", "steer_scale": 2.0}
+    before = _tokens_and_logprobs(_complete(server, prompt_ids[0], add, KEYS["research"]))
+    good = profiles_dir.parent / "tiny-addition.good"
+    shutil.copytree(profiles_dir / "tiny-addition", good)
+    try:
+        for name, corrupt, filename, field in BAD_FILES:
+            corrupt(profiles_dir / "tiny-addition")
+            response = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
+            message = response.json()["error"]["message"]
+            assert response.status_code == 400, (name, response.text)
+            assert f"tiny-addition/{filename}" in message and f": {field}" in message, (name, message)
+            assert _tokens_and_logprobs(_complete(server, prompt_ids[0], add, KEYS["research"])) == before, name
+            shutil.rmtree(profiles_dir / "tiny-addition")
+            shutil.copytree(good, profiles_dir / "tiny-addition")
+    finally:
+        shutil.rmtree(profiles_dir / "tiny-addition", ignore_errors=True)
+        shutil.copytree(good, profiles_dir / "tiny-addition")
+    assert requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code == 200
+    assert _tokens_and_logprobs(_complete(server, prompt_ids[0], add, KEYS["research"])) == before
 
 
 def _start_and_expect_refusal(cmd: list[str], env: dict, log: Path, needle: str) -> str:
