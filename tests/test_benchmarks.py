@@ -89,3 +89,16 @@ def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
     assert [r["setting"] for r in result["rows"]] == ["unsteered", "selective"]
     assert all(len(v) == 2 for v in result["samples_ms"].values())
     assert result["rows"][0]["ratio_to_unsteered_median"] == 1.0
+
+
+@pytest.mark.engine
+def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
+    out = tmp_path / "overhead.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "plugin_overhead.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 2 and all(set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8"} for r in result["runs"])
+    assert all(r[name]["tokens"] == 4 * 4 for r in result["runs"] for name in r)
+    assert result["summary"]["plugin-idle"]["min_ratio"] > 0
