@@ -128,30 +128,43 @@ def test_schema_generated_requests_never_get_a_5xx(server, prompt_ids):
 
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     statuses: Counter = Counter()
-    operations = [("/v1/completions", "POST", 150), ("/v1/chat/completions", "POST", 150),
+    refused_for: Counter = Counter()
+    operations = [("/v1/completions", "POST", 200), ("/v1/chat/completions", "POST", 250),
                   ("/v1/steering/profiles", "GET", 10), ("/v1/steering/admin/reload", "POST", 10),
                   ("/v1/steering/admin/profiles/{profile_id}", "DELETE", 20), ("/v1/steering/admin/status", "GET", 10)]
     for path, method, examples in operations:
         operation = schema[path][method]
 
         @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(), tier=st.sampled_from(sorted(KEYS)))
-        def one(case, tier):
-            if isinstance(case.body, dict):  # keep generation cheap: the engine's time goes to the checks
+        @given(case=operation.as_strategy(), tier=st.sampled_from(sorted(KEYS)), real_prompt=st.booleans())
+        def one(case, tier, real_prompt):
+            if isinstance(case.body, dict):  # the checks are what is fuzzed: keep generation to two tokens
                 case.body["model"] = server.model
+                if path == "/v1/completions" and (real_prompt or not case.body.get("prompt")):  # else mostly refused first
+                    case.body["prompt"] = prompt_ids[0]
+                    case.body.pop("prompt_embeds", None)
+                if path == "/v1/chat/completions" and (real_prompt or not case.body.get("messages")):
+                    case.body["messages"] = [{"role": "user", "content": "Say hello."}]
                 case.body.update({k: 2 for k in ("max_tokens", "max_completion_tokens") if k in case.body})
+                case.body.setdefault("max_tokens", 2)
                 case.body.update(n=1, stream=False)
                 case.body.pop("best_of", None)
             response = case.call(base_url=server.url, headers={"authorization": f"Bearer {KEYS[tier]}"}, timeout=120)
             statuses[(path, response.status_code)] += 1
-            assert response.status_code < 500, (path, response.status_code, response.text[:500])
+            if response.status_code >= 500:  # everything needed to replay it (the server logs the stack: --log-error-stack)
+                sent = json.dumps(case.body, default=repr, ensure_ascii=True) if case.body is not None else None
+                pytest.fail(f"{response.status_code} on {method} {case.formatted_path} as {tier}: {response.text[:500]}\n"
+                            f"body: {sent}\nquery: {case.query}\nserver log tail:\n{server.log.read_text()[-4000:]}")
             if response.status_code >= 400:
                 assert response.json()["error"]["message"], response.text[:500]
+                error = response.json()["error"]
+                refused_for[(path, error.get("param"), error["message"][:70])] += 1
 
         one()
     _still_serving(server, prompt_ids)
     print(f"\nschemathesis: {sum(statuses.values())} requests, by (path, status) {dict(sorted(statuses.items()))}")
-    assert sum(statuses.values()) >= 300
+    print(f"most common refusals (path, field, message): {refused_for.most_common(12)}")
+    assert sum(statuses.values()) >= 400  # hypothesis stops early on small schemas (profiles, status): ~480 in all
 
 
 # ------------------------------------------------------------------------------------------- escalation
@@ -237,6 +250,7 @@ def test_what_a_strict_tenant_may_vary_is_served_exactly_as_its_forced_setting(s
 
 LOAD_REQUESTS = 1200
 LOAD_CONCURRENCY = 24
+UNLOADED_NOW_AND_THEN = "tiny-probe"
 
 
 def _load_request(i: int) -> tuple[str, dict | None, bool, bool]:
@@ -258,7 +272,8 @@ def _load_request(i: int) -> tuple[str, dict | None, bool, bool]:
     setting = rng.choice([None, {"steer_profile": rng.choice(PROFILE_IDS)},
                           {"steer_profile": "tiny-category", "steer_categories": rng.sample(["cat_a", "cat_b", "cat_c"], 2)},
                           {"steer_profile": "tiny-selective", "steer_angle": rng.uniform(0, 360), "steer_layers": [2]}])
-    return tier, setting, stream, True
+    # tiny-probe is unloaded now and then by the reload thread (and back at the next reload): 200 or a clean 400.
+    return tier, setting, stream, not (setting and setting["steer_profile"] == UNLOADED_NOW_AND_THEN)
 
 
 def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profiles_dir, prompt_ids):
@@ -281,7 +296,7 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
                 shutil.rmtree(profiles_dir / "tiny-extra", ignore_errors=True)
             reloads[requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code] += 1
             if n % 5 == 0:  # unload, then the next reload brings it back
-                reloads[("unload", requests.delete(server.url + "/v1/steering/admin/profiles/tiny-probe",
+                reloads[("unload", requests.delete(server.url + f"/v1/steering/admin/profiles/{UNLOADED_NOW_AND_THEN}",
                                                    headers=admin, timeout=60).status_code)] += 1
             stop.wait(0.3)
 
@@ -311,6 +326,9 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
     finally:
         stop.set()
         reloader.join(180)
+        # Leave the server as the next tests expect it, pass or fail: no tiny-extra, tiny-probe loaded again.
+        shutil.rmtree(profiles_dir / "tiny-extra", ignore_errors=True)
+        final_reload = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code
     elapsed = time.time() - started
     statuses = Counter(status for status, *_ in results)
     assert all(status < 500 for status in statuses), statuses
@@ -332,8 +350,7 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
     log = server.log.read_text()
     assert "EngineDeadError" not in log and "EngineCore encountered" not in log
     assert not any(key in log for key in (*KEYS.values(), ADMIN_KEY)), "API keys never reach the log"
-    shutil.rmtree(profiles_dir / "tiny-extra", ignore_errors=True)
-    assert requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code == 200
+    assert final_reload == 200
     _still_serving(server, prompt_ids)
     print(f"\nload: {LOAD_REQUESTS} requests in {elapsed:.0f} s at concurrency {LOAD_CONCURRENCY}, "
           f"statuses {dict(statuses)}, reloads {dict(reloads)}")
@@ -353,7 +370,7 @@ def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(serve
     probe = {"steer_profile": "tiny-probe", "steer_scale": -6.0}
 
     def long(xargs):
-        body = {"model": server.model, "prompt": prompt_ids[2], "max_tokens": 120, "temperature": 0.0, "ignore_eos": True,
+        body = {"model": server.model, "prompt": prompt_ids[2], "max_tokens": 200, "temperature": 0.0, "ignore_eos": True,
                 "return_token_ids": True, "vllm_xargs": xargs}
         response = _post(server, "/v1/completions", body, KEYS["research"])
         assert response.status_code == 200, response.text
@@ -363,22 +380,28 @@ def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(serve
     assert steered != unsteered
     saved = profiles_dir.parent / "tiny-probe.saved"
     shutil.copytree(profiles_dir / "tiny-probe", saved)
-    with ThreadPoolExecutor(28) as pool:
-        futures = [pool.submit(long, probe) for _ in range(28)]  # 16 run at once: the rest wait in the engine
-        deadline = time.time() + 60
-        while _waiting(server) < 1 and time.time() < deadline:
-            time.sleep(0.02)
-        assert _waiting(server) >= 1, "requests were queued when the profile went away"
-        assert requests.delete(server.url + "/v1/steering/admin/profiles/tiny-probe", headers=admin, timeout=60).status_code == 200
-        shutil.rmtree(profiles_dir / "tiny-probe")
-        reload = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
-        assert reload.status_code == 200 and "tiny-probe" not in reload.json()["profiles"], reload.text
-        outputs = [f.result() for f in futures]
-    assert all(out == steered for out in outputs), "every queued request finished with the version it was admitted with"
-    gone = _complete(server, prompt_ids[0], probe, KEYS["research"])
-    assert gone.status_code == 400 and gone.json()["error"]["param"] == "steer_profile"
-    shutil.copytree(saved, profiles_dir / "tiny-probe")
-    assert requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).json()["added"] == ["tiny-probe"]
+    try:
+        with ThreadPoolExecutor(48) as pool:
+            # 16 run at once, the rest wait in the engine: three waves of 200 tokens keep a queue for seconds.
+            futures = [pool.submit(long, probe) for _ in range(48)]
+            deadline, waiting = time.time() + 60, 0.0
+            while waiting < 1 and time.time() < deadline:
+                waiting = _waiting(server)  # the value seen decides: a second poll could miss a short queue
+                time.sleep(0.02)
+            assert waiting >= 1, "requests were queued when the profile went away"
+            assert requests.delete(server.url + "/v1/steering/admin/profiles/tiny-probe", headers=admin, timeout=60).status_code == 200
+            shutil.rmtree(profiles_dir / "tiny-probe")
+            reload = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
+            assert reload.status_code == 200 and "tiny-probe" not in reload.json()["profiles"], reload.text
+            outputs = [f.result() for f in futures]
+        assert all(out == steered for out in outputs), "every queued request finished with the version it was admitted with"
+        gone = _complete(server, prompt_ids[0], probe, KEYS["research"])
+        assert gone.status_code == 400 and gone.json()["error"]["param"] == "steer_profile"
+    finally:  # pass or fail, the next tests find tiny-probe as the fixture made it
+        if not (profiles_dir / "tiny-probe").exists():
+            shutil.copytree(saved, profiles_dir / "tiny-probe")
+        restored = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
+    assert restored.status_code == 200 and "tiny-probe" in restored.json()["profiles"], restored.text
 
 
 def test_the_profile_directory_vanishing_at_run_time_changes_nothing_served(server, profiles_dir, prompt_ids):

@@ -69,6 +69,18 @@ def test_xargs_the_engine_would_choke_on_or_the_server_owns_are_refused(xargs, p
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
+@pytest.mark.parametrize("flag", [True, 1, "true", " Yes"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_beam_search_is_refused_because_it_would_drop_the_steering(flag, path):
+    """vLLM's beam search re-submits each step with fresh sampling params: no vllm_xargs, no tier."""
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "use_beam_search": flag}
+    for key in (STRICT_KEY, STANDARD_KEY, RESEARCH_KEY):
+        response = _post(body, key=key, path=path)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "use_beam_search", response.text
+        assert "beam search" in response.json()["error"]["message"]
+    assert _post({**body, "use_beam_search": False}, path=path).status_code == 200
+
+
 def test_an_admitted_request_carries_the_servers_stamp_and_its_effective_steering():
     forwarded = _post({"prompt": "x"}, key=STRICT_KEY).json()["forwarded"]
     assert forwarded["vllm_xargs"] == {"steer_profile": "refusal", "steer_scale": 1.0, POLICY_TOKEN_KEY: policy_token()}

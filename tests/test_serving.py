@@ -124,7 +124,7 @@ def _server_env() -> dict:
 def _vllm_args(tiny_root: Path, port: int) -> list[str]:
     return [str(tiny_root / "model"), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
             "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "16", "--block-size", "32",
-            "--seed", "0"]
+            "--seed", "0", "--log-error-stack"]
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: 
     from vllm import LLM, SamplingParams
 
     from vllm_steer.default_model import ensure_default_model
-    from vllm_steer.vllm_integration import engine_status
+    from vllm_steer.vllm_integration import engine_status, shutdown_engine
 
     model = model or str(ensure_default_model())
     profiles = profiles or str(REPO_PROFILES)
@@ -77,8 +77,11 @@ def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: 
             params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=setting))
             rows.append(DemoRow(kind, prompt, name, ""))
     started = time.time()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.time() - started
+    try:
+        outputs = llm.generate(prompts, params)
+        elapsed = time.time() - started
+    finally:
+        shutdown_engine(llm)
     for row, out in zip(rows, outputs):
         row.text = out.outputs[0].text.strip()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)

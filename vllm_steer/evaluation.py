@@ -193,6 +193,12 @@ class OfflineBackend:
             ppl[i] = perplexity_from_logprobs([step[t].logprob for t, step in zip(g.token_ids, steps)])
         return ppl
 
+    def close(self) -> None:
+        """Stop the engine once generation and scoring are done (judging needs no engine)."""
+        from vllm_steer.vllm_integration import shutdown_engine
+
+        shutdown_engine(self.llm)
+
 
 class ServerBackend:
     """A running vllm-steer server: rows go out concurrently through ``/v1/completions`` with ``vllm_xargs``."""
@@ -322,6 +328,8 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     say("scoring perplexity under the unsteered model")
     free_text = [i for i, r in enumerate(rows) if r.group != "capability"]  # scored and judged alike
     ppl_unsteered = dict(zip(free_text, backend.score_unsteered([gens[i] for i in free_text])))
+    if callable(getattr(backend, "close", None)):
+        backend.close()
 
     judge_results: dict[str, dict] = {}
     for judge in judges:

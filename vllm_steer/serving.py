@@ -145,6 +145,15 @@ RESERVED_XARGS_PREFIX = "vllm_steer_"
 """Keys the server itself writes into ``vllm_xargs`` (the policy token, the profile version)."""
 
 
+def _pydantic_true(value: Any) -> bool:
+    """Whether vLLM's request model (pydantic, lax mode) will read ``value`` as ``True``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value == 1
+    return isinstance(value, str) and value.strip().lower() in {"1", "true", "t", "yes", "y", "on"}
+
+
 def _flat_value(value: Any) -> bool:
     """What vLLM's ``vllm_xargs`` schema admits: a string or number, or a list of them."""
     scalar = (str, int, float)
@@ -294,6 +303,10 @@ class SteeringPolicyMiddleware:
             return await _error(err)(scope, receive, send)
 
         profile_id = (effective or {}).get("steer_profile", "none")
+        if _pydantic_true(body.get("use_beam_search")) and (profile_id != "none" or state.stamp):
+            err = PolicyError(400, "use_beam_search", "beam search is not available with vllm-steer: vLLM's beam search "
+                              "re-submits every step without vllm_xargs, so the steering (and the tier) would be lost")
+            return await _error(err)(scope, receive, send)
         slot = None
         if profile_id != "none":
             try:

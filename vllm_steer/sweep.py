@@ -140,6 +140,8 @@ def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harm
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
+    from vllm_steer.vllm_integration import shutdown_engine
+
     profile = load_profile(profile_dir)
     if profile.method not in ANGLE_METHODS | SCALE_METHODS:
         raise ValueError(f"method {profile.method!r} has no angle or scale to sweep")
@@ -148,8 +150,11 @@ def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harm
         shutil.copytree(profile_dir, root / profile.id)
         llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=64, seed=0, enforce_eager=eager,
                   additional_config={"vllm_steer": {"profiles": str(root)}})
-        points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens)
-        del llm
+        try:
+            points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens)
+        finally:
+            shutdown_engine(llm)
+            del llm
     finally:
         shutil.rmtree(root, ignore_errors=True)
     chosen, criterion = choose_default(points, profile.method)

@@ -53,7 +53,7 @@ from vllm_steer.request import (SteeringRequestError, admission_key, parse_steer
 from vllm_steer.runtime import SlotGate, Site, SteeringRuntime, every_site, set_runtime, sites_for_profiles
 
 __all__ = ["SUPPORTED_VLLM", "register", "fingerprint_of", "install_hooks", "engine_status", "apply_reload",
-           "unload_profile", "engine_status_async"]
+           "unload_profile", "engine_status_async", "shutdown_engine"]
 
 logger = logging.getLogger("vllm_steer")
 
@@ -473,6 +473,19 @@ def _patch_worker_status() -> None:
 def engine_status(llm: Any) -> list[dict[str, Any]]:
     """Readiness of every worker of an offline ``LLM`` (one dict per worker)."""
     return llm.collective_rpc("vllm_steer_status")
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Stop an offline ``LLM``'s engine core now, while the interpreter is whole.
+
+    Left to vLLM, the engine core process is stopped by a finalizer during interpreter exit; a CLI run
+    that had finished and written its results once died there with SIGABRT ("terminate called without
+    an active exception"), turning a good run into a failed command. Idempotent; a no-op for clients
+    without ``shutdown`` (in-process engines).
+    """
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is not None and callable(getattr(client, "shutdown", None)):
+        client.shutdown()
 
 
 # ------------------------------------------------------------------ compile cache
