@@ -18,7 +18,10 @@ def test_op_cost_runs_on_a_minimal_setting(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "op_cost.py"), "--tokens", "8", "--hidden", "64", "--slots", "4",
                            "--reps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert [r["K"] for r in result["rows"]] == [1, 4]  # K capped at the slots allocated
+    assert all(r[k] > 0 for r in result["rows"] for k in ("op_ms", "floor_ms", "layer_ms", "vs_floor", "vs_layer"))
+    assert result["meta"]["cuda_graphs"] is False and "| op / floor |" in proc.stdout
 
 
 @pytest.mark.engine

@@ -361,40 +361,47 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
 
 def _waiting(server) -> float:
     text = requests.get(server.url + "/metrics", timeout=30).text
-    lines = [line for line in text.splitlines() if line.startswith("vllm:num_requests_waiting")]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_waiting"))
 
 
 def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(server, profiles_dir, prompt_ids):
+    """Admitted before the removal: finished with the version admitted; arriving after: a clean 400."""
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     probe = {"steer_profile": "tiny-probe", "steer_scale": -6.0}
+    running_at_once = 16  # the server's --max-num-seqs
 
-    def long(xargs):
-        body = {"model": server.model, "prompt": prompt_ids[2], "max_tokens": 200, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True, "vllm_xargs": xargs}
+    def long(xargs, max_tokens=400):  # long enough that the engine, not the front end, is the bottleneck
+        body = {"model": server.model, "prompt": prompt_ids[2], "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True, "vllm_xargs": xargs}
         response = _post(server, "/v1/completions", body, KEYS["research"])
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["token_ids"]
+        return response.status_code, response.json()
 
-    steered, unsteered = long(probe), long({"steer_profile": "none"})
+    (_, steered), (_, unsteered) = long(probe), long({"steer_profile": "none"})
+    steered, unsteered = steered["choices"][0]["token_ids"], unsteered["choices"][0]["token_ids"]
     assert steered != unsteered
     saved = profiles_dir.parent / "tiny-probe.saved"
     shutil.copytree(profiles_dir / "tiny-probe", saved)
     try:
-        with ThreadPoolExecutor(48) as pool:
-            # 16 run at once, the rest wait in the engine: three waves of 200 tokens keep a queue for seconds.
-            futures = [pool.submit(long, probe) for _ in range(48)]
+        with ThreadPoolExecutor(64) as pool:
+            futures = [pool.submit(long, probe) for _ in range(64)]
             deadline, waiting = time.time() + 60, 0.0
             while waiting < 1 and time.time() < deadline:
-                waiting = _waiting(server)  # the value seen decides: a second poll could miss a short queue
+                waiting = _waiting(server)
                 time.sleep(0.02)
-            assert waiting >= 1, "requests were queued when the profile went away"
+            assert waiting >= 1, "no request was ever queued in the engine"
+            done_before = sum(f.done() for f in futures)
             assert requests.delete(server.url + "/v1/steering/admin/profiles/tiny-probe", headers=admin, timeout=60).status_code == 200
             shutil.rmtree(profiles_dir / "tiny-probe")
             reload = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
             assert reload.status_code == 200 and "tiny-probe" not in reload.json()["profiles"], reload.text
-            outputs = [f.result() for f in futures]
-        assert all(out == steered for out in outputs), "every queued request finished with the version it was admitted with"
+            results = [f.result() for f in futures]
+        served = [body["choices"][0]["token_ids"] for status, body in results if status == 200]
+        refused = [body for status, body in results if status != 200]
+        assert all(out == steered for out in served), "every admitted request finished with the version it was admitted with"
+        assert all(body["error"]["param"] == "steer_profile" for body in refused), refused[:3]
+        # More served than had finished before the removal plus could run at once: some of them were queued then.
+        assert len(served) - done_before > running_at_once, (len(served), done_before, len(refused))
+        print(f"\nremoval: {len(served)} served steered ({done_before} done before the removal), {len(refused)} clean 400s")
         gone = _complete(server, prompt_ids[0], probe, KEYS["research"])
         assert gone.status_code == 400 and gone.json()["error"]["param"] == "steer_profile"
     finally:  # pass or fail, the next tests find tiny-probe as the fixture made it
