@@ -27,8 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULT = "@@vllm-steer-bench@@ "
-SCENARIOS = ("plugin-idle", "all:selective", "mixed:8")
-"""Run on the plugin-on engine; each is divided by the plugin-off engine's unsteered run of the same repetition."""
+SCENARIOS = ("plugin-idle", "all:selective", "mixed:8-selective", "all:ablation", "mixed:8")
+"""Run on the plugin-on engine; each is divided by the plugin-off engine's unsteered run of the same repetition.
+
+``all:selective`` steers 9 layers; ``mixed:8-selective`` the same 9 layers with 8 distinct angles (8 slots: the
+cost of K at fixed sites); ``all:ablation`` every layer (the method prescribes it: the most sites one profile
+can use); ``mixed:8`` seven demo profiles of every method at once, so the union of their sites is active."""
 
 
 def _rows(name: str, batch: int) -> list[dict | None]:
@@ -36,6 +40,11 @@ def _rows(name: str, batch: int) -> list[dict | None]:
         return [None] * batch
     if name == "all:selective":
         return [{"steer_profile": "smollm2-selective", "steer_angle": 120.0}] * batch
+    if name == "all:ablation":
+        return [{"steer_profile": "smollm2-ablation"}] * batch
+    if name == "mixed:8-selective":  # 3/4 of the rows over eight angles, the rest unsteered
+        steered = [{"steer_profile": "smollm2-selective", "steer_angle": 100.0 + 20.0 * (i % 8)} for i in range((3 * batch) // 4)]
+        return steered + [None] * (batch - len(steered))
     demo = ["smollm2-selective", "smollm2-angular", "smollm2-angular-adaptive", "smollm2-refusal-add",
             "smollm2-probe", "smollm2-category", "smollm2-ablation", "smollm2-selective"]
     angles = {"smollm2-selective": 120.0, "smollm2-angular": 120.0, "smollm2-angular-adaptive": 120.0}

@@ -102,6 +102,7 @@ def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert len(result["runs"]) == 2 and all(set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8"} for r in result["runs"])
+    assert len(result["runs"]) == 2 and all(set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8-selective", "all:ablation", "mixed:8"}
+                                            for r in result["runs"])
     assert all(r[name]["tokens"] == 4 * 4 for r in result["runs"] for name in r)
     assert result["summary"]["plugin-idle"]["min_ratio"] > 0
