@@ -440,3 +440,41 @@ def test_all_rows_unsteered_gives_exact_zero_delta():
         h, bases, methods, ones, ones, torch.full((n,), -1), torch.ones(n), torch.zeros(n), torch.ones(n)
     )
     assert delta.dtype == torch.bfloat16 and torch.equal(delta, torch.zeros_like(h))
+
+
+# ----------------------------------------------------------------- the single-method short path
+
+
+@SETTINGS
+@given(
+    seed=seeds,
+    n=st.integers(1, 24),
+    n_slots=st.integers(1, 6),
+    method=st.sampled_from(sorted(ops.SINGLE_METHOD_FAST_PATHS)),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+)
+def test_single_method_path_equals_the_general_op(seed, n, n_slots, method, dtype):
+    """Same corrections as token_deltas where every slot is ``method`` or NONE (zero basis and gain, as
+    the runtime loads a slot at a site its profile skips); untouched rows exact zeros, bit for bit."""
+    d = 24
+    gen = _gen(seed)
+    methods = torch.where(torch.rand(n_slots, generator=gen) < 0.25, int(Method.NONE), int(method)).to(torch.int64)
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = _random_tables(d, n, n_slots, gen, torch.float32, methods)
+    none = methods == Method.NONE
+    bases[none] = 0.0
+    gains[none] = 0.0
+    h = (torch.randn(n, d, generator=gen) * 3).to(dtype)
+    general = ops.token_deltas(h, bases, methods, gains, thresholds, token_slot, c, s, scale)
+    short = ops.single_method_deltas(Method(method), h, bases, gains, token_slot, c, s, scale)
+    assert short.dtype == dtype and short.shape == h.shape
+    tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
+    torch.testing.assert_close(short.double(), general.double(), rtol=tol, atol=tol * (1 + float(h.double().abs().max())))
+    untouched = (token_slot < 0) | none[token_slot.clamp(min=0)]
+    assert torch.equal((h + short)[untouched].view(torch.uint8), h[untouched].view(torch.uint8))
+
+
+def test_single_method_path_refuses_methods_it_has_no_path_for():
+    h = torch.zeros(2, 4)
+    tables = (torch.zeros(1, 2, 4), torch.zeros(1), torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="ANGULAR_STANDARD"):
+        ops.single_method_deltas(Method.ANGULAR_STANDARD, h, *tables)

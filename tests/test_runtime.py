@@ -284,6 +284,44 @@ def test_delta_low_precision(dtype):
     assert torch.equal((h + got)[:2], h[:2])
 
 
+@pytest.mark.parametrize("requests, method", [
+    ({"r1": dict(profile="ss", angle=100.0), "r2": dict(profile="ss-b", angle=60.0), "r3": dict(profile="ss", angle=300.0)}, "ROTATE"),
+    ({"r1": dict(profile="add", scale=2.0), "r2": dict(profile="probe", scale=-1.5),
+      "r3": dict(profile="cat", categories=["fraud", "violence"], scale=1.0)}, "ADD"),
+    ({"r1": dict(profile="abl")}, "ABLATE"),
+])
+def test_sites_steered_by_one_method_take_the_short_path_with_the_same_result(requests, method):
+    """Where every slot steering a site this step shares a method, the runtime runs the short op; its
+    corrections equal the general op's on the same tables and the reference ops; unsteered rows stay 0."""
+    rt = make_runtime()
+    resolved = {rid: steer(**kw) for rid, kw in requests.items()}
+    for rid, r in resolved.items():
+        rt.add_request(rid, r)
+    order, counts = ["plain", *requests], [2, *([3] * len(requests))]
+    rt.begin_step(order, counts)
+    n = sum(counts)
+    h = torch.randn(n, D, generator=torch.Generator().manual_seed(3)) * 3
+    short_sites = [i for i in range(len(rt.sites)) if rt._site_method[i] is not None]
+    assert short_sites and all(rt._site_method[i].name == method for i in short_sites)
+    for i in short_sites:
+        got = rt.delta(h, i)
+        general = runtime_mod.token_deltas(h, rt.bases[i], rt.methods[i], rt.gains[i], rt.thresholds[i],
+                                           rt.token_slot[:n], rt.token_cos[:n], rt.token_sin[:n], rt.token_scale[:n])
+        torch.testing.assert_close(got, general, rtol=1e-5, atol=2e-5)
+        expected, _ = _expected_delta(h, rt.sites[i], order, counts, resolved)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+        assert torch.equal(got[:2], torch.zeros(2, D))
+
+
+def test_a_site_two_methods_share_this_step_takes_the_general_op():
+    rt = make_runtime()
+    rt.add_request("rot", steer(profile="ss", angle=100.0))  # layers 1, 2
+    rt.add_request("snap", steer(profile="sas", angle=30.0))  # layers 1, 2, same sites
+    rt.begin_step(["rot", "snap"], [2, 2])
+    shared = [i for i, site in enumerate(rt.sites) if site.layer in (1, 2) and rt._site_active[i]]
+    assert shared and all(rt._site_method[i] is None for i in shared)
+
+
 def test_site_unused_in_step_returns_zeros():
     rt = make_runtime()
     rt.add_request("a", steer(profile="ss", angle=90.0))  # layers 1, 2, norm sites only

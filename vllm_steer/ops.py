@@ -36,6 +36,8 @@ __all__ = [
     "selective_rotation",
     "rotation_matrix",
     "token_deltas",
+    "single_method_deltas",
+    "SINGLE_METHOD_FAST_PATHS",
     "steer_tokens",
 ]
 
@@ -209,6 +211,53 @@ def token_deltas(
     # Inactive rows have dq == 0 exactly and a finite basis, so their delta is exactly 0.
     delta = torch.bmm(dq.unsqueeze(1), basis).squeeze(1)  # [N, d]
     return delta.to(h.dtype)
+
+
+SINGLE_METHOD_FAST_PATHS = frozenset({Method.ADD, Method.ABLATE, Method.ROTATE})
+"""Methods :func:`single_method_deltas` has a short path for (the angular ones use :func:`token_deltas`)."""
+
+
+def single_method_deltas(
+    method: Method,
+    h: torch.Tensor,
+    bases: torch.Tensor,
+    gains: torch.Tensor,
+    token_slot: torch.Tensor,
+    token_cos: torch.Tensor,
+    token_sin: torch.Tensor,
+    token_scale: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`token_deltas` for a site where every slot is ``method`` or ``NONE``: the same
+    corrections in a third of the kernels.
+
+    The general op evaluates every method's formula for every token and selects per token: ~50
+    small kernels, which is what a steered site costs on CPU, where launches dominate at decode
+    sizes. When the host knows (it does, per step) that one method is in use at a site, this
+    computes only that formula. Rows that are unsteered, or whose slot does nothing here (zero
+    basis and gain), get exact zeros as in :func:`token_deltas`. Not for CUDA-graph capture: a
+    captured graph must serve any mix, so capture uses the general op.
+    """
+    if method not in SINGLE_METHOD_FAST_PATHS:
+        raise ValueError(f"no single-method path for {Method(method).name}")
+    compute_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    steered = token_slot >= 0
+    slot = token_slot.clamp(min=0)
+    if method == Method.ADD:  # q - p = (scale·gain, 0): no projection needed
+        coef = torch.where(steered, token_scale.to(compute_dtype) * gains[slot].to(compute_dtype), 0.0)
+        b1 = bases[:, 0].index_select(0, slot).to(compute_dtype)
+        return (coef.unsqueeze(1) * b1).to(h.dtype)
+    hc = h.to(compute_dtype)
+    if method == Method.ABLATE:  # q - p = (-x, 0)
+        b1 = bases[:, 0].index_select(0, slot).to(compute_dtype)
+        coef = torch.where(steered, -(b1 * hc).sum(-1), 0.0)
+        return (coef.unsqueeze(1) * b1).to(h.dtype)
+    basis = bases.index_select(0, slot).to(compute_dtype)  # ROTATE: q - p = (R(θ) - I) p
+    p = (basis * hc.unsqueeze(1)).sum(-1)
+    x, y = p[:, 0], p[:, 1]
+    c1 = token_cos.to(compute_dtype) - 1.0
+    sn = token_sin.to(compute_dtype)
+    dq = torch.where(steered.unsqueeze(1), torch.stack([c1 * x - sn * y, sn * x + c1 * y], dim=1), 0.0)
+    return torch.bmm(dq.unsqueeze(1), basis).squeeze(1).to(h.dtype)
 
 
 def steer_tokens(h: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.ops import Method, token_deltas
+from vllm_steer.ops import SINGLE_METHOD_FAST_PATHS, Method, single_method_deltas, token_deltas
 from vllm_steer.profile import METHOD_HOOKS, Profile
 from vllm_steer.request import ResolvedSteering
 
@@ -87,6 +87,7 @@ class _Slot:
     key: tuple | None = None
     refs: int = 0
     active_sites: frozenset[int] = frozenset()
+    method: Method = Method.NONE
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class SteeringRuntime:
         self._slots = [_Slot() for _ in range(max_slots)]
         self._bindings: dict[str, _Binding] = {}
         self._site_active = [False] * n_sites
+        self._site_method: list[Method | None] = [None] * n_sites
+        """Per site this step: the one method its steered slots share (short path), else None."""
         self._filled = 0  # tokens written by the last step (the rest of token_slot is -1)
         self.steps_steered = 0  # steps in which at least one token was steered (for tests/metrics)
 
@@ -227,6 +230,7 @@ class SteeringRuntime:
                 self.thresholds[site, slot] = profile.spec.threshold
                 active.add(site)
         self._slots[slot].active_sites = frozenset(active)
+        self._slots[slot].method = method
 
     @staticmethod
     def _slot_vectors(profile: Profile, layer: int, categories: tuple[str, ...]):
@@ -254,12 +258,16 @@ class SteeringRuntime:
         sin = np.zeros(len(counts), dtype=np.float32)
         scale = np.zeros(len(counts), dtype=np.float32)
         active: set[int] = set()
+        used: set[int] = set()
         for i, req_id in enumerate(req_ids):
             binding = self._bindings.get(req_id) if req_id is not None else None
             if binding is not None and counts[i] > 0:
                 slots[i], cos[i], sin[i], scale[i] = binding.slot, binding.cos, binding.sin, binding.scale
-                active |= self._slots[binding.slot].active_sites
+                if binding.slot not in used:
+                    used.add(binding.slot)
+                    active |= self._slots[binding.slot].active_sites
         self._site_active = [i in active for i in range(len(self.sites))]
+        self._site_method = self._shared_methods(used)
         if active:
             self.steps_steered += 1
         stage = self._staging
@@ -276,11 +284,30 @@ class SteeringRuntime:
             self.token_slot[n : self._filled].fill_(-1)
         self._filled = n
 
+    def _shared_methods(self, used: set[int]) -> list[Method | None]:
+        """Per site: the method every slot steering it this step shares, if it has a short path."""
+        by_method: dict[Method, set[int]] = {}
+        for slot in used:
+            by_method.setdefault(self._slots[slot].method, set()).update(self._slots[slot].active_sites)
+        shared: list[Method | None] = [None] * len(self.sites)
+        for method, sites in by_method.items():
+            if method not in SINGLE_METHOD_FAST_PATHS:
+                continue
+            others = set().union(*(s for m, s in by_method.items() if m != method))
+            for site in sites - others:
+                shared[site] = method
+        return shared
+
     def delta(self, h: torch.Tensor, site: int) -> torch.Tensor:
         """The ``[N, d]`` steering correction at one site for the current step (zeros for unsteered rows)."""
         n = h.shape[0]
-        if not self._site_active[site] and not _capturing_cuda_graph(h):
-            return torch.zeros_like(h)  # nothing steered here this step (a captured graph must run the op)
+        if not _capturing_cuda_graph(h):  # host decisions per step; a captured graph must serve any mix
+            if not self._site_active[site]:
+                return torch.zeros_like(h)  # nothing steered here this step
+            method = self._site_method[site]
+            if method is not None:
+                return single_method_deltas(method, h, self.bases[site], self.gains[site], self.token_slot[:n],
+                                            self.token_cos[:n], self.token_sin[:n], self.token_scale[:n])
         return token_deltas(
             h,
             self.bases[site],
