@@ -463,9 +463,13 @@ def test_single_method_path_equals_the_general_op(seed, n, n_slots, method, dtyp
     none = methods == Method.NONE
     bases[none] = 0.0
     gains[none] = 0.0
+    thresholds[none] = 0.0
     h = (torch.randn(n, d, generator=gen) * 3).to(dtype)
+    if method == Method.ANGULAR_ADAPTIVE:  # keep gates away from τ, where round-off in the dtype could flip them
+        x = (bases[token_slot.clamp(min=0), 0] * h.float()).sum(-1)
+        assume(bool(((x - thresholds[token_slot.clamp(min=0)]).abs() > 1e-2).all()))
     general = ops.token_deltas(h, bases, methods, gains, thresholds, token_slot, c, s, scale)
-    short = ops.single_method_deltas(Method(method), h, bases, gains, token_slot, c, s, scale)
+    short = ops.single_method_deltas(Method(method), h, bases, gains, thresholds, token_slot, c, s, scale)
     assert short.dtype == dtype and short.shape == h.shape
     tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
     torch.testing.assert_close(short.double(), general.double(), rtol=tol, atol=tol * (1 + float(h.double().abs().max())))
@@ -475,6 +479,7 @@ def test_single_method_path_equals_the_general_op(seed, n, n_slots, method, dtyp
 
 def test_single_method_path_refuses_methods_it_has_no_path_for():
     h = torch.zeros(2, 4)
-    tables = (torch.zeros(1, 2, 4), torch.zeros(1), torch.zeros(2, dtype=torch.int64), torch.ones(2), torch.zeros(2), torch.zeros(2))
-    with pytest.raises(ValueError, match="ANGULAR_STANDARD"):
-        ops.single_method_deltas(Method.ANGULAR_STANDARD, h, *tables)
+    tables = (torch.zeros(1, 2, 4), torch.zeros(1), torch.zeros(1), torch.zeros(2, dtype=torch.int64), torch.ones(2),
+              torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match="NONE"):
+        ops.single_method_deltas(Method.NONE, h, *tables)

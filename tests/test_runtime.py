@@ -289,6 +289,8 @@ def test_delta_low_precision(dtype):
     ({"r1": dict(profile="add", scale=2.0), "r2": dict(profile="probe", scale=-1.5),
       "r3": dict(profile="cat", categories=["fraud", "violence"], scale=1.0)}, "ADD"),
     ({"r1": dict(profile="abl")}, "ABLATE"),
+    ({"r1": dict(profile="sas", angle=30.0), "r2": dict(profile="sas", angle=250.0)}, "ANGULAR_STANDARD"),
+    ({"r1": dict(profile="aas", angle=35.0), "r2": dict(profile="aas", angle=200.0)}, "ANGULAR_ADAPTIVE"),
 ])
 def test_sites_steered_by_one_method_take_the_short_path_with_the_same_result(requests, method):
     """Where every slot steering a site this step shares a method, the runtime runs the short op; its

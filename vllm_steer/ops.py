@@ -213,8 +213,8 @@ def token_deltas(
     return delta.to(h.dtype)
 
 
-SINGLE_METHOD_FAST_PATHS = frozenset({Method.ADD, Method.ABLATE, Method.ROTATE})
-"""Methods :func:`single_method_deltas` has a short path for (the angular ones use :func:`token_deltas`)."""
+SINGLE_METHOD_FAST_PATHS = frozenset(m for m in Method if m != Method.NONE)
+"""Methods :func:`single_method_deltas` has a short path for: every one."""
 
 
 def single_method_deltas(
@@ -222,6 +222,7 @@ def single_method_deltas(
     h: torch.Tensor,
     bases: torch.Tensor,
     gains: torch.Tensor,
+    thresholds: torch.Tensor,
     token_slot: torch.Tensor,
     token_cos: torch.Tensor,
     token_sin: torch.Tensor,
@@ -234,7 +235,8 @@ def single_method_deltas(
     small kernels, which is what a steered site costs on CPU, where launches dominate at decode
     sizes. When the host knows (it does, per step) that one method is in use at a site, this
     computes only that formula. Rows that are unsteered, or whose slot does nothing here (zero
-    basis and gain), get exact zeros as in :func:`token_deltas`. Not for CUDA-graph capture: a
+    basis, gain and threshold, as the runtime loads such a slot), get exact zeros as in
+    :func:`token_deltas`. Not for CUDA-graph capture: a
     captured graph must serve any mix, so capture uses the general op.
     """
     if method not in SINGLE_METHOD_FAST_PATHS:
@@ -251,12 +253,20 @@ def single_method_deltas(
         b1 = bases[:, 0].index_select(0, slot).to(compute_dtype)
         coef = torch.where(steered, -(b1 * hc).sum(-1), 0.0)
         return (coef.unsqueeze(1) * b1).to(h.dtype)
-    basis = bases.index_select(0, slot).to(compute_dtype)  # ROTATE: q - p = (R(θ) - I) p
-    p = (basis * hc.unsqueeze(1)).sum(-1)
+    basis = bases.index_select(0, slot).to(compute_dtype)
+    p = (basis * hc.unsqueeze(1)).sum(-1)  # the same in-plane coordinates as token_deltas
     x, y = p[:, 0], p[:, 1]
-    c1 = token_cos.to(compute_dtype) - 1.0
+    c = token_cos.to(compute_dtype)
     sn = token_sin.to(compute_dtype)
-    dq = torch.where(steered.unsqueeze(1), torch.stack([c1 * x - sn * y, sn * x + c1 * y], dim=1), 0.0)
+    if method == Method.ROTATE:  # q - p = (R(θ) - I) p
+        c1 = c - 1.0
+        dq = torch.stack([c1 * x - sn * y, sn * x + c1 * y], dim=1)
+    else:  # angular: q - p = r (cos θ, sin θ) - p; adaptive only where x > τ
+        r = torch.sqrt(x * x + y * y)
+        dq = torch.stack([r * c - x, r * sn - y], dim=1)
+        if method == Method.ANGULAR_ADAPTIVE:
+            steered = steered & (x > thresholds[slot].to(compute_dtype))
+    dq = torch.where(steered.unsqueeze(1), dq, 0.0)
     return torch.bmm(dq.unsqueeze(1), basis).squeeze(1).to(h.dtype)
 
 

@@ -306,8 +306,9 @@ class SteeringRuntime:
                 return torch.zeros_like(h)  # nothing steered here this step
             method = self._site_method[site]
             if method is not None:
-                return single_method_deltas(method, h, self.bases[site], self.gains[site], self.token_slot[:n],
-                                            self.token_cos[:n], self.token_sin[:n], self.token_scale[:n])
+                return single_method_deltas(method, h, self.bases[site], self.gains[site], self.thresholds[site],
+                                            self.token_slot[:n], self.token_cos[:n], self.token_sin[:n],
+                                            self.token_scale[:n])
         return token_deltas(
             h,
             self.bases[site],
