@@ -37,7 +37,6 @@ __all__ = [
     "rotation_matrix",
     "token_deltas",
     "single_method_deltas",
-    "SINGLE_METHOD_FAST_PATHS",
     "steer_tokens",
 ]
 
@@ -144,6 +143,18 @@ def selective_rotation(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, thet
 # --------------------------------------------------------------------------
 
 
+def _in_plane(h: torch.Tensor, bases: torch.Tensor, token_slot: torch.Tensor):
+    """Each token's slot basis ``[N, 2, d]`` and in-plane coordinates ``p = [N, 2]``, computed in float32
+    (float64 for float64 ``h``), with the steered mask and the clamped slot index. One function for
+    both ops, so their ``x`` (which the adaptive gate compares with τ) is the same to the bit."""
+    compute_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    steered = token_slot >= 0
+    slot = token_slot.clamp(min=0)
+    basis = bases.index_select(0, slot).to(compute_dtype)  # [N, 2, d]: each token's own slot
+    p = (basis * h.to(compute_dtype).unsqueeze(1)).sum(-1)  # faster than a batch of tiny matmuls
+    return steered, slot, basis, p
+
+
 def token_deltas(
     h: torch.Tensor,
     bases: torch.Tensor,
@@ -178,14 +189,9 @@ def token_deltas(
     the same whether the batch holds one profile or sixty-four, and every shape
     is static (torch.compile / CUDA-graph friendly).
     """
-    compute_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    hc = h.to(compute_dtype)
-    steered = token_slot >= 0
-    slot = token_slot.clamp(min=0)
+    steered, slot, basis, p = _in_plane(h, bases, token_slot)
+    compute_dtype = p.dtype
     method = torch.where(steered, methods[slot].to(torch.int64), torch.zeros_like(slot))
-
-    basis = bases.index_select(0, slot).to(compute_dtype)  # [N, 2, d]: each token's own slot
-    p = (basis * hc.unsqueeze(1)).sum(-1)  # [N, 2] in-plane coordinates (faster than a batch of tiny matmuls)
     x, y = p[:, 0], p[:, 1]
     c = token_cos.to(compute_dtype)
     s = token_sin.to(compute_dtype)
@@ -213,10 +219,6 @@ def token_deltas(
     return delta.to(h.dtype)
 
 
-SINGLE_METHOD_FAST_PATHS = frozenset(m for m in Method if m != Method.NONE)
-"""Methods :func:`single_method_deltas` has a short path for: every one."""
-
-
 def single_method_deltas(
     method: Method,
     h: torch.Tensor,
@@ -239,8 +241,8 @@ def single_method_deltas(
     :func:`token_deltas`. Not for CUDA-graph capture: a
     captured graph must serve any mix, so capture uses the general op.
     """
-    if method not in SINGLE_METHOD_FAST_PATHS:
-        raise ValueError(f"no single-method path for {Method(method).name}")
+    if method == Method.NONE:
+        raise ValueError(f"no single-method path for {Method(method).name}: NONE steers nothing")
     compute_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     steered = token_slot >= 0
     slot = token_slot.clamp(min=0)
@@ -248,13 +250,11 @@ def single_method_deltas(
         coef = torch.where(steered, token_scale.to(compute_dtype) * gains[slot].to(compute_dtype), 0.0)
         b1 = bases[:, 0].index_select(0, slot).to(compute_dtype)
         return (coef.unsqueeze(1) * b1).to(h.dtype)
-    hc = h.to(compute_dtype)
     if method == Method.ABLATE:  # q - p = (-x, 0)
         b1 = bases[:, 0].index_select(0, slot).to(compute_dtype)
-        coef = torch.where(steered, -(b1 * hc).sum(-1), 0.0)
+        coef = torch.where(steered, -(b1 * h.to(compute_dtype)).sum(-1), 0.0)
         return (coef.unsqueeze(1) * b1).to(h.dtype)
-    basis = bases.index_select(0, slot).to(compute_dtype)
-    p = (basis * hc.unsqueeze(1)).sum(-1)  # the same in-plane coordinates as token_deltas
+    _, _, basis, p = _in_plane(h, bases, token_slot)  # the same coordinates as token_deltas
     x, y = p[:, 0], p[:, 1]
     c = token_cos.to(compute_dtype)
     sn = token_sin.to(compute_dtype)

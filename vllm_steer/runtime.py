@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.ops import SINGLE_METHOD_FAST_PATHS, Method, single_method_deltas, token_deltas
+from vllm_steer.ops import Method, single_method_deltas, token_deltas
 from vllm_steer.profile import METHOD_HOOKS, Profile
 from vllm_steer.request import ResolvedSteering
 
@@ -285,14 +285,12 @@ class SteeringRuntime:
         self._filled = n
 
     def _shared_methods(self, used: set[int]) -> list[Method | None]:
-        """Per site: the method every slot steering it this step shares, if it has a short path."""
+        """Per site: the method every slot steering it this step shares, else None (two methods meet there)."""
         by_method: dict[Method, set[int]] = {}
         for slot in used:
             by_method.setdefault(self._slots[slot].method, set()).update(self._slots[slot].active_sites)
         shared: list[Method | None] = [None] * len(self.sites)
         for method, sites in by_method.items():
-            if method not in SINGLE_METHOD_FAST_PATHS:
-                continue
             others = set().union(*(s for m, s in by_method.items() if m != method))
             for site in sites - others:
                 shared[site] = method
