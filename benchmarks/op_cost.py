@@ -10,6 +10,9 @@ one of K distinct slots (Selective Steering rotation — the op's full path; 64 
 * **one decoder layer** of the same width, Llama-shaped (RMSNorm, q/k/v/o with head dim 64, causal
   SDPA over the N tokens as one sequence, RMSNorm, SwiGLU MLP with intermediate 8/3·d): what a step
   spends per layer anyway. ``op / layer`` is the op's share of a steered layer.
+* with ``--fused``, the same op fused: compiled by ``torch.compile`` (Inductor fuses its ~50
+  element-wise and gather kernels into a few) and, where Triton and CUDA are there, the one-kernel
+  Triton op (:mod:`vllm_steer.kernels`) the runtime uses on CUDA.
 * the **hook way** at op level: one op call per distinct setting on that setting's rows (what forward
   hooks applying one setting per batch amount to), and ``loop / batched``.
 
@@ -35,28 +38,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no install) too
+from vllm_steer import kernels  # noqa: E402
 from vllm_steer.ops import Method, token_deltas  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _timer(fn: Callable[[], object], device: str, reps: int, graphs: bool) -> float:
-    """Seconds per call: eager calls, or replays of one captured CUDA graph."""
-    if graphs:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm up allocator and kernels before capture
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+def replayer(fn: Callable[[], object], graphs: bool) -> Callable[[], object]:
+    """``fn`` itself, or (``graphs``) the replay of one CUDA graph captured from it after a warm-up on a
+    side stream, as vLLM captures a decode batch."""
+    if not graphs:
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up allocator and kernels (and any compile) before capture
             fn()
-        run = graph.replay
-    else:
-        run = fn
-    for _ in range(3):
-        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def seconds_per_call(run: Callable[[], object], reps: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -65,6 +70,14 @@ def _timer(fn: Callable[[], object], device: str, reps: int, graphs: bool) -> fl
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
+
+
+def _timer(fn: Callable[[], object], device: str, reps: int, graphs: bool) -> float:
+    """Seconds per call: eager calls, or replays of one captured CUDA graph (after 3 untimed runs)."""
+    run = replayer(fn, graphs)
+    for _ in range(3):
+        run()
+    return seconds_per_call(run, reps, device)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -100,6 +113,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32, 64], help="distinct settings per batch")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--fused", action="store_true", help="also time the op compiled by torch.compile (a fused op's cost)")
     ap.add_argument("--out", default="benchmarks/results/op_cost_cpu.json")
     args = ap.parse_args()
     if args.cuda_graphs and args.device != "cuda":
@@ -107,6 +121,11 @@ def main() -> None:
     torch.manual_seed(0)
     dev, dtype, graphs = args.device, DTYPES[args.dtype], args.cuda_graphs
     rows = []
+    fused_ops = {}
+    if args.fused:
+        fused_ops["compiled"] = torch.compile(token_deltas, dynamic=False, fullgraph=True)
+        if dev == "cuda" and kernels.available():
+            fused_ops["triton"] = kernels.token_deltas_triton
     with torch.inference_mode():
         for d in args.hidden:
             layer = DecoderLayer(d).to(dev, dtype)
@@ -139,25 +158,33 @@ def main() -> None:
 
                     loop = _timer(per_setting, dev, max(5, args.reps // 5), graphs)
                     base = base or t
-                    rows.append({"hidden": d, "tokens": n, "K": k, "op_ms": t * 1e3, "vs_K1": t / base,
+                    fused = {}
+                    for name, op in fused_ops.items():
+                        f = _timer(lambda: op(h, bases, methods, zeros, zeros, slot, cos, sin, scale), dev, args.reps, graphs)
+                        fused |= {f"{name}_ms": f * 1e3, f"{name}_vs_floor": f / floor, f"{name}_vs_layer": f / layer_s}
+                    rows.append({**fused, "hidden": d, "tokens": n, "K": k, "op_ms": t * 1e3, "vs_K1": t / base,
                                  "floor_ms": floor * 1e3, "vs_floor": t / floor, "layer_ms": layer_s * 1e3,
                                  "vs_layer": t / layer_s, "per_setting_loop_ms": loop * 1e3, "loop_vs_batched": loop / t})
     if dev == "cuda":
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    meta = {"device": device, "dtype": args.dtype, "cuda_graphs": graphs, "torch": torch.__version__,
+    meta = {"device": device, "dtype": args.dtype, "cuda_graphs": graphs, "fused": sorted(fused_ops), "torch": torch.__version__,
             "slots": args.slots, "command": "python benchmarks/op_cost.py " + " ".join(sys.argv[1:])}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"{meta['device']}, {args.dtype}, {'CUDA graphs' if graphs else 'eager launches'}")
-    print("| d | tokens | K | op ms | vs K=1 | floor ms | op / floor | layer ms | op / layer | per-setting loop ms | loop / batched |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    fused_head = "".join(f" {name} ms | {name} / floor | {name} / layer |" for name in fused_ops)
+    print("| d | tokens | K | op ms | vs K=1 | floor ms | op / floor | layer ms | op / layer | per-setting loop ms | "
+          "loop / batched |" + fused_head)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * fused_head.count("|"))
     for r in rows:
+        fused_cells = "".join(f" {r[f'{name}_ms']:.4f} | {r[f'{name}_vs_floor']:.1f} | {r[f'{name}_vs_layer']:.3f} |"
+                              for name in fused_ops)
         print(f"| {r['hidden']} | {r['tokens']} | {r['K']} | {r['op_ms']:.3f} | {r['vs_K1']:.2f} | {r['floor_ms']:.4f} | "
               f"{r['vs_floor']:.1f} | {r['layer_ms']:.3f} | {r['vs_layer']:.3f} | {r['per_setting_loop_ms']:.3f} | "
-              f"{r['loop_vs_batched']:.1f} |")
+              f"{r['loop_vs_batched']:.1f} |" + fused_cells)
     print(meta)
 
 

@@ -24,6 +24,28 @@ def test_op_cost_runs_on_a_minimal_setting(tmp_path):
     assert result["meta"]["cuda_graphs"] is False and "| op / floor |" in proc.stdout
 
 
+def test_op_cost_fused_column(tmp_path):
+    out = tmp_path / "op.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "op_cost.py"), "--tokens", "8", "--hidden", "64", "--slots", "2",
+                           "--ks", "1", "--reps", "2", "--fused", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["compiled_ms"] > 0 and row["compiled_vs_floor"] > 0 and "| compiled / floor |" in proc.stdout
+    assert "triton_ms" not in row  # CPU: no Triton column
+
+
+def test_step_overhead_runs_on_a_minimal_setting(tmp_path):
+    out = tmp_path / "step.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "step_overhead.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    scenarios = {r["scenario"] for r in result["rows"]}
+    assert scenarios == {"plugin-idle", "all:selective", "all:ablation", "mixed:8"}
+    assert all(r["ratio_median"] > 0 and r["sites_hooked"] > 0 for r in result["rows"])
+    assert "| plugin-idle |" in proc.stdout
+
+
 @pytest.mark.engine
 def test_throughput_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "tp.json"

@@ -124,19 +124,21 @@ def compile_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("vllm_cache")
 
 
-def _engine(tiny_root, prompt_ids, tmp_path_factory, *, plugin, eager, cache_root=None):
+def _engine(tiny_root, prompt_ids, tmp_path_factory, *, plugin, eager, cache_root=None, env=None):
     name = f"{'on' if plugin else 'off'}-{'eager' if eager else 'compiled'}"
-    old = os.environ.get("VLLM_CACHE_ROOT")
+    env = dict(env or {})
     if cache_root is not None:
-        os.environ["VLLM_CACHE_ROOT"] = str(cache_root)
+        env["VLLM_CACHE_ROOT"] = str(cache_root)
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         return run_engine(_spec(tiny_root, prompt_ids, plugin=plugin, eager=eager), tmp_path_factory.mktemp(name), plugin=plugin)
     finally:
-        if cache_root is not None:
-            if old is None:
-                os.environ.pop("VLLM_CACHE_ROOT", None)
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
             else:
-                os.environ["VLLM_CACHE_ROOT"] = old
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -158,6 +160,14 @@ def compiled_off(tiny_root, prompt_ids, tmp_path_factory, compile_cache):
 def compiled_on(tiny_root, prompt_ids, tmp_path_factory, compile_cache, compiled_off):
     # Depends on compiled_off: the plugin-off graph is already in the shared cache.
     return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=True, eager=False, cache_root=compile_cache)
+
+
+@pytest.fixture(scope="session")
+def compiled_on_fused(tiny_root, prompt_ids, tmp_path_factory, compile_cache, compiled_on):
+    # The op as it runs on CUDA (torch.compile'd inside the opaque custom op, itself inside vLLM's
+    # compiled graph), forced on here; the graph is the plugin's, already in the shared cache.
+    return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=True, eager=False, cache_root=compile_cache,
+                   env={"VLLM_STEER_FUSED_OP": "compiled"})
 
 
 @pytest.fixture(scope="session")
@@ -282,6 +292,15 @@ def test_compiled_steered_rows_match_hf_reference(compiled_on, prompt_ids, hf_re
     # Also proves the compile cache did not hand the plugin-off graph (compiled
     # first, same cache root) to the plugin-on engine: hooks are in the graph.
     _assert_matches_reference(compiled_on, prompt_ids, hf_reference)
+
+
+def test_fused_op_inside_the_compiled_engine(compiled_on_fused, compiled_on, compiled_off, prompt_ids, hf_reference):
+    (status,) = compiled_on_fused["status_after"]
+    assert status["fused_op"] == "compiled" and status["fused_compiled_for"] == ["float32"], status
+    assert status["fused_fallbacks"] == 0
+    assert compiled_on["status_after"][0]["fused_op"] is None  # the CPU default: short paths, no compile
+    _assert_matches_reference(compiled_on_fused, prompt_ids, hf_reference)
+    _assert_unsteered_bit_equal(compiled_on_fused, compiled_off, prompt_ids)
 
 
 def test_compiled_equals_eager(compiled_on, eager_on):

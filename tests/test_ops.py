@@ -483,3 +483,21 @@ def test_single_method_path_refuses_methods_it_has_no_path_for():
               torch.zeros(2), torch.zeros(2))
     with pytest.raises(ValueError, match="NONE"):
         ops.single_method_deltas(Method.NONE, h, *tables)
+
+
+# ----------------------------------------------------------------- under torch.compile
+
+
+def test_token_deltas_compiles_whole_and_matches_eager():
+    """The general op traces as one graph (no breaks), so a fused version of it is a compile away; the
+    compiled op gives the eager op's corrections and exact zeros for untouched rows."""
+    gen = _gen(5)
+    d, n, n_slots = 32, 40, 6
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = _random_tables(d, n, n_slots, gen, torch.float32)
+    h = torch.randn(n, d, generator=gen) * 3
+    compiled = torch.compile(ops.token_deltas, fullgraph=True, dynamic=False)
+    got = compiled(h, bases, methods, gains, thresholds, token_slot, c, s, scale)
+    eager = ops.token_deltas(h, bases, methods, gains, thresholds, token_slot, c, s, scale)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    untouched = (token_slot < 0) | (methods[token_slot.clamp(min=0)] == int(Method.NONE))
+    assert bool(untouched.any()) and torch.equal(got[untouched], torch.zeros_like(got[untouched]))

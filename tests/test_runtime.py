@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import vllm_steer.runtime as runtime_mod
 from vllm_steer.hf_reference import reference_op
+from vllm_steer.ops import token_deltas
 from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint
 from vllm_steer.request import parse_steering, resolve_steering
 from vllm_steer.runtime import SlotGate, Site, SlotsExhaustedError, SteeringRuntime, set_runtime, sites_for_profiles
@@ -32,8 +35,8 @@ def steer(**kw):
     return resolve_steering(parse_steering({f"steer_{k}": v for k, v in kw.items()}), PROFILES)
 
 
-def make_runtime(max_slots=8, max_tokens=64) -> SteeringRuntime:
-    return SteeringRuntime(PROFILES, SITES, hidden_size=D, max_slots=max_slots, max_tokens=max_tokens)
+def make_runtime(max_slots=8, max_tokens=64, fused=None) -> SteeringRuntime:
+    return SteeringRuntime(PROFILES, SITES, hidden_size=D, max_slots=max_slots, max_tokens=max_tokens, fused=fused)
 
 
 def slot_of(rt: SteeringRuntime, req_id: str) -> int:
@@ -208,8 +211,8 @@ MIXED = {
 }
 
 
-def _mixed_runtime():
-    rt = make_runtime(max_slots=8, max_tokens=64)
+def _mixed_runtime(fused=None):
+    rt = make_runtime(max_slots=8, max_tokens=64, fused=fused)
     resolved = {rid: steer(**kw) for rid, kw in MIXED.items()}
     for rid, r in resolved.items():
         rt.add_request(rid, r)
@@ -235,8 +238,10 @@ def _expected_delta(h, site: Site, order, counts, resolved):
     return expected, start
 
 
-def test_delta_matches_reference_ops():
-    rt, resolved, order, counts = _mixed_runtime()
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_delta_matches_reference_ops(fused):
+    rt, resolved, order, counts = _mixed_runtime(fused)
+    assert rt.fused == ("compiled" if fused else None)  # CPU: off unless asked for; no Triton on CPU
     gen = torch.Generator().manual_seed(0)
     for i, site in enumerate(rt.sites):
         n = sum(counts) + 5  # plus padding rows past the step's tokens
@@ -250,6 +255,44 @@ def test_delta_matches_reference_ops():
         assert torch.equal(got[exact.all(dim=1)], torch.zeros_like(got[exact.all(dim=1)]))
         assert torch.equal(got[filled:], torch.zeros_like(got[filled:]))
         assert torch.equal(got[:2], torch.zeros(2, D))  # "plain"
+
+
+@pytest.mark.parametrize("context", [contextlib.nullcontext, torch.inference_mode], ids=["plain", "inference-mode"])
+def test_fused_op_compiles_once_per_kind_for_every_site_and_token_count(context):
+    """Steps that steer nothing still run the fused op once per kind of call (vLLM's warm-up runs before
+    a capture steer nothing); after that no site, step size or mix recompiles: inside a CUDA-graph
+    capture a compile would break it."""
+    rt, resolved, order, counts = _mixed_runtime(fused=True)
+    with context():
+        for n_tokens in (5, 1):
+            rt.begin_step(["plain"], [n_tokens])
+            assert torch.equal(rt.delta(torch.randn(n_tokens, D), 0), torch.zeros(n_tokens, D))
+        assert {kind[:2] for kind in rt.fused_kinds} == {(torch.float32, False), (torch.float32, True)}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for n_tokens in (1, 3, 17, 64):
+                rt.begin_step(["r-ss", "r-abl"], [n_tokens - n_tokens // 2, n_tokens // 2])
+                for site in range(len(rt.sites)):
+                    h = torch.randn(n_tokens, D)
+                    torch.testing.assert_close(rt.delta(h, site), token_deltas(h, rt.bases[site], rt.methods[site], rt.gains[site],
+                                               rt.thresholds[site], rt.token_slot[:n_tokens], rt.token_cos[:n_tokens],
+                                               rt.token_sin[:n_tokens], rt.token_scale[:n_tokens]), rtol=1e-5, atol=1e-5)
+
+
+def test_inside_a_capture_the_fused_op_never_compiles_and_falls_back_to_the_eager_op(monkeypatch):
+    rt, resolved, order, counts = _mixed_runtime(fused=True)
+    site = rt.site_ids[Site(2, "input_norm")]
+    h = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(9)) * 3
+    expected = rt.delta(h, site)  # outside a capture: compiles for this kind
+    monkeypatch.setattr(runtime_mod, "_capturing_cuda_graph", lambda _h: True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(rt.delta(h, site), expected, rtol=0, atol=0)  # the compiled code, replayed
+        assert rt.fused_fallbacks == 0
+        low = h.to(torch.bfloat16)  # a kind never compiled: must not compile here
+        got = rt.delta(low, site)
+    assert rt.fused_fallbacks == 1
+    assert got.dtype == torch.bfloat16 and torch.equal(got, token_deltas(low, rt.bases[site], rt.methods[site], rt.gains[site],
+                                                                      rt.thresholds[site], rt.token_slot[:len(h)], rt.token_cos[:len(h)],
+                                                                      rt.token_sin[:len(h)], rt.token_scale[:len(h)]))
 
 
 def test_delta_sees_both_sides_of_the_adaptive_gate():

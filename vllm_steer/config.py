@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vllm_steer.fused import FusedChoice
+
 __all__ = ["SteerConfig", "ConfigError", "ADDITIONAL_CONFIG_KEY"]
 
 ADDITIONAL_CONFIG_KEY = "vllm_steer"
@@ -21,6 +23,7 @@ _ENV = {
     "max_slots": "VLLM_STEER_MAX_SLOTS",
     "tenants": "VLLM_STEER_TENANTS",
     "hook_all_sites": "VLLM_STEER_HOOK_ALL_SITES",
+    "fused_op": "VLLM_STEER_FUSED_OP",
 }
 
 
@@ -41,6 +44,11 @@ class SteerConfig(BaseModel):
     hook_all_sites: bool = False
     """Hook every site of every layer at start, so any profile can be hot-loaded later (else only
     the sites of the profiles loaded at start: a hot-loaded profile must fit them)."""
+    fused_op: FusedChoice = "auto"
+    """The general steering op as one fused op: ``triton`` (one kernel per site, CUDA), ``compiled``
+    (torch.compile), ``off``; ``auto`` = Triton on CUDA (else compiled), off on CPU, where the per-method
+    short paths are as cheap and a compile would only slow the start. Inside CUDA graphs the eager op
+    costs ~8x the fused one (benchmarks/README.md)."""
 
     @classmethod
     def resolve(cls, additional_config: Mapping[str, Any] | None) -> SteerConfig:

@@ -201,18 +201,19 @@ def token_deltas(
     r = torch.sqrt(x * x + y * y)
     zero = torch.zeros_like(x)
 
-    # New coordinates per method, selected per token.
+    # New coordinates per method, selected per token (plain ints: torch.compile can trace them; an enum
+    # compared with a tensor it cannot).
     qx, qy = x, y
-    qx = torch.where(method == Method.ADD, x + scale * gain, qx)
-    qx = torch.where(method == Method.ABLATE, zero, qx)
-    snap = (method == Method.ANGULAR_STANDARD) | ((method == Method.ANGULAR_ADAPTIVE) & (x > tau))
+    qx = torch.where(method == int(Method.ADD), x + scale * gain, qx)
+    qx = torch.where(method == int(Method.ABLATE), zero, qx)
+    snap = (method == int(Method.ANGULAR_STANDARD)) | ((method == int(Method.ANGULAR_ADAPTIVE)) & (x > tau))
     qx = torch.where(snap, r * c, qx)
     qy = torch.where(snap, r * s, qy)
-    rotate = method == Method.ROTATE
+    rotate = method == int(Method.ROTATE)
     qx = torch.where(rotate, x * c - y * s, qx)
     qy = torch.where(rotate, x * s + y * c, qy)
 
-    active = method != Method.NONE
+    active = method != int(Method.NONE)
     dq = torch.stack([torch.where(active, qx - x, zero), torch.where(active, qy - y, zero)], dim=1)
     # Inactive rows have dq == 0 exactly and a finite basis, so their delta is exactly 0.
     delta = torch.bmm(dq.unsqueeze(1), basis).squeeze(1)  # [N, d]

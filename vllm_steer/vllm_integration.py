@@ -282,6 +282,7 @@ def _install_on_runner(runner: Any) -> None:
         max_slots=max_slots,
         max_tokens=runner.max_num_tokens,
         device=runner.device,
+        fused=config.fused_op,
     )
     model = runner.get_model()
     runner._vllm_steer_hooks = install_hooks(model, sites)
@@ -446,6 +447,9 @@ def _patch_worker_status() -> None:
             "max_slots": runtime.max_slots if runtime else 0,
             "slots_in_use": runtime.slots_in_use if runtime else 0,
             "steps_steered": runtime.steps_steered if runtime else 0,
+            "fused_op": runtime.fused if runtime else None,
+            "fused_compiled_for": sorted({str(kind[0]).removeprefix("torch.") for kind in runtime.fused_kinds}) if runtime else [],
+            "fused_fallbacks": runtime.fused_fallbacks if runtime else 0,
         }
 
     def vllm_steer_reload(self, expected: dict[str, str]) -> dict[str, Any]:

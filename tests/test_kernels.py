@@ -1,0 +1,49 @@
+"""The Triton kernel against the torch op, in Triton's interpreter on the CPU (the GPU box runs the
+same check compiled: tests/test_cuda.py). The interpreter executes the kernel's own code, program by
+program, so its formulas, masks and the exact zeros of untouched rows are checked without a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_steer.fused import choose_fused_op
+
+HERE = Path(__file__).parent
+
+
+def test_kernel_equals_the_torch_op_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE / "kernel_check.py"), "cpu"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "108 cases passed" in proc.stdout
+
+
+def test_the_kernel_is_chosen_only_where_it_runs():
+    assert choose_fused_op("auto", torch.device("cpu"), 64) is None
+    assert choose_fused_op(None, torch.device("cpu"), 64) is None
+    assert choose_fused_op(True, torch.device("cpu"), 64).name == "compiled"
+    assert choose_fused_op("off", torch.device("cpu"), 64) is None
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        choose_fused_op("triton", torch.device("cpu"), 64)
+    with pytest.raises(ValueError, match="auto, off, triton or compiled"):
+        choose_fused_op("fast", torch.device("cpu"), 64)
+
+
+def test_the_fused_op_setting_is_validated_naming_the_field(monkeypatch):
+    from vllm_steer.config import ConfigError, SteerConfig
+
+    assert SteerConfig.resolve(None).fused_op == "auto"
+    monkeypatch.setenv("VLLM_STEER_FUSED_OP", "triton")
+    assert SteerConfig.resolve(None).fused_op == "triton"
+    assert SteerConfig.resolve({"vllm_steer": {"fused_op": "off"}}).fused_op == "off"  # additional_config wins
+    monkeypatch.setenv("VLLM_STEER_FUSED_OP", "fast")
+    with pytest.raises(ConfigError, match="fused_op"):
+        SteerConfig.resolve(None)
