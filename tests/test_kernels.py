@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_ops import _random_tables
 
-from vllm_steer.fused import choose_fused_op
+from vllm_steer.fused import TritonOp, choose_fused_op
+from vllm_steer.ops import token_deltas
 
 HERE = Path(__file__).parent
 
@@ -47,3 +49,12 @@ def test_the_fused_op_setting_is_validated_naming_the_field(monkeypatch):
     monkeypatch.setenv("VLLM_STEER_FUSED_OP", "fast")
     with pytest.raises(ConfigError, match="fused_op"):
         SteerConfig.resolve(None)
+
+
+def test_the_triton_op_leaves_what_the_kernel_does_not_take_to_the_torch_op():
+    """float64 keeps its precision and a column-strided h its layout: the torch op serves them (no error
+    inside an engine step), here on the CPU, where no kernel could run."""
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = _random_tables(16, 5, 2, torch.Generator().manual_seed(0), torch.float32)
+    for h in (torch.randn(5, 16, dtype=torch.float64), torch.randn(16, 5).t()):
+        args = (h, bases, methods, gains, thresholds, token_slot, c, s, scale)
+        assert torch.equal(TritonOp().run(args), token_deltas(*args))

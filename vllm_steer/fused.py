@@ -70,7 +70,8 @@ class TritonOp(FusedOp):
         return (h.dtype, h.data_ptr() % 16 == 0, h.stride(0) % 16 == 0)
 
     def _call(self, args):
-        if args[0].dtype not in kernels.DTYPES:  # float64: the torch op keeps its precision
+        h = args[0]
+        if h.dtype not in kernels.DTYPES or h.stride(-1) != 1:  # float64 keeps its precision; odd layouts
             return token_deltas(*args)
         return kernels.token_deltas_triton(*args)
 
