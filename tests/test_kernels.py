@@ -21,7 +21,8 @@ HERE = Path(__file__).parent
 
 def test_kernel_equals_the_torch_op_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    path = [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]  # test_ops; the package, installed or not
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run([sys.executable, str(HERE / "kernel_check.py"), "cpu"], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -259,23 +259,30 @@ def test_delta_matches_reference_ops(fused):
 
 @pytest.mark.parametrize("context", [contextlib.nullcontext, torch.inference_mode], ids=["plain", "inference-mode"])
 def test_fused_op_compiles_once_per_kind_for_every_site_and_token_count(context):
-    """Steps that steer nothing still run the fused op once per kind of call (vLLM's warm-up runs before
-    a capture steer nothing); after that no site, step size or mix recompiles: inside a CUDA-graph
-    capture a compile would break it."""
+    """Once compiled (N dynamic), no site, step size or mix recompiles: inside a
+    CUDA-graph capture a compile would break it. (That steps steering nothing compile it too, as vLLM's
+    warm-up before a capture does, is a CUDA matter: tests/test_cuda.py.)"""
     rt, resolved, order, counts = _mixed_runtime(fused=True)
+    site = rt.site_ids[Site(1, "input_norm")]  # selective and standard angular share it
     with context():
-        for n_tokens in (5, 1):
-            rt.begin_step(["plain"], [n_tokens])
-            assert torch.equal(rt.delta(torch.randn(n_tokens, D), 0), torch.zeros(n_tokens, D))
-        assert {kind[:2] for kind in rt.fused_kinds} == {(torch.float32, False), (torch.float32, True)}
+        rt.begin_step(["plain"], [5])
+        assert torch.equal(rt.delta(torch.randn(5, D), site), torch.zeros(5, D))
+        assert rt.fused_kinds == frozenset()  # CPU: nothing compiled for a step that steers nothing
+        rt.begin_step(["r-ss", "r-sas"], [3, 2])
+        rt.delta(torch.randn(5, D), site)  # compiles, N marked dynamic (one token never meets two methods)
+        assert {kind[:2] for kind in rt.fused_kinds} == {(torch.float32, False)}
+        calls = []
+        run = rt._fused.run
+        rt._fused.run = lambda args: calls.append(1) or run(args)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            for n_tokens in (1, 3, 17, 64):
-                rt.begin_step(["r-ss", "r-abl"], [n_tokens - n_tokens // 2, n_tokens // 2])
+            for n_tokens in (1, 3, 17, 64):  # selective and standard angular share their sites: the general op
+                rt.begin_step(["r-ss", "r-sas"], [n_tokens - n_tokens // 2, n_tokens // 2])
                 for site in range(len(rt.sites)):
                     h = torch.randn(n_tokens, D)
                     torch.testing.assert_close(rt.delta(h, site), token_deltas(h, rt.bases[site], rt.methods[site], rt.gains[site],
                                                rt.thresholds[site], rt.token_slot[:n_tokens], rt.token_cos[:n_tokens],
                                                rt.token_sin[:n_tokens], rt.token_scale[:n_tokens]), rtol=1e-5, atol=1e-5)
+        assert calls, "the sites both methods share must have run the fused op"
 
 
 def test_inside_a_capture_the_fused_op_never_compiles_and_falls_back_to_the_eager_op(monkeypatch):

@@ -16,12 +16,13 @@ Modelled on vLLM's LoRA support (``vllm/lora/``):
   keeps opaque: compiled graphs call it at every step and it reads the buffers.
   It returns the correction, which the hook adds (``h + delta``), so unsteered
   rows get ``+ 0`` and stay bit-identical.
-* **Which op runs.** On CUDA (``fused``), the general op compiled by torch.compile
-  (dynamic in the token count): inside CUDA graphs it costs ~1/8 of the eager op's
-  chain of ~50 small kernels, and it is compiled in the eager warm-up steps vLLM
-  runs before each capture, never inside one. Otherwise (CPU), outside a capture
-  the host knows the step's mix and runs the one method's short formula where a
-  site has one; the general op for sites two methods share and for captures.
+* **Which op runs** (:mod:`vllm_steer.fused`). Inside a CUDA-graph capture the
+  general op, which must serve any mix: on CUDA one Triton kernel per site (by
+  default), compiled in the eager warm-up steps vLLM runs before each capture,
+  never inside one. Outside captures the host knows the step's mix: sites no
+  steered token uses return zeros; on CUDA the Triton kernel serves the rest;
+  otherwise a site steered by one method runs that method's short formula, and a
+  site two methods share runs the general op (torch.compile'd if ``compiled``).
 
 Nothing here imports vLLM; :mod:`vllm_steer.vllm_integration` feeds it.
 """
@@ -334,14 +335,14 @@ class SteeringRuntime:
             return out
         # Host decisions per step.
         if not self._site_active[site]:
-            if fused is not None and not fused.seen(h):
+            if fused is not None and h.is_cuda and not fused.seen(h):
                 # vLLM's warm-up runs before it captures each batch size steer nothing: run the fused op
-                # anyway once per kind of call, so the capture finds it compiled.
+                # anyway once per kind of call, so the capture finds it compiled (no captures on CPU).
                 fused.run(args)
             return torch.zeros_like(h)  # nothing steered here this step
-        if fused is not None:
-            return fused.run(args)
         method = self._site_method[site]
+        if fused is not None and (method is None or fused.name == "triton"):
+            return fused.run(args)  # one Triton launch beats even a short path; Inductor's fusion does not
         if method is not None:
             return single_method_deltas(method, h, args[1], *args[3:])
         return token_deltas(*args)
