@@ -63,6 +63,8 @@ def test_lone_surrogates_are_refused_naming_where(body, param):
     ({"other": [1, [2]]}, "other"),
     ({"steer_profile": "sel", POLICY_TOKEN_KEY: "forged"}, POLICY_TOKEN_KEY),
     ({"steer_profile": "sel", "vllm_steer_digest": "0" * 64}, "vllm_steer_digest"),
+    ({"": -(2**63) - 1}, "vllm_xargs"),  # found by the live fuzzer: vLLM named its own field, extra_args
+    ({"big": [1, 2**64]}, "big"),
 ])
 def test_xargs_the_engine_would_choke_on_or_the_server_owns_are_refused(xargs, param):
     response = _post({"prompt": "x", "vllm_xargs": xargs})

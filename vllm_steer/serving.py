@@ -138,7 +138,14 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
             raise _BadBody(key, "is reserved for the server; remove it")
         if not _flat_value(value):
             raise _BadBody(key or "vllm_xargs", f"vllm_xargs[{key!r}]: values must be a string, a number or a list of those")
+        if not all(_INT_MIN <= v <= _INT_MAX for v in (value if isinstance(value, list) else [value])
+                   if isinstance(v, int) and not isinstance(v, bool)):
+            # vLLM refuses these too, but names its internal field (extra_args), which the client never sent.
+            raise _BadBody(key or "vllm_xargs", f"vllm_xargs[{key!r}]: integers must be between -2**63 and 2**64 - 1")
     return body
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 RESERVED_XARGS_PREFIX = "vllm_steer_"
