@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32, 64], help="distinct settings per batch")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--fused", action="store_true", help="also time the op compiled by torch.compile (a fused op's cost)")
+    ap.add_argument("--fused", action="store_true", help="also time the fused ops: torch.compile'd, and the Triton kernel on CUDA")
     ap.add_argument("--out", default="benchmarks/results/op_cost_cpu.json")
     args = ap.parse_args()
     if args.cuda_graphs and args.device != "cuda":

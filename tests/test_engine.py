@@ -164,8 +164,8 @@ def compiled_on(tiny_root, prompt_ids, tmp_path_factory, compile_cache, compiled
 
 @pytest.fixture(scope="session")
 def compiled_on_fused(tiny_root, prompt_ids, tmp_path_factory, compile_cache, compiled_on):
-    # The op as it runs on CUDA (torch.compile'd inside the opaque custom op, itself inside vLLM's
-    # compiled graph), forced on here; the graph is the plugin's, already in the shared cache.
+    # A fused op inside the opaque custom op, itself inside vLLM's compiled graph, as on CUDA. Triton has
+    # no CPU backend, so the torch.compile'd variant stands in; the graph is the plugin's, already cached.
     return _engine(tiny_root, prompt_ids, tmp_path_factory, plugin=True, eager=False, cache_root=compile_cache,
                    env={"VLLM_STEER_FUSED_OP": "compiled"})
 

@@ -114,14 +114,15 @@ class CompiledOp(FusedOp):
 
 
 def choose_fused_op(choice: FusedChoice | bool | None, device: torch.device, hidden_size: int) -> FusedOp | None:
-    """The fused op for this runtime: ``auto`` = Triton on CUDA where it runs, else compiled on CUDA,
-    none on CPU (there the per-method short paths are as cheap and a compile only slows the start)."""
-    if choice is None:
-        choice = "auto"
+    """The fused op for this runtime: ``auto`` (or None) = the best this device has on CUDA — Triton where
+    it runs, else compiled — and none on CPU (there the per-method short paths are as cheap and a compile
+    only slows the start); ``True`` = the best this device has, on CPU too."""
+    if choice is None or choice == "auto":
+        choice = device.type == "cuda"
     if choice is False or choice == "off":
         return None
     triton_ok = device.type == "cuda" and kernels.available() and hidden_size <= kernels.MAX_HIDDEN
-    if choice is True:  # the best this device has
+    if choice is True:
         return TritonOp() if triton_ok else CompiledOp()
     if choice == "triton":
         if not triton_ok:
@@ -130,8 +131,4 @@ def choose_fused_op(choice: FusedChoice | bool | None, device: torch.device, hid
         return TritonOp()
     if choice == "compiled":
         return CompiledOp()
-    if choice != "auto":
-        raise ValueError(f"fused_op must be auto, off, triton or compiled, not {choice!r}")
-    if device.type != "cuda":
-        return None
-    return TritonOp() if triton_ok else CompiledOp()
+    raise ValueError(f"fused_op must be auto, off, triton or compiled, not {choice!r}")
