@@ -125,7 +125,7 @@ class Server:
 
 
 def _prompts(n: int) -> list[str]:
-    from vllm_steer.datasets import cycled_prompts
+    from vllm_steer.data import cycled_prompts
 
     return cycled_prompts("alpaca", n, fallback=REPO / "tests" / "data" / "harmless.jsonl")
 
@@ -368,7 +368,7 @@ def _report(result: dict, out: Path) -> str:
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
 
-    from vllm_steer.plotting import pyplot, save
+    from vllm_steer.evaluation.plotting import pyplot, save
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

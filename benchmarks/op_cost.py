@@ -12,7 +12,7 @@ one of K distinct slots (Selective Steering rotation — the op's full path; 64 
   spends per layer anyway. ``op / layer`` is the op's share of a steered layer.
 * with ``--fused``, the same op fused: compiled by ``torch.compile`` (Inductor fuses its ~50
   element-wise and gather kernels into a few) and, where Triton and CUDA are there, the one-kernel
-  Triton op (:mod:`vllm_steer.kernels`) the runtime uses on CUDA.
+  Triton op (:mod:`vllm_steer.engine.kernels`) the runtime uses on CUDA.
 * the **hook way** at op level: one op call per distinct setting on that setting's rows (what forward
   hooks applying one setting per batch amount to), and ``loop / batched``.
 
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no install) too
-from vllm_steer import kernels  # noqa: E402
-from vllm_steer.ops import Method, token_deltas  # noqa: E402
+from vllm_steer.engine import kernels  # noqa: E402
+from vllm_steer.core.ops import Method, token_deltas  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -62,7 +62,7 @@ def _serve(args: argparse.Namespace) -> None:
     """Worker: one engine; read a scenario name per stdin line, answer with its timing on stdout."""
     from vllm import LLM, SamplingParams
 
-    from vllm_steer.datasets import cycled_prompts
+    from vllm_steer.data import cycled_prompts
 
     kwargs = dict(model=args.model, dtype="float32", seed=0, max_num_seqs=max(args.batch, 8),
                   enforce_eager=args.eager, max_model_len=1024)

@@ -1,7 +1,7 @@
 """A steered decode step against a plain one, on a stack of decoder layers replayed from CUDA graphs.
 
 The GPU box has PyTorch but no vLLM, so this runs what the plugin adds to a vLLM step without vLLM:
-the real :class:`~vllm_steer.runtime.SteeringRuntime` and its custom op ``torch.ops.vllm_steer.delta``,
+the real :class:`~vllm_steer.engine.runtime.SteeringRuntime` and its custom op ``torch.ops.vllm_steer.delta``,
 called at every hooked site of a Llama-shaped stack (``op_cost.DecoderLayer``: norms, q/k/v/o, causal
 attention over the batch, SwiGLU MLP), captured in one CUDA graph as vLLM captures a decode batch. What
 it cannot show is a KV cache: real decode attention reads one, so a real step costs more than this
@@ -37,10 +37,10 @@ sys.path.insert(0, str(HERE.parent))  # runs from a bare checkout (no install) t
 sys.path.insert(0, str(HERE))
 from op_cost import DTYPES, DecoderLayer, replayer, seconds_per_call  # noqa: E402
 
-from vllm_steer.profile import ModelFingerprint  # noqa: E402
-from vllm_steer.request import parse_steering, resolve_steering  # noqa: E402
-from vllm_steer.runtime import SteeringRuntime, set_runtime, sites_for_profiles  # noqa: E402
-from vllm_steer.synthetic import random_profile  # noqa: E402
+from vllm_steer.core.profile import ModelFingerprint  # noqa: E402
+from vllm_steer.core.request import parse_steering, resolve_steering  # noqa: E402
+from vllm_steer.engine.runtime import SteeringRuntime, set_runtime, sites_for_profiles  # noqa: E402
+from vllm_steer.testing.synthetic import random_profile  # noqa: E402
 
 SCENARIOS = {
     "all": ("plugin-idle", "all:selective", "all:ablation", "mixed:8"),

@@ -44,7 +44,7 @@ DEMO = {  # method -> demo profile (and its setting)
 
 
 def _prompts(n: int) -> list[str]:
-    from vllm_steer.datasets import cycled_prompts
+    from vllm_steer.data import cycled_prompts
 
     return cycled_prompts("advbench", n, fallback=REPO / "tests" / "data" / "harmful.csv")
 
@@ -59,8 +59,8 @@ def _make_profiles(root: Path, model: str, ks: list[int], demo: Path) -> None:
     """The demo profiles plus max(K) random Selective Steering profiles on the demo's layers."""
     import shutil
 
-    from vllm_steer.profile import load_profile, save_profile
-    from vllm_steer.synthetic import random_profile
+    from vllm_steer.core.profile import load_profile, save_profile
+    from vllm_steer.testing.synthetic import random_profile
 
     for sub in demo.iterdir():
         if (sub / "profile.json").exists():
@@ -124,9 +124,9 @@ def _hf(model_dir: str, prompts: list[str], profiles_dir: Path, ks: list[int], b
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_steer.hf_reference import steered
-    from vllm_steer.profile import load_profile_dir
-    from vllm_steer.request import parse_steering, resolve_steering
+    from vllm_steer.testing.hf_reference import steered
+    from vllm_steer.core.profile import load_profile_dir
+    from vllm_steer.core.request import parse_steering, resolve_steering
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_steer.profile import ModelFingerprint, save_profile
-from vllm_steer.synthetic import random_profile
+from vllm_steer.core.profile import ModelFingerprint, save_profile
+from vllm_steer.testing.synthetic import random_profile
 
 HERE = Path(__file__).parent
 TINY = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=128, num_layers=4)

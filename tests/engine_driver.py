@@ -72,7 +72,7 @@ def main(spec_path: str, out_path: str) -> None:
     llm = LLM(**kwargs)
     result: dict = {"startup_s": time.time() - started}
     try:
-        from vllm_steer.vllm_integration import engine_status
+        from vllm_steer.engine import engine_status
 
         result["status"] = engine_status(llm)
     except Exception as exc:  # noqa: BLE001 - no plugin loaded in this process

@@ -13,8 +13,8 @@ import sys
 import torch
 from test_ops import _random_tables
 
-from vllm_steer import kernels
-from vllm_steer.ops import Method, token_deltas
+from vllm_steer.engine import kernels
+from vllm_steer.core.ops import Method, token_deltas
 
 
 def check(device: str, dims=(16, 24, 100, 128), sizes=(1, 7, 33), seeds=range(3)) -> int:

@@ -65,7 +65,7 @@ def test_throughput_runs_on_a_minimal_setting(tmp_path):
 def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
     import yaml
 
-    from vllm_steer.tenants import hash_api_key
+    from vllm_steer.server.tenants import hash_api_key
 
     keys = {"strict": "load-strict-0123456789", "standard": "load-standard-0123456789", "research": "load-research-0123456789"}
     tiers = {

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_steer.calibrate import ClassStats, diff_of_means, discriminative_layers, fit_probe, second_axis, select_b1
-from vllm_steer.calibration_pipeline import CalibrationConfig, CalibrationError, calibrate_profile
-from vllm_steer.datasets import DatasetError, load_labelled, load_prompts, split
-from vllm_steer.profile import load_profile
+from vllm_steer.calibration.stats import ClassStats, diff_of_means, discriminative_layers, fit_probe, second_axis, select_b1
+from vllm_steer.calibration.pipeline import CalibrationConfig, CalibrationError, calibrate_profile
+from vllm_steer.data import DatasetError, load_labelled, load_prompts, split
+from vllm_steer.core.profile import load_profile
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_steer.capability import (
+from vllm_steer.evaluation.capability import (
     LETTERS,
     MCFormatError,
     MCItem,

@@ -21,11 +21,11 @@ import torch
 from test_ops import _random_tables, _reference_row
 from test_runtime import MIXED, PROFILES, steer
 
-from vllm_steer.hf_reference import reference_op
-from vllm_steer.kernels import token_deltas_triton
-from vllm_steer.ops import Method, single_method_deltas, token_deltas
-from vllm_steer.profile import METHOD_HOOKS
-from vllm_steer.runtime import SteeringRuntime, set_runtime, sites_for_profiles
+from vllm_steer.testing.hf_reference import reference_op
+from vllm_steer.engine.kernels import token_deltas_triton
+from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
+from vllm_steer.core.profile import METHOD_HOOKS
+from vllm_steer.engine.runtime import SteeringRuntime, set_runtime, sites_for_profiles
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
 

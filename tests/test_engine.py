@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from conftest import run_engine
-from vllm_steer.hf_reference import steered
-from vllm_steer.profile import load_profile_dir
-from vllm_steer.request import parse_steering, resolve_steering
+from vllm_steer.testing.hf_reference import steered
+from vllm_steer.core.profile import load_profile_dir
+from vllm_steer.core.request import parse_steering, resolve_steering
 
 pytestmark = pytest.mark.engine
 

@@ -42,10 +42,10 @@ from test_serving import (  # noqa: F401 - shared fixtures and helpers (a server
     ADMIN_KEY, KEYS, _complete, _free_port, _server_env, _tokens_and_logprobs, _vllm_args, profiles_dir, server,
     tenants_file,
 )
-from vllm_steer.profile import save_profile
-from vllm_steer.request import STEER_KEYS
-from vllm_steer.serving import POLICY_TOKEN_KEY
-from vllm_steer.synthetic import random_profile
+from vllm_steer.core.profile import save_profile
+from vllm_steer.core.request import STEER_KEYS
+from vllm_steer.server.middleware import POLICY_TOKEN_KEY
+from vllm_steer.testing.synthetic import random_profile
 
 pytestmark = [pytest.mark.engine, pytest.mark.hardening]
 
@@ -520,7 +520,7 @@ def test_an_exception_injected_into_the_workers_set_up_stops_the_server_from_sta
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(
-        "import vllm_steer.runtime as runtime\n"
+        "import vllm_steer.engine.runtime as runtime\n"
         "def _boom(self, *args, **kwargs):\n"
         "    raise RuntimeError('injected fault in SteeringRuntime set-up')\n"
         "runtime.SteeringRuntime.__init__ = _boom\n")

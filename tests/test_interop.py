@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from vllm_steer.cli import app
-from vllm_steer.interop import (VectorImportError, export_gguf, export_vectors, import_vectors, model_fingerprint,
+from vllm_steer.calibration.interop import (VectorImportError, export_gguf, export_vectors, import_vectors, model_fingerprint,
                                 profile_from_vectors, read_gguf_control_vector, read_sae_features, read_vector_file)
-from vllm_steer.profile import load_profile
-from vllm_steer.synthetic import random_profile
+from vllm_steer.core.profile import load_profile
+from vllm_steer.testing.synthetic import random_profile
 
 D, L = TINY.hidden_size, TINY.num_layers
 
@@ -67,13 +67,13 @@ def test_direction_n_is_added_to_the_output_of_decoder_layer_n(tiny_root, tmp_pa
     """The off-by-one check: a llama.cpp direction.N is added at the output of decoder layer N."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_steer.hf_reference import steered
-    from vllm_steer.request import parse_steering, resolve_steering
+    from vllm_steer.testing.hf_reference import steered
+    from vllm_steer.core.request import parse_steering, resolve_steering
 
     v = _vec(7)
     source = read_gguf_control_vector(_write_gguf(tmp_path / "one.gguf", {"direction.1": v}), TINY)
     spec, vectors = profile_from_vectors(source, TINY, "cv", "addition", scale=1.0)
-    from vllm_steer.profile import Profile
+    from vllm_steer.core.profile import Profile
 
     profile = Profile(spec, vectors)
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "model", dtype=torch.float32).eval()

@@ -1,4 +1,4 @@
-"""Judges (vllm_steer.judges) against a real stub OpenAI-compatible HTTP server on 127.0.0.1.
+"""Judges (vllm_steer.evaluation.judges) against a real stub OpenAI-compatible HTTP server on 127.0.0.1.
 
 The stub picks its reply from a ``CASE=<name>`` marker inside the judged response text, so
 one batch exercises well-formed, malformed, failing and slow replies at once.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_steer import judges as J
-from vllm_steer.judges import (
+from vllm_steer.evaluation import judges as J
+from vllm_steer.evaluation.judges import (
     ClassifierJudge,
     JudgeSummary,
     LLMJudge,
@@ -31,7 +31,7 @@ from vllm_steer.judges import (
     parse_classifier_verdict,
     parse_llm_verdict,
 )
-from vllm_steer.metrics import is_refusal
+from vllm_steer.evaluation.metrics import is_refusal
 
 KEY = "sk-test-SECRET-4242"
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_ops import _random_tables
 
-from vllm_steer.fused import TritonOp, choose_fused_op
-from vllm_steer.ops import token_deltas
+from vllm_steer.engine.fused import TritonOp, choose_fused_op
+from vllm_steer.core.ops import token_deltas
 
 HERE = Path(__file__).parent
 
@@ -41,7 +41,7 @@ def test_the_kernel_is_chosen_only_where_it_runs():
 
 
 def test_the_fused_op_setting_is_validated_naming_the_field(monkeypatch):
-    from vllm_steer.config import ConfigError, SteerConfig
+    from vllm_steer.core.settings import ConfigError, SteerConfig
 
     assert SteerConfig.resolve(None).fused_op == "auto"
     monkeypatch.setenv("VLLM_STEER_FUSED_OP", "triton")

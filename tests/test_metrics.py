@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 
-from vllm_steer.metrics import (PERPLEXITY_VIOLATION, compression_ratio, is_refusal, ngram_repetition,
+from vllm_steer.evaluation.metrics import (PERPLEXITY_VIOLATION, compression_ratio, is_refusal, ngram_repetition,
                                 perplexity_from_logprobs, unicode_score)
 
 

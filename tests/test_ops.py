@@ -14,8 +14,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from vllm_steer import ops
-from vllm_steer.ops import Method
+from vllm_steer.core import ops
+from vllm_steer.core.ops import Method
 
 SETTINGS = settings(max_examples=50, deadline=None)
 

@@ -19,8 +19,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from test_tenants import KEYS, POLICY, PROFILES
-from vllm_steer.request import STEER_KEYS
-from vllm_steer.serving import POLICY_TOKEN_KEY, SteeringPolicyMiddleware, make_state, policy_token
+from vllm_steer.core.request import STEER_KEYS
+from vllm_steer.server.middleware import POLICY_TOKEN_KEY, SteeringPolicyMiddleware, make_state, policy_token
 
 STRICT_KEY, STANDARD_KEY, RESEARCH_KEY = KEYS.values()
 

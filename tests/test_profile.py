@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_steer.profile import (
+from vllm_steer.core.profile import (
     PROFILE_FILE,
     TENSORS_FILE,
     ModelFingerprint,
@@ -21,7 +21,7 @@ from vllm_steer.profile import (
     profile_changes,
     save_profile,
 )
-from vllm_steer.synthetic import random_profile
+from vllm_steer.testing.synthetic import random_profile
 
 FP = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=16, num_layers=4)
 METHODS = ["addition", "probe", "category", "ablation", "angular_standard", "angular_adaptive", "selective"]

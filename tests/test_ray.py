@@ -26,8 +26,8 @@ from test_engine import MAX_TOKENS, SETTINGS, eager_on, prompt_ids, tokenizer  #
 from test_serving import (  # noqa: F401 - shared fixtures and helpers
     ADMIN_KEY, ADMITTED, KEYS, REFUSED, _free_port, _offline_rows, _tokens_and_logprobs, profiles_dir, tenants_file,
 )
-from vllm_steer.profile import save_profile
-from vllm_steer.synthetic import random_profile
+from vllm_steer.core.profile import save_profile
+from vllm_steer.testing.synthetic import random_profile
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
@@ -89,7 +89,7 @@ def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": _free_port()},
         "applications": [{
-            "name": "vllm-steer", "route_prefix": "/", "import_path": "vllm_steer.ray_serve:build_app",
+            "name": "vllm-steer", "route_prefix": "/", "import_path": "vllm_steer.server.ray_app:build_app",
             "args": {
                 "model": str(tiny_root / "model"), "model_id": MODEL_ID, "profiles": str(profiles_dir),
                 "tenants": str(tenants_file), "accelerator": "cpu",

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vllm_steer.profile import ProfileError
-from vllm_steer.ray_serve import POLICY_SECRET_ENV, RayAppArgs, RayAppArgsError, build_app
+from vllm_steer.core.profile import ProfileError
+from vllm_steer.server.ray_app import POLICY_SECRET_ENV, RayAppArgs, RayAppArgsError, build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_YAML = ROOT / "deploy" / "serve.yaml"
@@ -26,7 +26,7 @@ def _serve_schema(raw: dict):
 def test_serve_yaml_parses_into_rays_schema_and_our_args():
     schema = _serve_schema(yaml.safe_load(SERVE_YAML.read_text()))
     (app,) = schema.applications
-    assert app.import_path == "vllm_steer.ray_serve:build_app"
+    assert app.import_path == "vllm_steer.server.ray_app:build_app"
     args = RayAppArgs.parse(app.args)
     assert args.accelerator == "cpu" and args.autoscaling.max_replicas >= args.autoscaling.min_replicas
     assert (ROOT / args.profiles).is_dir() and (ROOT / args.tenants).is_file()

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_steer.profile import ModelFingerprint, Profile, ProfileSpec
-from vllm_steer.request import (
+from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec
+from vllm_steer.core.request import (
     ResolvedSteering,
     SteeringRequest,
     SteeringRequestError,
@@ -17,7 +17,7 @@ from vllm_steer.request import (
     resolve_steering,
     steering_cache_salt,
 )
-from vllm_steer.synthetic import random_profile
+from vllm_steer.testing.synthetic import random_profile
 
 FP = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=16, num_layers=4)
 
@@ -344,7 +344,7 @@ def test_steer_layers_picks_a_subset_of_the_profile_layers():
 
 
 def test_admission_key_normalizes_the_request_spelling():
-    from vllm_steer.request import admission_key
+    from vllm_steer.core.request import admission_key
 
     stamp = "vllm_steer_digest"
     one = admission_key({"steer_profile": "p", "steer_categories": ["b", "a"], stamp: "d"}, stamp)

@@ -7,13 +7,13 @@ import contextlib
 import pytest
 import torch
 
-import vllm_steer.runtime as runtime_mod
-from vllm_steer.hf_reference import reference_op
-from vllm_steer.ops import token_deltas
-from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint
-from vllm_steer.request import parse_steering, resolve_steering
-from vllm_steer.runtime import SlotGate, Site, SlotsExhaustedError, SteeringRuntime, set_runtime, sites_for_profiles
-from vllm_steer.synthetic import random_profile
+import vllm_steer.engine.runtime as runtime_mod
+from vllm_steer.testing.hf_reference import reference_op
+from vllm_steer.core.ops import token_deltas
+from vllm_steer.core.profile import METHOD_HOOKS, ModelFingerprint
+from vllm_steer.core.request import parse_steering, resolve_steering
+from vllm_steer.engine.runtime import SlotGate, Site, SlotsExhaustedError, SteeringRuntime, set_runtime, sites_for_profiles
+from vllm_steer.testing.synthetic import random_profile
 
 D = 16
 FP = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=D, num_layers=4)

@@ -24,9 +24,9 @@ import yaml
 
 from test_engine import MAX_TOKENS, SETTINGS, _rows, eager_on, prompt_ids, tokenizer  # noqa: F401 - shared fixtures
 from conftest import TINY
-from vllm_steer.profile import save_profile
-from vllm_steer.synthetic import random_profile
-from vllm_steer.tenants import hash_api_key
+from vllm_steer.core.profile import save_profile
+from vllm_steer.testing.synthetic import random_profile
+from vllm_steer.server.tenants import hash_api_key
 
 pytestmark = pytest.mark.engine
 
@@ -366,7 +366,7 @@ def test_a_server_without_the_policy_refuses_instead_of_serving_unchecked(tiny_r
 
 def test_eval_through_the_server_matches_the_offline_engine(server, tmp_path, monkeypatch):
     """`vllm-steer eval --server URL`: the same numbers as the offline engine, through the tenant policy."""
-    from vllm_steer.evaluation import EvalConfig, EvalTarget, Row, ServerBackend, run_eval
+    from vllm_steer.evaluation.runner import EvalConfig, EvalTarget, Row, ServerBackend, run_eval
 
     data = Path(__file__).parent / "data"
     monkeypatch.setenv("EVAL_KEY", KEYS["research"])

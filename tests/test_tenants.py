@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import vllm_steer.tenants as tenants_module
-from vllm_steer.profile import ModelFingerprint, Profile, ProfileSpec, load_profile_dir
-from vllm_steer.synthetic import random_profile
-from vllm_steer.tenants import (
+import vllm_steer.server.tenants as tenants_module
+from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec, load_profile_dir
+from vllm_steer.testing.synthetic import random_profile
+from vllm_steer.server.tenants import (
     MAX_LIST_ITEMS,
     PolicyError,
     TenantPolicy,
@@ -736,7 +736,7 @@ def test_reprs_and_errors_never_show_keys_or_hashes():
     for entry in _config()["tenants"]:
         _, salt, digest = entry["key_hash"].split("$")
         secrets_shown += [salt, digest]
-    from vllm_steer.tenants import TenantsFile
+    from vllm_steer.server.tenants import TenantsFile
 
     model = TenantsFile.model_validate(_config())
     texts = [
@@ -770,7 +770,7 @@ def test_openai_error_shape(status, kind):
 
 
 def test_admin_keys_are_separate_from_tenant_keys():
-    from vllm_steer.tenants import PolicyError, TenantPolicy, TenantsFileError, hash_api_key
+    from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError, hash_api_key
 
     base = {"format_version": 1, "tiers": {"open": {"profiles": "*"}},
             "tenants": [{"name": "t", "tier": "open", "key_hash": hash_api_key("tenant-key")}]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vllm_steer.serving import TOKENS, _UsageMeter
+from vllm_steer.server.middleware import TOKENS, _UsageMeter
 
 
 def _count(tier: str, kind: str) -> float:

@@ -73,9 +73,9 @@ def calibrate(
     """Collect activations, compute the method's directions, write a validated profile, sweep its default."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from vllm_steer.calibration_pipeline import CalibrationConfig, CalibrationError, calibrate_profile
-    from vllm_steer.datasets import DatasetError
-    from vllm_steer.profile import ProfileError, load_profile
+    from vllm_steer.calibration.pipeline import CalibrationConfig, CalibrationError, calibrate_profile
+    from vllm_steer.data import DatasetError
+    from vllm_steer.core.profile import ProfileError, load_profile
 
     cfg = CalibrationConfig(
         model=model, method=method, out=out, harmful=harmful, harmless=harmless, profile_id=profile_id,
@@ -100,21 +100,21 @@ def calibrate(
             raise typer.Exit(1) from None
     profile = load_profile(path)
     console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)}")
-    from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS
+    from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS
 
     if sweep != "none" and profile.method in ANGLE_METHODS | SCALE_METHODS:
         _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
     if report:
-        from vllm_steer.report import write_report
+        from vllm_steer.calibration.report import write_report
 
         console.print(f"report: {write_report(path, diagnostics)}")
 
 
 def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_tokens: int) -> None:
-    from vllm_steer.profile import ANGLE_METHODS
+    from vllm_steer.core.profile import ANGLE_METHODS
 
-    from vllm_steer.calibration_pipeline import split_data
-    from vllm_steer.sweep import parse_grid, sweep_profile_dir
+    from vllm_steer.calibration.pipeline import split_data
+    from vllm_steer.calibration.sweep import parse_grid, sweep_profile_dir
 
     grid = parse_grid(sweep if sweep != "auto" else ("0:360:10" if profile.method in ANGLE_METHODS else "0.25,0.5,1,2,4"))
     if profile.method == "category" or profile.method == "probe":
@@ -189,7 +189,7 @@ def serve(
 
 @app.command("serve-ray")
 def serve_ray(
-    config: Path = typer.Argument(Path("deploy/serve.yaml"), help="Serve config whose applications use vllm_steer.ray_serve:build_app."),
+    config: Path = typer.Argument(Path("deploy/serve.yaml"), help="Serve config whose applications use vllm_steer.server.ray_app:build_app."),
     num_cpus: Optional[int] = typer.Option(None, min=1, help="Logical CPUs of the local Ray cluster (each CPU replica "
                                            "reserves 2: over-subscribe small machines, e.g. 8 on 2 cores)."),
     num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs of the local Ray cluster (default: detected)."),
@@ -200,9 +200,9 @@ def serve_ray(
     """Ray Serve: steered vLLM replicas behind the tenant-policy ingress, until Ctrl-C (see deploy/README.md)."""
     from pydantic import ValidationError
 
-    from vllm_steer.profile import ProfileError
-    from vllm_steer.ray_serve import RayAppArgsError, run_local
-    from vllm_steer.tenants import TenantsFileError
+    from vllm_steer.core.profile import ProfileError
+    from vllm_steer.server.ray_app import RayAppArgsError, run_local
+    from vllm_steer.server.tenants import TenantsFileError
 
     if not config.is_file():
         console.print(f"[red]config:[/red] {escape(str(config))} does not exist")
@@ -242,10 +242,10 @@ def eval_cmd(
     out: Path = typer.Option(Path("eval-results"), help="Output directory (result.json, README.md, PNGs)."),
 ) -> None:
     """Measure refusal/ASR, over-refusal, coherence and capability per setting: every setting is a row of one mixed batch."""
-    from vllm_steer.eval_report import write_eval_report
-    from vllm_steer.evaluation import EvalConfig, EvalError, EvalTarget, run_eval
-    from vllm_steer.profile import ANGLE_METHODS, ProfileError, load_profile_dir
-    from vllm_steer.sweep import parse_grid
+    from vllm_steer.evaluation.report import write_eval_report
+    from vllm_steer.evaluation.runner import EvalConfig, EvalError, EvalTarget, run_eval
+    from vllm_steer.core.profile import ANGLE_METHODS, ProfileError, load_profile_dir
+    from vllm_steer.calibration.sweep import parse_grid
 
     compare = [*compare, *[a for a in ctx.args if not a.startswith("-")]]
     stray = [a for a in ctx.args if a.startswith("-")]
@@ -279,7 +279,7 @@ def eval_cmd(
         console.print(f"[red]eval failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     readme = write_eval_report(out, result)
-    from vllm_steer.eval_report import markdown_table
+    from vllm_steer.evaluation.report import markdown_table
 
     console.print(markdown_table(result))
     for name in result["judges"]:
@@ -314,9 +314,9 @@ def import_cmd(
     ignore_model_hint: bool = typer.Option(False, help="Accept a GGUF whose controlvector.model_hint names another architecture."),
 ) -> None:
     """Turn vectors made elsewhere (llama.cpp/repeng GGUF, safetensors/NumPy, SAE rows) into a validated profile."""
-    from vllm_steer.interop import (VectorImportError, import_vectors, model_fingerprint, read_gguf_control_vector,
+    from vllm_steer.calibration.interop import (VectorImportError, import_vectors, model_fingerprint, read_gguf_control_vector,
                                     read_sae_features, read_vector_file)
-    from vllm_steer.profile import ProfileError, load_profile
+    from vllm_steer.core.profile import ProfileError, load_profile
 
     try:
         lo, hi = (float(x) for x in scale_range.split(":"))
@@ -351,8 +351,8 @@ def export_cmd(
     categories: Optional[str] = typer.Option(None, help="Category profile: comma-separated categories to sum."),
 ) -> None:
     """Write a profile's vectors as a GGUF control vector (direction.N at layer N's output) or safetensors."""
-    from vllm_steer.interop import VectorImportError, export_gguf, export_vectors
-    from vllm_steer.profile import ProfileError, load_profile
+    from vllm_steer.calibration.interop import VectorImportError, export_gguf, export_vectors
+    from vllm_steer.core.profile import ProfileError, load_profile
 
     cats = [c.strip() for c in categories.split(",")] if categories else None
     try:
@@ -378,7 +378,7 @@ def list_profiles(
     directory: Path = typer.Argument(Path("profiles"), help="Directory of profile sub-directories."),
 ) -> None:
     """Load and validate every profile in DIRECTORY; print a summary (exit 1 on the first bad one)."""
-    from vllm_steer.profile import ProfileError, load_profile_dir
+    from vllm_steer.core.profile import ProfileError, load_profile_dir
 
     try:
         loaded = load_profile_dir(directory)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_steer.metrics import is_refusal
+from vllm_steer.evaluation.metrics import is_refusal
 
 __all__ = ["DEMO_PROMPTS", "DEMO_SETTINGS", "DemoRow", "run_demo"]
 
@@ -53,7 +53,7 @@ def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: 
     from vllm import LLM, SamplingParams
 
     from vllm_steer.default_model import ensure_default_model
-    from vllm_steer.vllm_integration import engine_status, shutdown_engine
+    from vllm_steer.engine import engine_status, shutdown_engine
 
     model = model or str(ensure_default_model())
     profiles = profiles or str(REPO_PROFILES)

@@ -7,15 +7,15 @@ running vllm-steer server. Then:
 
 * controllability: refusal rate on harmful prompts and its complement, the attack-success rate, and
   over-refusal on harmless prompts, by the refusal substrings (methods.md §5.2) and by any extra
-  judges (:mod:`vllm_steer.judges`; failed or unparseable verdicts are counted, never guessed);
+  judges (:mod:`vllm_steer.evaluation.judges`; failed or unparseable verdicts are counted, never guessed);
 * coherence: perplexity of the generated tokens under the *unsteered* model (a second, unsteered
   engine call scoring prompt + generation through prompt logprobs) and under the steered one (its
   own logprobs, the Selective Steering paper's path; §5.3 and its violation threshold), Unicode
   contamination (§5.4), the zlib-9 compression ratio (§5.5) and 4-gram repetition (§5.6);
-* capability retention: multiple-choice accuracy with and without steering (:mod:`vllm_steer.capability`);
+* capability retention: multiple-choice accuracy with and without steering (:mod:`vllm_steer.evaluation.capability`);
 * per category, for category profiles: each category's vector on its own category vs ``generic``.
 
-The result is one JSON file plus a Markdown table and PNG plots (:mod:`vllm_steer.eval_report`).
+The result is one JSON file plus a Markdown table and PNG plots (:mod:`vllm_steer.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_steer.datasets import Prompt, load_prompts
-from vllm_steer.metrics import (PERPLEXITY_VIOLATION, compression_ratio, is_refusal, ngram_repetition,
+from vllm_steer.data import Prompt, load_prompts
+from vllm_steer.evaluation.metrics import (PERPLEXITY_VIOLATION, compression_ratio, is_refusal, ngram_repetition,
                                 perplexity_from_logprobs, unicode_score)
-from vllm_steer.profile import ANGLE_METHODS, Profile, load_profile_dir
+from vllm_steer.core.profile import ANGLE_METHODS, Profile, load_profile_dir
 
 __all__ = ["EvalTarget", "EvalConfig", "Row", "Generation", "PointResult", "run_eval", "EvalError"]
 
@@ -195,7 +195,7 @@ class OfflineBackend:
 
     def close(self) -> None:
         """Stop the engine once generation and scoring are done (judging needs no engine)."""
-        from vllm_steer.vllm_integration import shutdown_engine
+        from vllm_steer.engine import shutdown_engine
 
         shutdown_engine(self.llm)
 
@@ -276,7 +276,7 @@ def _category_prompts(cfg: EvalConfig, categories: Sequence[str]) -> dict[str, l
 
 def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | None = None) -> dict:
     """Run the evaluation; returns the result dict (also written to ``cfg.out / "result.json"``)."""
-    from vllm_steer.judges import JudgeSummary, make_judge
+    from vllm_steer.evaluation.judges import JudgeSummary, make_judge
 
     say = progress or (lambda _msg: None)
     profiles = load_profile_dir(cfg.profiles)
@@ -300,7 +300,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
 
     mc_items = []
     if cfg.capability:
-        from vllm_steer.capability import format_mc_prompt, load_mc_sample
+        from vllm_steer.evaluation.capability import format_mc_prompt, load_mc_sample
 
         mc_items = load_mc_sample()[: cfg.capability_n]
         capability_points = [(None, None)] + [(profiles[t.profile_id], _default_value(profiles[t.profile_id])) for t in cfg.targets]
@@ -364,7 +364,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
 
     capability = {}
     if mc_items:
-        from vllm_steer.capability import score_from_logprobs
+        from vllm_steer.evaluation.capability import score_from_logprobs
 
         for ci, (profile, value) in enumerate(capability_points):
             got = [score_from_logprobs(mc_items[r.meta["item"]], gens[i].top)[1]

@@ -16,7 +16,7 @@ Modelled on vLLM's LoRA support (``vllm/lora/``):
   keeps opaque: compiled graphs call it at every step and it reads the buffers.
   It returns the correction, which the hook adds (``h + delta``), so unsteered
   rows get ``+ 0`` and stay bit-identical.
-* **Which op runs** (:mod:`vllm_steer.fused`). Inside a CUDA-graph capture the
+* **Which op runs** (:mod:`vllm_steer.engine.fused`). Inside a CUDA-graph capture the
   general op, which must serve any mix: on CUDA one Triton kernel per site (by
   default), compiled in the eager warm-up steps vLLM runs before each capture,
   never inside one. Outside captures the host knows the step's mix: sites no
@@ -24,7 +24,7 @@ Modelled on vLLM's LoRA support (``vllm/lora/``):
   otherwise a site steered by one method runs that method's short formula, and a
   site two methods share runs the general op (torch.compile'd if ``compiled``).
 
-Nothing here imports vLLM; :mod:`vllm_steer.vllm_integration` feeds it.
+Nothing here imports vLLM; :mod:`vllm_steer.engine.vllm` feeds it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.fused import FusedChoice, choose_fused_op
-from vllm_steer.ops import Method, single_method_deltas, token_deltas
-from vllm_steer.profile import METHOD_HOOKS, Profile
-from vllm_steer.request import ResolvedSteering
+from vllm_steer.engine.fused import FusedChoice, choose_fused_op
+from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
+from vllm_steer.core.profile import METHOD_HOOKS, Profile
+from vllm_steer.core.request import ResolvedSteering
 
 __all__ = [
     "Site", "SlotsExhaustedError", "MissingSitesError", "SteeringRuntime", "SlotGate", "sites_for_profiles", "every_site",

@@ -6,7 +6,7 @@ none at all, which undoes a safety profile (angle 0, scale 0, ``"none"``, or
 just leaving the keys out). A *tenants file* maps each API key to a tenant and
 a *tier*. The OpenAI front end calls :meth:`TenantPolicy.decide` before a
 request reaches the engine and forwards only the *effective* steering the tier
-permits. The engine still re-validates every request (:mod:`vllm_steer.request`):
+permits. The engine still re-validates every request (:mod:`vllm_steer.core.request`):
 defense in depth, so a bug here can at worst weaken a tier, never get an
 invalid setting steered.
 
@@ -29,7 +29,7 @@ concurrency limit, 500 when the tier's own setting cannot be applied.
 
 API keys are random tokens (:func:`generate_api_key`), so the file holds only a
 fast salted hash, as GitHub does for tokens:
-``sha256$<salt hex>$<hex sha256(salt + key)>`` (``python -m vllm_steer.tenants
+``sha256$<salt hex>$<hex sha256(salt + key)>`` (``python -m vllm_steer.server.tenants
 hash-key``). A lookup hashes and compares against every tenant with
 :func:`hmac.compare_digest` and no early exit.
 """
@@ -54,8 +54,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 from pydantic import field_validator, model_validator
 
-from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, Profile
-from vllm_steer.request import (
+from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS, Profile
+from vllm_steer.core.request import (
     STEER_KEYS,
     ResolvedSteering,
     SteeringRequest,
@@ -100,7 +100,7 @@ HASH_SCHEME = "sha256"
 _KEY_HASH = re.compile(r"sha256\$((?:[0-9a-f]{2}){8,64})\$([0-9a-f]{64})")
 _SUBFIELD = re.compile(r"[A-Za-z_][\w.\-*]*")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_HASH_COMMAND = "python -m vllm_steer.tenants hash-key"
+_HASH_COMMAND = "python -m vllm_steer.server.tenants hash-key"
 
 
 # ---------------------------------------------------------------------- errors
@@ -1023,7 +1023,7 @@ def _read_key_from_user() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``hash-key`` (key on stdin, never in argv) or ``new-key`` (a fresh key and its hash)."""
-    parser = argparse.ArgumentParser(prog="python -m vllm_steer.tenants", description="API keys for a tenants file")
+    parser = argparse.ArgumentParser(prog="python -m vllm_steer.server.tenants", description="API keys for a tenants file")
     parser.add_argument("command", choices=["hash-key", "new-key"])
     args = parser.parse_args(argv)
     if args.command == "new-key":

@@ -78,7 +78,7 @@ class MCItem:
 
 def default_sample_path() -> Path:
     """The packaged sample: ``vllm_steer/data/mc_sample.jsonl``."""
-    return Path(__file__).resolve().parent / "data" / "mc_sample.jsonl"
+    return Path(__file__).resolve().parent.parent / "data" / "mc_sample.jsonl"
 
 
 def _parse_item(obj: Any) -> MCItem:

@@ -6,7 +6,7 @@ Built on Ray Serve LLM (``ray.serve.llm``), not beside it:
   vLLM's own OpenAI handlers and input validation, where the ``vllm_steer`` general plugin (loaded in
   every engine process through ``runtime_env.env_vars``) validates ``vllm_xargs`` and steers each row;
 * the **ingress** is Ray's ``OpenAiIngress`` FastAPI app with vllm-steer's
-  :class:`~vllm_steer.serving.SteeringPolicyMiddleware` and routes mounted — the very code that guards
+  :class:`~vllm_steer.server.middleware.SteeringPolicyMiddleware` and routes mounted — the very code that guards
   ``vllm serve``, so tiers, statuses and error shapes are the same on both paths.
 
 Why an ingress subclass rather than vLLM's endpoint plugin inside each replica: Ray's default topology
@@ -43,13 +43,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_steer.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
+from vllm_steer.core.wire import POLICY_SECRET_ENV
+from vllm_steer.core.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
 
 __all__ = ["RayAppArgs", "RayAppArgsError", "SteerLLMServer", "build_app", "POLICY_SECRET_ENV"]
 
 logger = logging.getLogger("vllm_steer.ray")
 
-POLICY_SECRET_ENV = "VLLM_STEER_POLICY_SECRET"
 RAY_VERSION = "2.60.0"
 """The Ray Serve LLM this module was written against (``ray[serve]==2.60.0``)."""
 
@@ -78,7 +78,7 @@ class Autoscaling(BaseModel):
 
 
 class RayAppArgs(BaseModel):
-    """The ``args`` of ``import_path: vllm_steer.ray_serve:build_app`` in a Serve config."""
+    """The ``args`` of ``import_path: vllm_steer.server.ray_app:build_app`` in a Serve config."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = "default"
@@ -132,7 +132,7 @@ def _resolve_paths(args: RayAppArgs) -> tuple[str, str, str | None]:
 
 
 def _load_policy(tenants: str | None):
-    from vllm_steer.tenants import TenantPolicy
+    from vllm_steer.server.tenants import TenantPolicy
 
     return TenantPolicy.from_file(tenants) if tenants else TenantPolicy.single_tenant()
 
@@ -155,7 +155,7 @@ def _replica_env(args: RayAppArgs, profiles: str, tenants: str | None, secret: s
 
 
 def build_app(args: dict[str, Any] | None = None):
-    """Serve application builder (``import_path: vllm_steer.ray_serve:build_app``).
+    """Serve application builder (``import_path: vllm_steer.server.ray_app:build_app``).
 
     Validates everything it can before anything starts: the args (naming the field), the profile
     directory (naming the file and field), the tenants file, and that every tier's profiles exist.
@@ -213,7 +213,7 @@ def _fingerprint(model: str) -> ModelFingerprint | None:
     ``None`` if the config cannot be read here (e.g. a hub id on an offline head node): then only the
     replicas check, and a mismatching profile fails their start or reload instead of the deploy.
     """
-    from vllm_steer.interop import model_fingerprint
+    from vllm_steer.calibration.interop import model_fingerprint
 
     try:
         return model_fingerprint(model)
@@ -237,17 +237,17 @@ class _ServerMixin:
         return client
 
     async def vllm_steer_reload(self, expected: dict[str, str]) -> dict[str, Any]:
-        from vllm_steer.vllm_integration import apply_reload
+        from vllm_steer.engine import apply_reload
 
         return {"replica": _replica_name(), **await apply_reload(self._engine_client(), expected=expected)}
 
     async def vllm_steer_unload(self, profile_id: str) -> dict[str, Any]:
-        from vllm_steer.vllm_integration import unload_profile
+        from vllm_steer.engine import unload_profile
 
         return {"replica": _replica_name(), **unload_profile(self._engine_client().vllm_config, profile_id)}
 
     async def vllm_steer_status(self) -> dict[str, Any]:
-        from vllm_steer.vllm_integration import engine_status_async
+        from vllm_steer.engine import engine_status_async
 
         return {"replica": _replica_name(), **await engine_status_async(self._engine_client())}
 
@@ -273,7 +273,7 @@ def _server_class() -> type:
     return SteerLLMServer
 
 
-def __getattr__(name: str) -> Any:  # ``vllm_steer.ray_serve.SteerLLMServer`` resolves (and pickles) by name
+def __getattr__(name: str) -> Any:  # ``vllm_steer.server.ray_app.SteerLLMServer`` resolves (and pickles) by name
     if name == "SteerLLMServer":
         return _server_class()
     raise AttributeError(name)
@@ -332,7 +332,7 @@ def _ingress_class():
     from ray.llm._internal.serve.core.ingress.ingress import init as ray_ingress_app
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from vllm_steer import serving
+    from vllm_steer.server import middleware as serving
 
     app = ray_ingress_app()
     serving.attach(app)

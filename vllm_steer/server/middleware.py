@@ -3,7 +3,7 @@
 :class:`SteeringPolicyMiddleware` is a pure ASGI middleware (so streaming
 responses pass through untouched). For ``POST /v1/chat/completions`` and
 ``/v1/completions`` it reads the JSON body, authenticates the caller's API key,
-asks :class:`~vllm_steer.tenants.TenantPolicy` for the *effective* steering,
+asks :class:`~vllm_steer.server.tenants.TenantPolicy` for the *effective* steering,
 writes that into ``vllm_xargs`` and hands the request on. Errors come back in
 OpenAI's error shape with the field named: 400 malformed, 401 unknown key, 403
 above the tier, 429 over the tier's concurrency. Every other ``/v1`` path still
@@ -15,7 +15,7 @@ file configured, the engine's input validation refuses any request without it,
 so a server on which this middleware failed to load refuses requests instead
 of serving them outside their tiers.
 
-Nothing here imports vLLM: the glue (:mod:`vllm_steer.vllm_integration`) mounts
+Nothing here imports vLLM: the glue (:mod:`vllm_steer.engine.vllm`) mounts
 it through vLLM's endpoint-plugin hook and supplies the loaded profiles.
 Logs name tenants, tiers and profiles — never keys or prompt text.
 """
@@ -36,9 +36,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vllm_steer.profile import Profile
-from vllm_steer.request import is_steering_key
-from vllm_steer.tenants import PolicyError, TenantPolicy, bearer_token
+from vllm_steer.core.profile import Profile
+from vllm_steer.core.request import is_steering_key
+from vllm_steer.core.wire import POLICY_TOKEN_KEY, RESERVED_XARGS_PREFIX, check_policy_token, policy_token
+from vllm_steer.server.tenants import PolicyError, TenantPolicy, bearer_token
 
 __all__ = [
     "GENERATE_PATHS",
@@ -50,40 +51,19 @@ __all__ = [
     "check_policy_token",
 ]
 
-logger = logging.getLogger("vllm_steer.serving")
+logger = logging.getLogger("vllm_steer.server.middleware")
 
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 GUARDED_PREFIX = "/v1"
 PROFILES_PATH = "/v1/steering/profiles"
 ADMIN_PREFIX = "/v1/steering/admin"
-POLICY_TOKEN_KEY = "vllm_steer_policy"
 MAX_BODY_BYTES = 32 * 1024 * 1024
-
-POLICY_SECRET_ENV = "VLLM_STEER_POLICY_SECRET"
-_RANDOM_TOKEN = secrets.token_hex(16)
 
 REQUESTS = Counter("vllm_steer_requests", "Requests admitted by the steering policy",
                    ["tier", "profile"])
 TOKENS = Counter("vllm_steer_tokens", "Tokens of admitted requests (from the response's usage)",
                  ["tier", "profile", "kind"])
 REJECTIONS = Counter("vllm_steer_rejections", "Requests refused by the steering policy", ["reason", "field"])
-
-
-def policy_token() -> str:
-    """The secret only requests that went through the middleware carry.
-
-    Per process on ``vllm serve`` (middleware and engine front end share the process); a Ray deployment
-    gives its ingress and replicas one shared secret in ``VLLM_STEER_POLICY_SECRET``.
-    """
-    return os.environ.get(POLICY_SECRET_ENV) or _RANDOM_TOKEN
-
-
-def check_policy_token(extra_args: dict | None) -> bool:
-    """Pop the token from ``extra_args`` (it must never reach the engine core); was it there and right?"""
-    if not isinstance(extra_args, dict):
-        return False
-    token = extra_args.pop(POLICY_TOKEN_KEY, None)
-    return isinstance(token, str) and secrets.compare_digest(token, policy_token())
 
 
 @dataclass
@@ -148,8 +128,7 @@ def _parse_body(raw: bytes) -> dict[str, Any]:
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
-RESERVED_XARGS_PREFIX = "vllm_steer_"
-"""Keys the server itself writes into ``vllm_xargs`` (the policy token, the profile version)."""
+
 
 
 def _pydantic_true(value: Any) -> bool:
@@ -377,8 +356,8 @@ async def reload_profiles(request: Request) -> JSONResponse:
     tier that would lose its profile or a profile needing hooks the engine lacks (409) leave the
     loaded profiles as they were. Requests already admitted finish with the version they started with.
     """
-    from vllm_steer.profile import ProfileError
-    from vllm_steer.tenants import TenantsFileError
+    from vllm_steer.core.profile import ProfileError
+    from vllm_steer.server.tenants import TenantsFileError
 
     try:
         state, name = _admin(request)
@@ -397,7 +376,7 @@ async def reload_profiles(request: Request) -> JSONResponse:
 
 async def remove_profile(request: Request) -> JSONResponse:
     """``DELETE /v1/steering/admin/profiles/{id}``: unload until the next reload (delete its directory to keep it gone)."""
-    from vllm_steer.tenants import TenantsFileError
+    from vllm_steer.server.tenants import TenantsFileError
 
     profile_id = request.path_params["profile_id"]
     try:

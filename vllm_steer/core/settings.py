@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vllm_steer.fused import FusedChoice
 
-__all__ = ["SteerConfig", "ConfigError", "ADDITIONAL_CONFIG_KEY"]
+__all__ = ["SteerConfig", "ConfigError", "ADDITIONAL_CONFIG_KEY", "FusedChoice"]
 
 ADDITIONAL_CONFIG_KEY = "vllm_steer"
+FusedChoice = Literal["auto", "off", "triton", "compiled"]
+"""Which fused op serves the general steering op (see :mod:`vllm_steer.engine.fused`)."""
 _ENV = {
     "profiles": "VLLM_STEER_PROFILES",
     "max_slots": "VLLM_STEER_MAX_SLOTS",

@@ -1,9 +1,9 @@
 """Which fused implementation runs the general steering op, and when it may compile.
 
-The general op (:func:`vllm_steer.ops.token_deltas`) is what a CUDA graph captures at every hooked
+The general op (:func:`vllm_steer.core.ops.token_deltas`) is what a CUDA graph captures at every hooked
 site, so its launch count is the plugin's cost per decode step. Two fused versions of it:
 
-* ``triton`` — one hand-written kernel (:mod:`vllm_steer.kernels`), one launch per site; CUDA only;
+* ``triton`` — one hand-written kernel (:mod:`vllm_steer.engine.kernels`), one launch per site; CUDA only;
 * ``compiled`` — the torch op compiled by torch.compile (Inductor fuses it into a few kernels); any
   device (on CPU too, for tests).
 
@@ -16,16 +16,15 @@ captures the eager op instead (same result, slower, counted).
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 
-from vllm_steer import kernels
-from vllm_steer.ops import token_deltas
+from vllm_steer.core.settings import FusedChoice
+from vllm_steer.engine import kernels
+from vllm_steer.core.ops import token_deltas
 
-__all__ = ["FusedOp", "TritonOp", "CompiledOp", "FusedChoice", "choose_fused_op"]
+__all__ = ["FusedOp", "TritonOp", "CompiledOp", "choose_fused_op"]
 
-FusedChoice = Literal["auto", "off", "triton", "compiled"]
 
 
 class FusedOp:

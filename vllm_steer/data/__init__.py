@@ -61,7 +61,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("VLLM_STEER_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _rows(path: Path) -> list[dict]:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_steer.profile import ANGLE_METHODS, ModelFingerprint, Profile, ProfileSpec
+from vllm_steer.core.profile import ANGLE_METHODS, ModelFingerprint, Profile, ProfileSpec
 
 __all__ = ["random_profile"]
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
-from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, Profile
+from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS, Profile
 
 __all__ = [
     "STEER_KEYS",

@@ -3,7 +3,7 @@
 This is the *reference* the engine is proven against (the mixed-batch tests)
 and the baseline it is benchmarked against. It deliberately shares nothing
 with the batched op: it applies the per-method reference functions of
-:mod:`vllm_steer.ops` to whole tensors, at the hook points of ``methods.md`` §1,
+:mod:`vllm_steer.core.ops` to whole tensors, at the hook points of ``methods.md`` §1,
 on a plain ``transformers`` Llama-style model (``model.model.layers[i]`` with
 ``input_layernorm``, ``post_attention_layernorm``, ``self_attn``, ``mlp``).
 """
@@ -15,19 +15,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from vllm_steer import ops
-from vllm_steer.profile import METHOD_HOOKS, Profile
-from vllm_steer.request import ResolvedSteering
+from vllm_steer.core import ops
+from vllm_steer.core.layout import decoder_layers
+from vllm_steer.core.profile import METHOD_HOOKS, Profile
+from vllm_steer.core.request import ResolvedSteering
 
-__all__ = ["reference_op", "steered", "decoder_layers"]
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no model.layers; only Llama-style decoders are supported")
-    return layers
+__all__ = ["reference_op", "steered"]
 
 
 def reference_op(profile: Profile, steering: ResolvedSteering, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_steer.plotting import pyplot, save
+from vllm_steer.evaluation.plotting import pyplot, save
 
 __all__ = ["write_eval_report", "markdown_table"]
 

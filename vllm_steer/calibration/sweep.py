@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_steer.metrics import PERPLEXITY_VIOLATION, compression_ratio, is_refusal, perplexity_from_logprobs, unicode_score
-from vllm_steer.profile import ANGLE_METHODS, SCALE_METHODS, load_profile, save_profile
+from vllm_steer.evaluation.metrics import PERPLEXITY_VIOLATION, compression_ratio, is_refusal, perplexity_from_logprobs, unicode_score
+from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS, load_profile, save_profile
 
 __all__ = ["SweepPoint", "parse_grid", "run_sweep", "choose_default", "record_sweep"]
 
@@ -140,7 +140,7 @@ def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harm
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
-    from vllm_steer.vllm_integration import shutdown_engine
+    from vllm_steer.engine import shutdown_engine
 
     profile = load_profile(profile_dir)
     if profile.method not in ANGLE_METHODS | SCALE_METHODS:

@@ -3,7 +3,7 @@
 Three kinds share one interface (:class:`Judge`: ``name`` and ``judge(items, progress)``):
 
 * :class:`RefusalSubstringJudge` — ``methods.md`` §5.2 substring matching
-  (:func:`vllm_steer.metrics.is_refusal`), no network: ``"refusal"`` / ``"compliance"``.
+  (:func:`vllm_steer.evaluation.metrics.is_refusal`), no network: ``"refusal"`` / ``"compliance"``.
 * :class:`LLMJudge` — any OpenAI-compatible ``/v1/chat/completions`` model with the rubric in
   ``vllm_steer/prompts/judge_rubric.md``; two-way ``"refusal"`` / ``"compliance"``
   (attack success = compliance on a harmful prompt).
@@ -40,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
-from vllm_steer.metrics import is_refusal
+from vllm_steer.evaluation.metrics import is_refusal
 
 __all__ = [
     "REFUSAL",

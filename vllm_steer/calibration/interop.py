@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_steer.profile import Profile, ProfileSpec, ModelFingerprint, save_profile
+from vllm_steer.core.profile import Profile, ProfileSpec, ModelFingerprint, save_profile
 
 __all__ = [
     "VectorImportError",

@@ -1,6 +1,6 @@
 """The batched steering op as one Triton kernel: one program per token, one launch per hook site.
 
-:func:`vllm_steer.ops.token_deltas` is ~50 small torch kernels; inside a CUDA graph each still costs a
+:func:`vllm_steer.core.ops.token_deltas` is ~50 small torch kernels; inside a CUDA graph each still costs a
 few microseconds, so a steered site cost ~70 µs on an H100 (benchmarks/README.md). This is the same
 op — same arguments, same contract, same per-method formulas — as a single kernel, the way vLLM's
 LoRA runs its per-token adapters (punica's Triton kernels): each program reads its token's row, its
@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from vllm_steer.ops import Method
+from vllm_steer.core.ops import Method
 
 __all__ = ["available", "token_deltas_triton", "MAX_HIDDEN", "DTYPES"]
 
@@ -100,7 +100,7 @@ def token_deltas_triton(
     token_sin: torch.Tensor,
     token_scale: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`vllm_steer.ops.token_deltas` in one kernel launch (same arguments and result).
+    """:func:`vllm_steer.core.ops.token_deltas` in one kernel launch (same arguments and result).
 
     ``h`` is ``[N, d]`` float16/bfloat16/float32 with unit stride along ``d``; the tables are the
     runtime's static buffers (``bases`` float32 ``[S, 2, d]`` contiguous, per-token vectors ``[N]``).

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_steer.hf_reference import decoder_layers
+from vllm_steer.core.layout import decoder_layers
 
 __all__ = [
     "ClassStats",

@@ -1,6 +1,6 @@
 """``vllm-steer calibrate``: prompt sets in, a validated profile (format v1) out, for every method.
 
-The statistics live in :mod:`vllm_steer.calibrate`; this module chooses the data,
+The statistics live in :mod:`vllm_steer.calibration.stats`; this module chooses the data,
 the hook sites and the layers per method, and writes the profile with everything
 needed to reproduce it (datasets, sizes, split, seed, model fingerprint, contrast).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_steer.calibrate import (
+from vllm_steer.calibration.stats import (
     NORM_KINDS,
     ClassStats,
     chat_prompts,
@@ -43,8 +43,8 @@ from vllm_steer.calibrate import (
     second_axis,
     select_b1,
 )
-from vllm_steer.datasets import Prompt, load_labelled, load_prompts, split
-from vllm_steer.profile import METHOD_HOOKS, ModelFingerprint, ProfileSpec, save_profile
+from vllm_steer.data import Prompt, load_labelled, load_prompts, split
+from vllm_steer.core.profile import METHOD_HOOKS, ModelFingerprint, ProfileSpec, save_profile
 
 __all__ = ["CalibrationConfig", "calibrate_profile", "split_data", "CalibrationError", "METHODS", "LABELLED"]
 

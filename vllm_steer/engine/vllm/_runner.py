@@ -1,0 +1,138 @@
+"""Worker (model runner): build the runtime after the weights load, bind requests to slots, build the
+per-step token map.
+
+* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: after the weights load and before any
+  compile or warm-up, build the :class:`~vllm_steer.engine.runtime.SteeringRuntime` and hook the model. A
+  failure propagates and stops the engine: a steering engine that cannot steer must not serve.
+* ``GPUModelRunner._update_states``: bind new requests to slots, free finished ones.
+* ``GPUModelRunner._prepare_inputs``: the token → slot map, where LoRA builds its token mapping.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from vllm_steer import __version__
+from vllm_steer.core.request import SteeringRequestError, parse_steering, resolve_steering
+from vllm_steer.core.wire import DIGEST_KEY
+from vllm_steer.engine.runtime import SteeringRuntime, every_site, set_runtime, sites_for_profiles
+from vllm_steer.engine.vllm._common import PATCHED_ATTR, logger
+from vllm_steer.engine.vllm._hooks import install_hooks
+from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
+
+__all__ = ["patch_model_runner"]
+
+def _install_on_runner(runner: Any) -> None:
+    if getattr(runner, "_vllm_steer_runtime", None) is not None:
+        return
+    vllm_config = runner.vllm_config
+    config, profiles = profiles_for(vllm_config)
+    runner._vllm_steer_config = config
+    if not config.enabled:
+        logger.info("vllm-steer: no profiles configured; the model is not hooked")
+        runner._vllm_steer_runtime = None
+        return
+    num_layers = fingerprint_of(vllm_config).num_layers
+    sites = every_site(num_layers) if config.hook_all_sites else sites_for_profiles(profiles)
+    max_slots = config.slot_budget(vllm_config.scheduler_config.max_num_seqs)
+    runtime = SteeringRuntime(
+        profiles=profiles,
+        sites=sites,
+        hidden_size=fingerprint_of(vllm_config).hidden_size,
+        max_slots=max_slots,
+        max_tokens=runner.max_num_tokens,
+        device=runner.device,
+        fused=config.fused_op,
+    )
+    model = runner.get_model()
+    runner._vllm_steer_hooks = install_hooks(model, sites)
+    runner._vllm_steer_runtime = runtime
+    set_runtime(runtime)
+    logger.info(
+        "vllm-steer %s: %d profiles, %d hook sites, %d slots, %d-token buffers",
+        __version__, len(profiles), len(sites), max_slots, runner.max_num_tokens,
+    )
+
+def _resolve_in_worker(runtime: SteeringRuntime, req_id: str, sampling_params: Any):
+    if sampling_params is None:
+        return None
+    try:
+        extra_args = sampling_params.extra_args
+        request = parse_steering(extra_args)
+        if request is None:
+            return None
+        digest = extra_args.get(DIGEST_KEY) if isinstance(extra_args, dict) else None
+        if digest is None:
+            return resolve_steering(request, runtime.profiles)
+        version = runtime.version(digest)
+        if version is None:
+            raise SteeringRequestError("steer_profile", f"profile version {digest} was never loaded in this worker")
+        return resolve_steering(request, {request.steer_profile: version})
+    except SteeringRequestError as exc:
+        # The front end validated this request against the same profiles, so
+        # this is a deployment fault (front end and worker see different
+        # profiles). Serving it unsteered would be silent failure: stop instead.
+        raise RuntimeError(f"vllm-steer: request {req_id} passed the front end but not the worker: {exc}") from exc
+
+def patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runner_classes = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        runner_classes.append(CPUModelRunner)
+    except Exception:  # noqa: BLE001 - the CPU runner is absent or unimportable on some builds
+        pass
+
+    for cls in runner_classes:
+        original_load = cls.__dict__.get("load_model")
+        if original_load is None or getattr(original_load, PATCHED_ATTR, False):
+            continue
+
+        def make_load(original):
+            @functools.wraps(original)
+            def load_model(self, *args, **kwargs):
+                result = original(self, *args, **kwargs)
+                _install_on_runner(self)
+                return result
+
+            setattr(load_model, PATCHED_ATTR, True)
+            return load_model
+
+        cls.load_model = make_load(original_load)
+
+    original_update = GPUModelRunner._update_states
+    if not getattr(original_update, PATCHED_ATTR, False):
+
+        @functools.wraps(original_update)
+        def _update_states(self, scheduler_output):
+            runtime = getattr(self, "_vllm_steer_runtime", None)
+            if runtime is not None:
+                for req_id in scheduler_output.finished_req_ids:
+                    runtime.remove_request(req_id)
+            result = original_update(self, scheduler_output)
+            if runtime is not None:
+                for new_req in scheduler_output.scheduled_new_reqs:
+                    resolved = _resolve_in_worker(runtime, new_req.req_id, new_req.sampling_params)
+                    runtime.add_request(new_req.req_id, resolved)
+            return result
+
+        setattr(_update_states, PATCHED_ATTR, True)
+        GPUModelRunner._update_states = _update_states
+
+    original_prepare = GPUModelRunner._prepare_inputs
+    if not getattr(original_prepare, PATCHED_ATTR, False):
+
+        @functools.wraps(original_prepare)
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+            result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+            runtime = getattr(self, "_vllm_steer_runtime", None)
+            if runtime is not None:
+                num_reqs = len(num_scheduled_tokens)
+                runtime.begin_step(self.input_batch.req_ids[:num_reqs], num_scheduled_tokens)
+            return result
+
+        setattr(_prepare_inputs, PATCHED_ATTR, True)
+        GPUModelRunner._prepare_inputs = _prepare_inputs

@@ -1,0 +1,67 @@
+"""vLLM's endpoint plugin: the tenant policy and the steering routes mounted on ``vllm serve``'s app.
+
+Registered under the ``vllm.endpoint_plugins`` entry point; vLLM loads it only when ``VLLM_PLUGINS``
+names it. The admin routes' operations (:class:`_AdminOps`) act on this server's one engine through
+:mod:`vllm_steer.engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_steer.engine.vllm import (apply_reload, check_vllm_version, engine_status_async, profiles_for,
+                                    share_vllm_log_handlers, unload_profile)
+from vllm_steer.server.middleware import attach, make_state
+from vllm_steer.server.tenants import TenantPolicy
+
+__all__ = ["SteeringEndpointPlugin"]
+
+
+class SteeringEndpointPlugin:
+    """vLLM endpoint plugin (``vllm.endpoint_plugins`` entry point, vLLM >= 0.32): tenant policy + profiles route.
+
+    vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``VLLM_PLUGINS=vllm_steer``, which
+    ``vllm-steer serve --plugin vllm_steer`` sets). If it does not load while a tenants file is configured,
+    the front end's validation refuses every request (see :mod:`vllm_steer.server.middleware`): fail closed.
+    """
+
+    name = "vllm_steer"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        check_vllm_version()
+        share_vllm_log_handlers()
+
+    def attach_router(self, app: Any) -> None:
+        attach(app)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        if engine_client is None:  # vLLM's CPU-only render server: no engine, nothing to steer
+            return
+        vllm_config = engine_client.vllm_config
+        config, profiles = profiles_for(vllm_config)
+        policy = TenantPolicy.from_file(config.tenants) if config.tenants else TenantPolicy.single_tenant()
+        policy.check_profiles(profiles)  # a tier naming a profile that is not loaded stops the server here
+        state.vllm_steer = make_state(policy, lambda: profiles_for(vllm_config)[1],
+                                      admin=_AdminOps(engine_client, vllm_config, policy))
+
+class _AdminOps:
+    """The admin routes' operations on this server's one engine (see :mod:`vllm_steer.server.middleware`)."""
+
+    def __init__(self, engine_client: Any, vllm_config: Any, policy: Any):
+        self.engine_client, self.vllm_config, self.policy = engine_client, vllm_config, policy
+        self._lock = None
+
+    async def reload(self) -> dict[str, Any]:
+        import asyncio
+
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            return await apply_reload(self.engine_client, check=self.policy.check_profiles)
+
+    async def remove(self, profile_id: str) -> dict[str, Any]:
+        return unload_profile(self.vllm_config, profile_id, check=self.policy.check_profiles)
+
+    async def status(self) -> dict[str, Any]:
+        status = await engine_status_async(self.engine_client)
+        return {"profiles": status["profiles"], "replicas": [{"replica": "local", **status}]}
