@@ -23,7 +23,7 @@ from vllm_steer.testing.synthetic import random_profile
 HERE = Path(__file__).parent
 TINY = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=128, num_layers=4)
 
-# One profile per method; ablation runs on every layer as in methods.md §3.5.
+# One profile per method; ablation runs on every layer as in docs/methods.md §3.5.
 TINY_PROFILES = {
     "tiny-addition": dict(method="addition", layers=[1, 2]),
     "tiny-probe": dict(method="probe", layers=[2], scale=4.0),

@@ -73,7 +73,7 @@ def test_probe_finds_the_planted_direction_and_reports_held_out_accuracy():
     assert abs(float(v.norm()) - 1) < 1e-5
     assert float(v.double() @ u.double()) > 0.9
     assert acc > 0.95
-    assert float((pos @ v).mean()) > float((neg @ v).mean())  # methods.md §4 row 14: sign check
+    assert float((pos @ v).mean()) > float((neg @ v).mean())  # docs/methods.md §4 row 14: sign check
 
 
 def test_datasets_read_user_files_and_refuse_bad_ones(tmp_path):

@@ -1,4 +1,4 @@
-"""The §5 metrics against hand-computed values (methods.md §5.2–5.6)."""
+"""The §5 metrics against hand-computed values (docs/methods.md §5.2–5.6)."""
 
 from __future__ import annotations
 

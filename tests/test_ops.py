@@ -1,4 +1,4 @@
-"""Property tests for the steering operators (methods.md §4, rows 1–5, 8–13, 16).
+"""Property tests for the steering operators (docs/methods.md §4, rows 1–5, 8–13, 16).
 
 Random data comes from a hypothesis-drawn seed (torch generator), so every
 example is reproducible; all exact-arithmetic properties are checked in

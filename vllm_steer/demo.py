@@ -3,7 +3,7 @@
 Every prompt is sent once unsteered and once per demo setting, all in ONE
 ``LLM.generate`` call — the batch mixes tenants' settings row by row, which is
 what the plugin is for. The table shows what each row produced and whether it
-reads as a refusal (the standard refusal substrings, methods.md §5.2).
+reads as a refusal (the standard refusal substrings, docs/methods.md §5.2).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The calibration report a person reads: PNG plots and a Markdown summary in ``<profile>/report/``.
 
 * ``sweep.png`` — refusal rate (harmful, harmless) and perplexity against the swept angle/scale,
-  with the perplexity-violation threshold (methods.md §5.3) and the chosen default.
+  with the perplexity-violation threshold (docs/methods.md §5.3) and the chosen default.
 * ``layer_projections.png`` — per hook site, the mean per-sample cosine of each class with
   ``b1``; the discriminative layers (opposite signs) are shaded.
 * ``direction_cosines.png`` — cosine similarity between the per-site candidate directions.

@@ -1,6 +1,6 @@
 """Calibration core: activations of harmful vs harmless prompts → directions, plane, discriminative layers.
 
-Follows ``methods.md`` §2 (Selective Steering's pipeline) with Hugging Face
+Follows ``docs/methods.md`` §2 (Selective Steering's pipeline) with Hugging Face
 ``transformers`` on the same weights the engine serves, hooked at the same
 points the runtime steers (``hf_reference`` module names):
 
@@ -67,7 +67,7 @@ class ClassStats:
 
 
 def chat_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[str]:
-    """The model's chat template, one user turn, generation prompt on; no system message (methods.md §2.1)
+    """The model's chat template, one user turn, generation prompt on; no system message (docs/methods.md §2.1)
     unless ``system`` is given (the safety-system-prompt contrast)."""
     head = [{"role": "system", "content": system}] if system else []
     return [
@@ -133,7 +133,7 @@ def diff_of_means(pos: ClassStats, neg: ClassStats, site: tuple[int, str], norma
 
 
 def select_b1(candidates: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """``k* = argmax_i mean_j cos(d_i, d_j)`` (diagonal included); returns ``(k*, b1)`` (methods.md §2.4)."""
+    """``k* = argmax_i mean_j cos(d_i, d_j)`` (diagonal included); returns ``(k*, b1)`` (docs/methods.md §2.4)."""
     unit = candidates / (candidates.norm(dim=-1, keepdim=True) + 1e-8)
     scores = (unit @ unit.T).mean(dim=1)
     k = int(scores.argmax())
@@ -142,7 +142,7 @@ def select_b1(candidates: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 
 def second_axis(candidates: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
-    """First principal axis of the centred candidates, orthogonalized against ``b1`` (methods.md §2.5).
+    """First principal axis of the centred candidates, orthogonalized against ``b1`` (docs/methods.md §2.5).
 
     The sign follows sklearn's ``svd_flip`` convention (largest-magnitude entry of the
     first left singular vector positive), so it is deterministic.
@@ -157,7 +157,7 @@ def second_axis(candidates: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
 
 
 def discriminative_layers(pos: ClassStats, neg: ClassStats, b1: torch.Tensor, num_layers: int, kinds=NORM_KINDS) -> list[int]:
-    """Blocks whose every norm site has ``mean(â_pos·b1) · mean(â_neg·b1) < 0`` (methods.md §2.6)."""
+    """Blocks whose every norm site has ``mean(â_pos·b1) · mean(â_neg·b1) < 0`` (docs/methods.md §2.6)."""
     kept = []
     for layer in range(num_layers):
         if all(float(pos.mean_unit((layer, k)) @ b1) * float(neg.mean_unit((layer, k)) @ b1) < 0 for k in kinds):
@@ -166,7 +166,7 @@ def discriminative_layers(pos: ClassStats, neg: ClassStats, b1: torch.Tensor, nu
 
 
 def fit_probe(pos: torch.Tensor, neg: torch.Tensor, held_pos: torch.Tensor, held_neg: torch.Tensor, seed: int = 0):
-    """Logistic-regression probe (methods.md §3.9): unit ``coef`` (points to the positive class), held-out accuracy.
+    """Logistic-regression probe (docs/methods.md §3.9): unit ``coef`` (points to the positive class), held-out accuracy.
 
     Features are standardized by the training mean only (no scaling), so the
     direction lives in activation space; sklearn defaults otherwise (L2, C = 1).

@@ -3,7 +3,7 @@
 Two layers live here, on purpose:
 
 * One small *reference* function per method, written as the formula in
-  ``methods.md`` §3 reads (``h + a·v``, ``h − (h·r̂)r̂``, ...). They are slow and
+  ``docs/methods.md`` §3 reads (``h + a·v``, ``h − (h·r̂)r̂``, ...). They are slow and
   obvious; tests and the Hugging Face reference path use them.
 * :func:`steer_tokens`, the *batched* operator the engine runs. Every method is
   an edit of a token's activation inside a rank-≤2 subspace ``span{b1, b2}``,
@@ -14,7 +14,7 @@ Two layers live here, on purpose:
   plain tensors, so the op has static shapes and its cost does not depend on
   how many distinct profiles a batch holds.
 
-Conventions (``methods.md`` §1): activations are rows ``[..., d]``; angles are
+Conventions (``docs/methods.md`` §1): activations are rows ``[..., d]``; angles are
 DEGREES at the API and radians nowhere else; rotations are counter-clockwise,
 turning ``+b1`` toward ``+b2``.
 """
@@ -63,23 +63,23 @@ class Method(enum.IntEnum):
 
 
 # --------------------------------------------------------------------------
-# Reference operators: one formula each, straight from methods.md §3.
+# Reference operators: one formula each, straight from docs/methods.md §3.
 # --------------------------------------------------------------------------
 
 
 def add(h: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Activation addition / category vectors: ``h + α·v`` (methods.md §3.6, §3.8)."""
+    """Activation addition / category vectors: ``h + α·v`` (docs/methods.md §3.6, §3.8)."""
     return h + alpha * v.to(h.dtype)
 
 
 def probe(h: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
-    """Probe steering ``h + λ·v̂`` (methods.md §3.9); ``λ < 0`` steers away from the probe's class."""
+    """Probe steering ``h + λ·v̂`` (docs/methods.md §3.9); ``λ < 0`` steers away from the probe's class."""
     v_hat = v / v.norm()
     return h + lam * v_hat.to(h.dtype)
 
 
 def ablate(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Directional ablation ``h − (h·r̂) r̂`` (methods.md §3.5)."""
+    """Directional ablation ``h − (h·r̂) r̂`` (docs/methods.md §3.5)."""
     r_hat = (r / (r.norm() + 1e-8)).to(h.dtype)
     return h - (h @ r_hat)[..., None] * r_hat
 
@@ -93,7 +93,7 @@ def _plane(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor):
 
 
 def angular_standard(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
-    """Standard angular steering ``h − Ph + ‖Ph‖ v_θ`` (methods.md §3.2).
+    """Standard angular steering ``h − Ph + ‖Ph‖ v_θ`` (docs/methods.md §3.2).
 
     θ is an ABSOLUTE angle: every token's in-plane part is set to it, so no θ
     gives back the unsteered model.
@@ -109,14 +109,14 @@ def angular_standard(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_
 def angular_adaptive(
     h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float, threshold: float = 0.0
 ) -> torch.Tensor:
-    """Adaptive angular steering (methods.md §3.3): standard angular steering on tokens with ``h·b1 > τ``."""
+    """Adaptive angular steering (docs/methods.md §3.3): standard angular steering on tokens with ``h·b1 > τ``."""
     steered = angular_standard(h, b1, b2, theta_deg)
     gate = (h @ b1.to(h.dtype)) > threshold
     return torch.where(gate[..., None], steered, h)
 
 
 def rotation_matrix(b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
-    """``R_P^θ = I − P + [b1 b2] R(θ) [b1 b2]ᵀ`` as a dense ``d×d`` matrix (methods.md §3.1)."""
+    """``R_P^θ = I − P + [b1 b2] R(θ) [b1 b2]ᵀ`` as a dense ``d×d`` matrix (docs/methods.md §3.1)."""
     t = math.radians(theta_deg)
     basis = torch.stack([b1, b2], dim=1)  # d×2
     rot = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=b1.dtype)
@@ -125,7 +125,7 @@ def rotation_matrix(b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> tor
 
 
 def selective_rotation(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_deg: float) -> torch.Tensor:
-    """Selective Steering's rotation ``R_P^θ h`` (methods.md §3.1), in its O(d) form.
+    """Selective Steering's rotation ``R_P^θ h`` (docs/methods.md §3.1), in its O(d) form.
 
     Norm-preserving and the identity at θ = 0. Restricting it to the
     discriminative layers is the caller's job (profiles list those layers).

@@ -74,7 +74,7 @@ METHOD_HOOKS: dict[str, tuple[str, ...]] = {
     "angular_adaptive": ("input_norm", "post_attn_norm"),
     "selective": ("input_norm", "post_attn_norm"),
 }
-"""Where each method edits the network (methods.md §1)."""
+"""Where each method edits the network (docs/methods.md §1)."""
 
 ANGLE_METHODS = frozenset({"angular_standard", "angular_adaptive", "selective"})
 SCALE_METHODS = frozenset({"addition", "probe", "category"})

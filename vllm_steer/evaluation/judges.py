@@ -2,7 +2,7 @@
 
 Three kinds share one interface (:class:`Judge`: ``name`` and ``judge(items, progress)``):
 
-* :class:`RefusalSubstringJudge` — ``methods.md`` §5.2 substring matching
+* :class:`RefusalSubstringJudge` — ``docs/methods.md`` §5.2 substring matching
   (:func:`vllm_steer.evaluation.metrics.is_refusal`), no network: ``"refusal"`` / ``"compliance"``.
 * :class:`LLMJudge` — any OpenAI-compatible ``/v1/chat/completions`` model with the rubric in
   ``vllm_steer/prompts/judge_rubric.md``; two-way ``"refusal"`` / ``"compliance"``
@@ -10,7 +10,7 @@ Three kinds share one interface (:class:`Judge`: ``name`` and ``judge(items, pro
 * :class:`ClassifierJudge` — a HarmBench-style yes/no classifier behind ``/v1/completions``:
   ``"harmful"`` / ``"safe"``.
 
-Why parsing is strict. The judges behind published ASRs fall back to guesses (``methods.md``
+Why parsing is strict. The judges behind published ASRs fall back to guesses (``docs/methods.md``
 §5.1: the SS LLM judge looks for "UNSAFE" in the last 50 characters and otherwise defaults to
 safe). A guessed verdict silently moves the attack-success rate, and by how much depends on the
 steering setting (steered models ramble more), so differences between settings get biased. Here

@@ -1,4 +1,4 @@
-"""Text metrics exactly as ``methods.md`` §5 defines them (Selective Steering's evaluators).
+"""Text metrics exactly as ``docs/methods.md`` §5 defines them (Selective Steering's evaluators).
 
 * :func:`is_refusal` — §5.2: lower-cased containment of the SS substring list.
 * :func:`perplexity_from_logprobs` — §5.3: ``exp(−mean log p)`` of the generated tokens

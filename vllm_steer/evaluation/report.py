@@ -114,7 +114,7 @@ def write_eval_report(out: str | Path, result: dict | None = None) -> Path:
              f"- served by: {result['backend']}; all rows in one mixed batch: {result['served_in_one_mixed_batch']}",
              f"- rows: {result['rows']}, generation {result['generate_seconds']} s",
              f"- data: {result['data']}",
-             f"- perplexity violation threshold (methods.md §5.3): {result['perplexity_violation_threshold']}",
+             f"- perplexity violation threshold (docs/methods.md §5.3): {result['perplexity_violation_threshold']}",
              "", markdown_table(result), ""]
     for name, made in (("angles.png", _line_plot(result, {"selective", "angular_standard", "angular_adaptive"}, "angle (degrees)", out / "angles.png")),
                        ("scales.png", _line_plot(result, {"addition", "probe", "category"}, "scale", out / "scales.png")),

@@ -6,7 +6,7 @@ mixed batch: per-request steering is what makes a whole sweep one batch), or sen
 running vllm-steer server. Then:
 
 * controllability: refusal rate on harmful prompts and its complement, the attack-success rate, and
-  over-refusal on harmless prompts, by the refusal substrings (methods.md §5.2) and by any extra
+  over-refusal on harmless prompts, by the refusal substrings (docs/methods.md §5.2) and by any extra
   judges (:mod:`vllm_steer.evaluation.judges`; failed or unparseable verdicts are counted, never guessed);
 * coherence: perplexity of the generated tokens under the *unsteered* model (a second, unsteered
   engine call scoring prompt + generation through prompt logprobs) and under the steered one (its

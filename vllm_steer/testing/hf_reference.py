@@ -3,7 +3,7 @@
 This is the *reference* the engine is proven against (the mixed-batch tests)
 and the baseline it is benchmarked against. It deliberately shares nothing
 with the batched op: it applies the per-method reference functions of
-:mod:`vllm_steer.core.ops` to whole tensors, at the hook points of ``methods.md`` §1,
+:mod:`vllm_steer.core.ops` to whole tensors, at the hook points of ``docs/methods.md`` §1,
 on a plain ``transformers`` Llama-style model (``model.model.layers[i]`` with
 ``input_layernorm``, ``post_attention_layernorm``, ``self_attn``, ``mlp``).
 """
