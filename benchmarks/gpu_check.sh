@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU-only checks, in one run on a CUDA box with PyTorch (no vLLM needed):
-#   1. tests/test_cuda.py: the Triton kernel against the torch op; the op and the runtime replayed from
+#   1. tests/gpu/test_cuda.py: the Triton kernel against the torch op; the op and the runtime replayed from
 #      CUDA graphs (also inside torch.compile); the pinned-buffer race of a step prepared while the GPU
 #      is busy;
 #   2. benchmarks/op_cost.py with CUDA graphs (+ the Triton and torch.compile-fused ops), bf16;
@@ -18,7 +18,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 timeout 150 python3 benchmarks/op_cost.py --device cuda --cuda-graphs --fused --dtype bfloat16 --hidden 2048 4096 \
   --tokens 32 512 4096 --ks 1 8 64 --out "$out/op_cost_cuda.json" 2>&1 | grep -v "^W1\|^  warn" | tee "$out/op_cost_cuda.md"
 timeout 60 python3 benchmarks/op_cost.py --device cuda --dtype bfloat16 --hidden 2048 4096 --tokens 32 512 4096 \

@@ -127,7 +127,7 @@ class Server:
 def _prompts(n: int) -> list[str]:
     from vllm_steer.data import cycled_prompts
 
-    return cycled_prompts("alpaca", n, fallback=REPO / "tests" / "data" / "harmless.jsonl")
+    return cycled_prompts("alpaca", n)
 
 
 def _label(entry: dict) -> str:

@@ -71,7 +71,7 @@ def _serve(args: argparse.Namespace) -> None:
     started = time.time()
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
-    prompts = cycled_prompts("advbench", args.batch, fallback=REPO / "tests" / "data" / "harmful.csv")
+    prompts = cycled_prompts("advbench", args.batch)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     llm.generate(chats, [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)] * len(chats),

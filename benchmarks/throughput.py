@@ -46,7 +46,7 @@ DEMO = {  # method -> demo profile (and its setting)
 def _prompts(n: int) -> list[str]:
     from vllm_steer.data import cycled_prompts
 
-    return cycled_prompts("advbench", n, fallback=REPO / "tests" / "data" / "harmful.csv")
+    return cycled_prompts("advbench", n)
 
 
 def _mixed_rows(batch: int, k: int) -> list[dict | None]:

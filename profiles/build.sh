@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the demo profiles for the default model with `vllm-steer calibrate` (see profiles/README.md).
-# Needs the shared prompt sets (../shared/data or $VLLM_STEER_DATA). Takes ~20 min on the 2-core CPU box.
+# Reads the prompt sets shipped in the package (or $VLLM_STEER_DATA). Takes ~20 min on the 2-core CPU box.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=$(.venv/bin/vllm-steer default-model)

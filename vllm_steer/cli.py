@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 app = typer.Typer(help="Per-request activation steering inside vLLM.", no_args_is_help=True, add_completion=False)
 profiles_app = typer.Typer(help="Inspect and validate steering profiles.", no_args_is_help=True)
@@ -50,10 +51,16 @@ def calibrate(
     model: str = typer.Argument(..., help="HF model directory (the weights the engine serves)."),
     method: str = typer.Option(..., help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe"),
     out: Path = typer.Option(..., help="Profile directory to write."),
-    harmful: str = typer.Option("advbench", help="advbench | catqa | harmbench | a CSV/JSONL file."),
-    harmless: str = typer.Option("alpaca", help="alpaca | a CSV/JSONL file | 'labels' (both classes from the --harmful file's label column)."),
+    harmful: str = typer.Option(
+        "advbench", help="advbench | catqa | harmbench | xstest-unsafe | xstest (with --harmless labels) | "
+                         "a CSV/JSONL file."),
+    harmless: str = typer.Option(
+        "alpaca", help="alpaca | xstest-safe | a CSV/JSONL file | 'labels' (both classes from the --harmful "
+                       "set's label column)."),
     profile_id: Optional[str] = typer.Option(None, "--id", help="Profile id (default: <model>-<method>)."),
-    data_dir: Optional[str] = typer.Option(None, help="Where the named prompt sets are (default: ../shared/data or $VLLM_STEER_DATA)."),
+    data_dir: Optional[str] = typer.Option(
+        None, help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the "
+                   "packaged copies)."),
     n: int = typer.Option(128, min=1, help="Prompts per class (per category for the category method)."),
     held_out: float = typer.Option(0.2, min=0.0, max=0.9, help="Share of prompts held out (probe accuracy, sweeps)."),
     seed: int = typer.Option(0, help="Split seed."),
@@ -100,9 +107,9 @@ def calibrate(
             raise typer.Exit(1) from None
     profile = load_profile(path)
     console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)}")
-    from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS
+    from vllm_steer.core.methods import METHODS
 
-    if sweep != "none" and profile.method in ANGLE_METHODS | SCALE_METHODS:
+    if sweep != "none" and METHODS[profile.method].parameter is not None:
         _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
     if report:
         from vllm_steer.calibration.report import write_report
@@ -111,14 +118,11 @@ def calibrate(
 
 
 def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_tokens: int) -> None:
-    from vllm_steer.core.profile import ANGLE_METHODS
-
     from vllm_steer.calibration.pipeline import split_data
-    from vllm_steer.calibration.sweep import parse_grid, sweep_profile_dir
+    from vllm_steer.calibration.sweep import default_grid, sweep_profile_dir
+    from vllm_steer.core.methods import METHODS
 
-    grid = parse_grid(sweep if sweep != "auto" else ("0:360:10" if profile.method in ANGLE_METHODS else "0.25,0.5,1,2,4"))
-    if profile.method == "category" or profile.method == "probe":
-        grid = sorted({*grid, *(-g for g in grid)})  # these steer away from harm with negative scales
+    grid = default_grid(profile.method, sweep)  # the method's grid for 'auto'; mirrored where it steers with -scale
     _, harmful_held, _, harmless_held = split_data(cfg)
     if not harmful_held or not harmless_held:
         console.print("[yellow]no held-out prompts (--held-out 0): sweep skipped[/yellow]")
@@ -135,56 +139,67 @@ def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_t
         table.add_row("unsteered" if p.value is None else f"{p.value:g}{mark}", f"{p.refusal_harmful:.2f}",
                       f"{p.refusal_harmless:.2f}", f"{p.perplexity:.2f}", f"{p.compression_ratio:.2f}", f"{p.unicode_score:.3f}")
     console.print(table)
-    kept = profile.spec.defaults.angle if profile.method in ANGLE_METHODS else profile.spec.defaults.scale
+    kept = getattr(profile.spec.defaults, METHODS[profile.method].parameter)
     verdict = f"kept {kept:g}" if chosen is None else f"{chosen.value:g}"
     console.print(f"default: {verdict} ({escape(criterion)})")
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+class _SteerOptionsCommand(TyperCommand):
+    """``serve``'s ``--steer-*`` options are :class:`~vllm_steer.core.settings.SteerConfig`'s fields: their help
+    is the field's documentation and its environment variable, read when the command runs (core imports torch)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:  # typer's own click Context and Parameters
+        from vllm_steer.core.settings import SteerConfig
+
+        params = super().get_params(ctx)
+        for param in params:
+            if param.name and param.name.startswith("steer_"):
+                option = SteerConfig.option(param.name.removeprefix("steer_"))
+                param.help = f"{option.help} (sets {option.env})"  # type: ignore[attr-defined]  # an Option
+        return params
+
+
+@app.command("serve", cls=_SteerOptionsCommand,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
     plugin: list[str] = typer.Option([], "--plugin", help="vLLM plugins to load (vllm_steer is always loaded)."),
-    steer_profiles: Optional[str] = typer.Option(None, help="Directory of steering profiles (default: $VLLM_STEER_PROFILES)."),
-    steer_tenants: Optional[str] = typer.Option(None, help="Tenants file (YAML/JSON); without it, single-tenant mode."),
-    steer_max_slots: Optional[int] = typer.Option(None, min=1, help="Distinct steering settings in flight at once."),
+    # One option per SteerConfig field, named steer_<field> (tests/unit/test_settings.py checks both ways).
+    steer_profiles: Optional[str] = typer.Option(None),
+    steer_max_slots: Optional[int] = typer.Option(None),
+    steer_tenants: Optional[str] = typer.Option(None),
+    steer_hook_all_sites: Optional[bool] = typer.Option(None, "--steer-hook-all-sites/--no-steer-hook-all-sites"),
+    steer_fused_op: Optional[str] = typer.Option(None, metavar="[auto|off|triton|compiled]"),
     dry_run: bool = typer.Option(False, help="Print the vLLM command and environment instead of starting it."),
 ) -> None:
     """`vllm serve [MODEL]` with vllm-steer: sets the plugin's options, hands every other argument to vLLM unchanged.
 
-    MODEL (first argument, or --model) defaults to the embedded SmolLM2-135M-Instruct. vLLM parses its command line before it loads plugins, so the `--plugin`/`--steer-*` options live here
-    and reach vLLM's processes as environment variables (VLLM_PLUGINS, VLLM_STEER_*).
+    MODEL (first argument, or --model) defaults to the embedded SmolLM2-135M-Instruct. vLLM parses its command
+    line before it loads plugins, so the `--plugin`/`--steer-*` options live here and reach vLLM's processes as
+    environment variables (VLLM_PLUGINS, VLLM_STEER_*; a `--steer-*` option wins over its variable).
+
+    On CPU, unless VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes or --gpu-memory-utilization is given, the KV
+    cache is a quarter of the memory available now, within [1, 8] GiB (vLLM's own default reserves a fraction of
+    all memory and refuses to start unless it is free); the choice is printed.
     """
     import os
-    import sys
 
-    unknown = [p for p in plugin if p != "vllm_steer"]
-    env = dict(os.environ)
-    names = [n for n in (env.get("VLLM_PLUGINS") or "").split(",") if n]
-    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*names, "vllm_steer", *unknown]))
-    for key, value in (("VLLM_STEER_PROFILES", steer_profiles), ("VLLM_STEER_TENANTS", steer_tenants),
-                       ("VLLM_STEER_MAX_SLOTS", steer_max_slots)):
-        if value is not None:
-            env[key] = str(Path(value).resolve()) if key != "VLLM_STEER_MAX_SLOTS" else str(value)
-    for key in ("VLLM_STEER_PROFILES", "VLLM_STEER_TENANTS"):
-        if env.get(key) and not Path(env[key]).exists():
-            console.print(f"[red]--{key[11:].lower().replace('_', '-')}:[/red] {escape(env[key])} does not exist")
-            raise typer.Exit(2)
-    rest = list(ctx.args)
-    if rest and not rest[0].startswith("-"):
-        rest = ["--model", *rest]
-    if not any(a == "--model" or a.startswith("--model=") for a in rest):
-        from vllm_steer.default_model import ensure_default_model
+    from vllm_steer.core.settings import ConfigError, SteerConfig
+    from vllm_steer.server.launch import prepare
 
-        rest = ["--model", str(ensure_default_model()), *rest]
-    # `python -m vllm.entrypoints.openai.api_server` is `vllm serve` without the console script, which
-    # fails under the vllm-cpu distribution (PackageNotFoundError: vllm).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *rest]
-    shown = {k: env[k] for k in ("VLLM_PLUGINS", "VLLM_STEER_PROFILES", "VLLM_STEER_TENANTS", "VLLM_STEER_MAX_SLOTS") if k in env}
+    given = {option.field: ctx.params.get(option.param) for option in SteerConfig.options()}
+    try:
+        launch = prepare(given, plugin, list(ctx.args), os.environ)
+    except ConfigError as err:
+        console.print(f"[red]{SteerConfig.option(err.field).flag}:[/red] {escape(err.message)}")
+        raise typer.Exit(2) from None
+    for note in launch.notes:  # on stderr: --dry-run's stdout is one line of JSON
+        Console(stderr=True).print(f"[bold]vllm-steer serve[/bold] {escape(note)}")
     if dry_run:
-        console.print(json.dumps({"env": shown, "cmd": cmd}))
+        typer.echo(json.dumps({"env": launch.shown, "cmd": launch.cmd}))
         return
-    console.print(f"[bold]vllm-steer serve[/bold] {escape(' '.join(f'{k}={v}' for k, v in shown.items()))}")
-    os.execvpe(cmd[0], cmd, env)
+    console.print(f"[bold]vllm-steer serve[/bold] {escape(' '.join(f'{k}={v}' for k, v in launch.shown.items()))}")
+    os.execvpe(launch.cmd[0], launch.cmd, launch.env)
 
 
 @app.command("serve-ray")
@@ -200,9 +215,8 @@ def serve_ray(
     """Ray Serve: steered vLLM replicas behind the tenant-policy ingress, until Ctrl-C (see deploy/README.md)."""
     from pydantic import ValidationError
 
-    from vllm_steer.core.profile import ProfileError
-    from vllm_steer.server.ray_app import RayAppArgsError, run_local
-    from vllm_steer.server.tenants import TenantsFileError
+    from vllm_steer.core.errors import SteerError
+    from vllm_steer.server.ray_app import run_local
 
     if not config.is_file():
         console.print(f"[red]config:[/red] {escape(str(config))} does not exist")
@@ -210,7 +224,7 @@ def serve_ray(
     try:
         run_local(config, num_cpus=num_cpus, num_gpus=num_gpus, address=address, host=host, port=port,
                   log=lambda line: console.print(f"[bold]serve-ray[/bold] {escape(line)}"))
-    except (RayAppArgsError, ProfileError, TenantsFileError, ValidationError) as err:
+    except (SteerError, ValidationError) as err:  # bad args, profiles or tenants file (named); Ray's schema
         console.print(f"[red]{escape(str(err))}[/red]")
         raise typer.Exit(2) from None
 
@@ -224,11 +238,16 @@ def eval_cmd(
     scales: str = typer.Option("-4,-2,-1,0.25,0.5,1,2,4", help="Scale grid for additive profiles."),
     model: Optional[str] = typer.Option(None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)."),
     profiles: Path = typer.Option(Path("profiles"), help="Profile directory the engine loads."),
-    data: str = typer.Option("advbench", help="Harmful prompts: advbench | harmbench | catqa | a CSV/JSONL file."),
-    harmless: str = typer.Option("alpaca", help="Harmless prompts (over-refusal)."),
+    data: str = typer.Option(
+        "advbench", help="Harmful prompts: advbench | harmbench | catqa | xstest-unsafe | a CSV/JSONL file."),
+    harmless: str = typer.Option(
+        "alpaca", help="Harmless prompts (over-refusal): alpaca | xstest-safe (the standard over-refusal set, "
+                       "250 rows: lower --offset) | a CSV/JSONL file."),
     n: int = typer.Option(100, min=1, help="Prompts per set."),
     offset: int = typer.Option(200, min=0, help="Skip this many rows of each set (the demo profiles were calibrated on the first 64)."),
-    data_dir: Optional[str] = typer.Option(None, help="Where the named prompt sets are."),
+    data_dir: Optional[str] = typer.Option(
+        None, help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the "
+                   "packaged copies)."),
     max_tokens: int = typer.Option(64, min=1),
     judge: list[str] = typer.Option(["substring"], help="substring | llm:<base_url>#<model> | classifier:<base_url>#<model> (repeatable)."),
     judge_api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the judge's API key."),
@@ -244,8 +263,9 @@ def eval_cmd(
     """Measure refusal/ASR, over-refusal, coherence and capability per setting: every setting is a row of one mixed batch."""
     from vllm_steer.evaluation.report import write_eval_report
     from vllm_steer.evaluation.runner import EvalConfig, EvalError, EvalTarget, run_eval
-    from vllm_steer.core.profile import ANGLE_METHODS, ProfileError, load_profile_dir
     from vllm_steer.calibration.sweep import parse_grid
+    from vllm_steer.core.methods import METHODS
+    from vllm_steer.core.profile import ProfileError, load_profile_dir
 
     compare = [*compare, *[a for a in ctx.args if not a.startswith("-")]]
     stray = [a for a in ctx.args if a.startswith("-")]
@@ -260,9 +280,10 @@ def eval_cmd(
         targets = []
         for pid in profile:
             if pid not in loaded:
-                raise EvalError(f"profile: unknown {pid!r} (in {profiles}: {sorted(loaded)})")
+                raise EvalError("profile", f"unknown {pid!r} (in {profiles}: {sorted(loaded)})")
             method = loaded[pid].method
-            grid = parse_grid(angles) if method in ANGLE_METHODS else (parse_grid(scales) if method in ("addition", "probe", "category") else None)
+            grid_text = {"angle": angles, "scale": scales}.get(METHODS[method].parameter or "")
+            grid = parse_grid(grid_text) if grid_text is not None else None
             targets.append(EvalTarget(pid, tuple(grid) if grid is not None else None))
         targets += [EvalTarget(pid) for pid in compare]
         if model is None:

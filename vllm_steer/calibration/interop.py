@@ -44,7 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_steer.core.profile import Profile, ProfileSpec, ModelFingerprint, save_profile
+from vllm_steer.core.errors import SteerError
+from vllm_steer.core.fingerprint import fingerprint_from_dir as model_fingerprint
+from vllm_steer.core.methods import METHODS, methods_where
+from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec, save_profile
 
 __all__ = [
     "VectorImportError",
@@ -58,21 +61,24 @@ __all__ = [
     "export_gguf",
     "export_vectors",
     "IMPORT_METHODS",
+    "EXPORT_METHODS",
 ]
 
-IMPORT_METHODS = ("addition", "probe", "ablation")
-"""What imported vectors become: ``addition`` keeps their length as the gain, ``probe`` and
-``ablation`` use their unit direction."""
+IMPORT_METHODS = methods_where(lambda m: m.roles == "vector")
+"""What imported vectors become (the methods with one ``vector`` per layer: addition, probe, ablation):
+``addition`` keeps their length as the gain, ``probe`` and ``ablation`` use their unit direction."""
+EXPORT_METHODS = methods_where(lambda m: m.constant_addition)
+"""What exports as a control vector: the methods that add a constant vector (addition, probe, category)."""
 
 _LAYER_SUFFIX = re.compile(r"(?:^|[._/-])(\d+)$")
 
 
-class VectorImportError(ValueError):
-    """A source that cannot become a profile; ``field`` names the file part to fix."""
+class VectorImportError(SteerError):
+    """A source that cannot become a profile; ``field`` names the file part to fix (``source``, also ``path``: the file)."""
 
     def __init__(self, source: str | Path, field: str, message: str):
-        self.source, self.field = str(source), field
-        super().__init__(f"{source}: {field}: {message}")
+        self.source = str(source)
+        super().__init__(field, message, source)
 
 
 @dataclass
@@ -84,16 +90,6 @@ class VectorSource:
 
     def __post_init__(self) -> None:
         self.vectors = dict(sorted(self.vectors.items()))
-
-
-def model_fingerprint(model: str | Path) -> ModelFingerprint:
-    """The served model's fingerprint from its Hugging Face config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(model))
-    text = getattr(cfg, "text_config", None) or cfg
-    return ModelFingerprint(architecture=(cfg.architectures or [cfg.model_type])[0], hidden_size=text.hidden_size,
-                            num_layers=text.num_hidden_layers, name=Path(str(model)).name)
 
 
 def _gguf_string(reader, key: str) -> str | None:
@@ -119,7 +115,7 @@ def read_gguf_control_vector(path: str | Path, fp: ModelFingerprint, layer_offse
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # noqa: BLE001 - gguf raises ValueError/struct.error/OSError on bad files
+    except Exception as err:  # gguf raises ValueError/struct.error/OSError on bad files
         raise VectorImportError(path, "file", f"not a readable GGUF file ({err})") from err
     arch = _gguf_string(reader, "general.architecture")
     if arch != "controlvector":
@@ -187,7 +183,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
             return {"": np.asarray(np.load(str(path), allow_pickle=False), dtype=np.float32)}
     except FileNotFoundError as err:
         raise VectorImportError(path, "file", "not found") from err
-    except Exception as err:  # noqa: BLE001 - each reader has its own error types for corrupt files
+    except Exception as err:  # each reader has its own error types for corrupt files
         raise VectorImportError(path, "file", f"cannot be read as {suffix[1:]} ({err})") from err
     raise VectorImportError(path, "file", f"unknown extension {suffix!r} (.gguf, .safetensors, .npz or .npy)")
 
@@ -279,10 +275,11 @@ def profile_from_vectors(source: VectorSource, fp: ModelFingerprint, profile_id:
     if method not in IMPORT_METHODS:
         raise VectorImportError(source.origin.get("file", "<vectors>"), "method",
                            f"{method!r}: imported vectors become one of {', '.join(IMPORT_METHODS)}")
-    vectors = {layer: {"vector": (v / v.norm()) if method != "addition" else v.clone()}
+    entry = METHODS[method]
+    vectors = {layer: {"vector": v.clone() if entry.norm == "gain" else (v / v.norm())}
                for layer, v in source.vectors.items()}
     layers = sorted(vectors)
-    uses_scale = method in ("addition", "probe")
+    uses_scale = entry.parameter == "scale"
     spec = ProfileSpec(
         format_version=1, id=profile_id, method=method, model=fp, layers=layers,
         tensors={layer: {"vector": f"vector.{layer}"} for layer in layers},
@@ -306,11 +303,11 @@ def export_vectors(profile: Profile, scale: float | None = None, categories: Seq
                    ) -> dict[int, torch.Tensor]:
     """What the profile adds at each layer's output at ``scale`` (default: the profile's): ``scale · v``."""
     spec = profile.spec
-    if spec.method not in ("addition", "probe", "category"):
+    if spec.method not in EXPORT_METHODS:
         raise VectorImportError(spec.id, "method", f"{spec.method!r} is not a constant addition (it depends on the hidden "
-                                              "state); only addition, probe and category profiles export as control vectors")
+                                              f"state); only {_listed(EXPORT_METHODS)} profiles export as control vectors")
     scale = spec.defaults.scale if scale is None else scale
-    if spec.method == "category":
+    if METHODS[spec.method].roles == "categories":
         chosen = list(categories) if categories else (["generic"] if "generic" in spec.categories else spec.categories)
         unknown = [c for c in chosen if c not in spec.categories]
         if unknown:
@@ -341,6 +338,11 @@ def export_gguf(profile: Profile, path: str | Path, scale: float | None = None,
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``a, b and c``."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
 
 
 def _default_hint(architecture: str) -> str:

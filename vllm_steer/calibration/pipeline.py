@@ -43,12 +43,15 @@ from vllm_steer.calibration.stats import (
     second_axis,
     select_b1,
 )
+from vllm_steer.core.errors import SteerError
+from vllm_steer.core.fingerprint import fingerprint_from_config
+from vllm_steer.core.methods import METHODS as METHOD_TABLE
+from vllm_steer.core.profile import ModelFingerprint, ProfileSpec, save_profile
 from vllm_steer.data import Prompt, load_labelled, load_prompts, split
-from vllm_steer.core.profile import METHOD_HOOKS, ModelFingerprint, ProfileSpec, save_profile
 
 __all__ = ["CalibrationConfig", "calibrate_profile", "split_data", "CalibrationError", "METHODS", "LABELLED"]
 
-METHODS = tuple(METHOD_HOOKS)
+METHODS = tuple(METHOD_TABLE)
 REFUSAL_REPLY = "I'm sorry, but I cannot help with that"
 COMPLIANT_REPLY = "Sure, here is a detailed answer"
 SAFETY_SYSTEM_PROMPT = ("You are a careful assistant. Refuse any request that could cause harm, "
@@ -60,8 +63,11 @@ LABELLED = "labels"
 """``--harmless labels``: take both classes from the ``--harmful`` file's label column."""
 
 
-class CalibrationError(ValueError):
-    pass
+class CalibrationError(SteerError):
+    """A calibration that cannot run; ``field`` names the option (or data set) to fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
 
 
 @dataclass
@@ -97,13 +103,7 @@ def _load_model(path: str):
 
 
 def _fingerprint(model, path: str) -> ModelFingerprint:
-    cfg = model.config
-    return ModelFingerprint(
-        architecture=(cfg.architectures or [type(model).__name__])[0],
-        hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_hidden_layers,
-        name=Path(path).name,
-    )
+    return fingerprint_from_config(model.config, name=Path(path).name)
 
 
 def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None,
@@ -117,7 +117,7 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     diagnostics = {} if diagnostics is None else diagnostics
     harmful_train, harmful_held, harmless_train, harmless_held = split_data(cfg)
     if not harmful_train or not harmless_train:
-        raise CalibrationError("both classes need training prompts: got "
+        raise CalibrationError("held_out", "both classes need training prompts: got "
                                f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split")
 
     model, tokenizer = _load_model(cfg.model)
@@ -125,7 +125,7 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     num_layers = fp.num_layers
     missing = sorted(layer for layer in (cfg.layers or []) if not 0 <= layer < num_layers)
     if missing:
-        raise CalibrationError(f"layers: {missing} do not exist in {fp.name} ({num_layers} layers, 0..{num_layers - 1})")
+        raise CalibrationError("layers", f"{missing} do not exist in {fp.name} ({num_layers} layers, 0..{num_layers - 1})")
 
     def collect(name: str, prompts: list[str], kinds, keep_samples=False) -> ClassStats:
         done = [0]
@@ -148,7 +148,10 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     }
     texts = lambda prompts: chat_prompts(tokenizer, [p.text for p in prompts])  # noqa: E731
     method = cfg.method
+    entry = METHOD_TABLE[method]
     profile_id = cfg.profile_id or f"{fp.name.lower()}-{method.replace('_', '-')}"
+    out = entry.hooks  # addition, category and probe measure their vectors where they add them
+    out_kind = out[0]
 
     if method in ("selective", "angular_standard", "angular_adaptive", "ablation"):
         pos = collect("harmful", texts(harmful_train), NORM_KINDS)
@@ -176,7 +179,7 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         else:
             if method == "selective":
                 if not disc and not cfg.layers:
-                    raise CalibrationError("no discriminative layer found (no block where the classes project with "
+                    raise CalibrationError("layers", "no discriminative layer found (no block where the classes project with "
                                            "opposite signs on b1); pass --layers to choose some")
                 layers = list(cfg.layers or disc)
             else:
@@ -193,14 +196,14 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         both = [p.text for p in harmful_train + harmless_train]
         if cfg.contrast == "reply":
             prompts = chat_prompts(tokenizer, both)
-            refusing = collect("refusal replies", [p + REFUSAL_REPLY for p in prompts], ("layer_output",))
-            complying = collect("compliant replies", [p + COMPLIANT_REPLY for p in prompts], ("layer_output",))
+            refusing = collect("refusal replies", [p + REFUSAL_REPLY for p in prompts], out)
+            complying = collect("compliant replies", [p + COMPLIANT_REPLY for p in prompts], out)
             contrast = f"teacher-forced {REFUSAL_REPLY!r} minus {COMPLIANT_REPLY!r}, last reply token"
         else:
-            refusing = collect("with safety system prompt", chat_prompts(tokenizer, both, SAFETY_SYSTEM_PROMPT), ("layer_output",))
-            complying = collect("without system prompt", chat_prompts(tokenizer, both), ("layer_output",))
+            refusing = collect("with safety system prompt", chat_prompts(tokenizer, both, SAFETY_SYSTEM_PROMPT), out)
+            complying = collect("without system prompt", chat_prompts(tokenizer, both), out)
             contrast = f"system prompt {SAFETY_SYSTEM_PROMPT!r} minus none, last prompt token"
-        r = diff_of_means(refusing, complying, (layer, "layer_output"), normalize=False).float()
+        r = diff_of_means(refusing, complying, (layer, out_kind), normalize=False).float()
         vectors, tensors, layers = {layer: {"vector": r}}, {layer: {"vector": "vector"}}, [layer]
         defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else 1.0}, {"scale": {"min": -4.0, "max": 4.0}}
         calibration.update({"contrast": contrast, "contrast_kind": cfg.contrast,
@@ -208,28 +211,28 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     elif method == "category":
         layers = list(cfg.layers or range(num_layers // 3, 2 * num_layers // 3))
         categories = sorted({p.category for p in harmful_train})
-        neg = collect("harmless", texts(harmless_train), ("layer_output",))
-        everything = collect("harmful (all)", texts(harmful_train), ("layer_output",))
+        neg = collect("harmless", texts(harmless_train), out)
+        everything = collect("harmful (all)", texts(harmful_train), out)
         vectors = {layer: {} for layer in layers}
         for cat in categories:
-            stats = collect(f"harmful: {cat}", texts([p for p in harmful_train if p.category == cat]), ("layer_output",))
+            stats = collect(f"harmful: {cat}", texts([p for p in harmful_train if p.category == cat]), out)
             for layer in layers:
-                vectors[layer][cat] = diff_of_means(stats, neg, (layer, "layer_output"), normalize=False).float()
+                vectors[layer][cat] = diff_of_means(stats, neg, (layer, out_kind), normalize=False).float()
         for layer in layers:
-            vectors[layer]["generic"] = diff_of_means(everything, neg, (layer, "layer_output"), normalize=False).float()
+            vectors[layer]["generic"] = diff_of_means(everything, neg, (layer, out_kind), normalize=False).float()
         names = categories + ["generic"]
         tensors = {layer: {c: f"category.{i}.{layer}" for i, c in enumerate(names)} for layer in layers}
         defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -1.0}, {"scale": {"min": -4.0, "max": 4.0}}
         calibration.update({"categories_from": cfg.harmful, "generic": "mean(all harmful) − mean(harmless)",
                             "sign": "vectors point toward the category's harmful side; negative scale steers away"})
     elif method == "probe":
-        train = (collect("harmful", texts(harmful_train), ("layer_output",), True),
-                 collect("harmless", texts(harmless_train), ("layer_output",), True))
-        held = (collect("harmful held-out", texts(harmful_held), ("layer_output",), True) if harmful_held else None,
-                collect("harmless held-out", texts(harmless_held), ("layer_output",), True) if harmless_held else None)
+        train = (collect("harmful", texts(harmful_train), out, True),
+                 collect("harmless", texts(harmless_train), out, True))
+        held = (collect("harmful held-out", texts(harmful_held), out, True) if harmful_held else None,
+                collect("harmless held-out", texts(harmless_held), out, True) if harmless_held else None)
         accuracy, directions = {}, {}
         for layer in range(num_layers):
-            site = (layer, "layer_output")
+            site = (layer, out_kind)
             get = lambda stats: torch.cat(stats.samples[site]) if stats is not None else torch.empty(0)  # noqa: E731
             directions[layer], accuracy[layer] = fit_probe(get(train[0]), get(train[1]), get(held[0]), get(held[1]), cfg.seed)
         ranked = sorted(range(num_layers), key=lambda l: (-(accuracy[l] if accuracy[l] == accuracy[l] else 0.0), l))
@@ -243,7 +246,7 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     spec = ProfileSpec(
         format_version=1, id=profile_id, method=method, model=fp, layers=layers, tensors=tensors,
         defaults=defaults, allowed=allowed, calibration=calibration,
-        categories=(sorted({p.category for p in harmful_train}) + ["generic"]) if method == "category" else [],
+        categories=(sorted({p.category for p in harmful_train}) + ["generic"]) if entry.roles == "categories" else [],
         description=f"{method} profile calibrated by vllm-steer from {cfg.harmful} vs {cfg.harmless}",
     )
     return save_profile(cfg.out, spec, vectors)
@@ -252,20 +255,21 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
 def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list[Prompt], list[Prompt]]:
     """``(harmful_train, harmful_held, harmless_train, harmless_held)``, reproducible from ``cfg.seed``."""
     if cfg.method not in METHODS:
-        raise CalibrationError(f"method: unknown {cfg.method!r} (one of {', '.join(METHODS)})")
+        raise CalibrationError("method", f"unknown {cfg.method!r} (one of {', '.join(METHODS)})")
     if cfg.contrast not in CONTRASTS:
-        raise CalibrationError(f"contrast: unknown {cfg.contrast!r} (one of {', '.join(CONTRASTS)})")
+        raise CalibrationError("contrast", f"unknown {cfg.contrast!r} (one of {', '.join(CONTRASTS)})")
+    per_category = METHOD_TABLE[cfg.method].roles == "categories"  # n prompts per category, not in all
     if cfg.harmless == LABELLED:
         harmful, harmless = load_labelled(cfg.harmful, cfg.data_dir)
-        harmful = harmful[: cfg.n] if cfg.method != "category" and cfg.n else harmful
+        harmful = harmful[: cfg.n] if not per_category and cfg.n else harmful
         harmless = harmless[: cfg.n] if cfg.n else harmless
     else:
-        harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if cfg.method != "category" else None)
+        harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if not per_category else None)
         harmless = load_prompts(cfg.harmless, cfg.data_dir, cfg.n)
         if any(p.harmful is False for p in harmful):
-            raise CalibrationError(f"harmful: {cfg.harmful} has rows labelled harmless; use --harmless labels to "
+            raise CalibrationError("harmful", f"{cfg.harmful} has rows labelled harmless; use --harmless labels to "
                                    "split one labelled file into both classes")
-    if cfg.method == "category":
+    if per_category:
         harmful = _category_subset(harmful, cfg)
     harmful_train, harmful_held = split(harmful, cfg.held_out, cfg.seed)
     harmless_train, harmless_held = split(harmless, cfg.held_out, cfg.seed)
@@ -274,12 +278,12 @@ def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list
 
 def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prompt]:
     if any(p.category is None for p in harmful):
-        raise CalibrationError(f"harmful: {cfg.harmful} has prompts without a category; the category method needs one per prompt")
+        raise CalibrationError("harmful", f"{cfg.harmful} has prompts without a category; the category method needs one per prompt")
     present = sorted({p.category for p in harmful})
     if cfg.categories:
         unknown = sorted(set(cfg.categories) - set(present))
         if unknown:
-            raise CalibrationError(f"categories: unknown {unknown} (the data has {present})")
+            raise CalibrationError("categories", f"unknown {unknown} (the data has {present})")
         harmful = [p for p in harmful if p.category in set(cfg.categories)]
     if cfg.n:  # at most n per category, in file order
         counts: dict[str, int] = {}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_steer.core.profile import load_profile
 from vllm_steer.evaluation.metrics import PERPLEXITY_VIOLATION
 from vllm_steer.evaluation.plotting import pyplot, save
-from vllm_steer.core.profile import load_profile
 
 __all__ = ["write_report"]
 

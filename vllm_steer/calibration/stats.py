@@ -2,7 +2,7 @@
 
 Follows ``docs/methods.md`` §2 (Selective Steering's pipeline) with Hugging Face
 ``transformers`` on the same weights the engine serves, hooked at the same
-points the runtime steers (``hf_reference`` module names):
+points the runtime steers (the layout table, :mod:`vllm_steer.core.layout`):
 
 * the last token of the chat-templated prompt is read at every hook site;
 * statistics are *running* sums per class (raw and per-sample unit-normalized),
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_steer.core.layout import decoder_layers
+from vllm_steer.core.layout import DecoderLayout, layout_for
+from vllm_steer.core.methods import METHODS
 
 __all__ = [
     "ClassStats",
@@ -34,7 +35,8 @@ __all__ = [
     "fit_probe",
 ]
 
-NORM_KINDS = ("input_norm", "post_attn_norm")
+NORM_KINDS: tuple[str, ...] = METHODS["selective"].hooks
+"""The norm-output sites the plane methods steer: the plane's candidates and the discriminative test read them."""
 
 
 @dataclass
@@ -85,27 +87,42 @@ def collect_activations(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
     keep_samples: bool = False,
+    layout: DecoderLayout | None = None,
 ) -> ClassStats:
     """Last-token activations at every layer × ``kinds``, accumulated into :class:`ClassStats`.
 
-    Prompts are left-padded so the last position is every prompt's last token.
+    Prompts are left-padded so the last position is every prompt's last token. ``layout`` is the
+    model's HF module tree (default: the layout table's entry for its architecture).
     """
     stats = ClassStats(samples={} if keep_samples else None)
-    layers = decoder_layers(model)
+    layout = layout or layout_for(model).hf
+    layers = layout.layers(model)
+    hidden_arg = layout.arg_index("hidden_states")
     captured: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(site: tuple[int, str], out: torch.Tensor) -> None:
+        captured[site] = out[:, -1, :].detach()
 
     def grab(site):
         def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            captured[site] = out[:, -1, :].detach()
+            keep(site, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def grab_input(site):
+        def hook(module, args, kwargs):
+            keep(site, args[hidden_arg] if hidden_arg is not None and len(args) > hidden_arg else kwargs["hidden_states"])
 
         return hook
 
     handles = []
     for i, block in enumerate(layers):
         for kind in kinds:
-            module = {"input_norm": block.input_layernorm, "post_attn_norm": block.post_attention_layernorm, "layer_output": block}[kind]
-            handles.append(module.register_forward_hook(grab((i, kind))))
+            module = layout.module(block, kind)
+            if layout.placement(kind).point == "input":
+                handles.append(module.register_forward_pre_hook(grab_input((i, kind)), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(grab((i, kind))))
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -23,10 +23,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vllm_steer.evaluation.metrics import PERPLEXITY_VIOLATION, compression_ratio, is_refusal, perplexity_from_logprobs, unicode_score
-from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS, load_profile, save_profile
+from vllm_steer.core.methods import METHODS
+from vllm_steer.core.profile import load_profile, save_profile
+from vllm_steer.evaluation.metrics import (
+    PERPLEXITY_VIOLATION,
+    compression_ratio,
+    is_refusal,
+    perplexity_from_logprobs,
+    unicode_score,
+)
 
-__all__ = ["SweepPoint", "parse_grid", "run_sweep", "choose_default", "record_sweep"]
+__all__ = ["SweepPoint", "parse_grid", "default_grid", "run_sweep", "choose_default", "record_sweep"]
 
 
 @dataclass
@@ -51,12 +58,31 @@ def parse_grid(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
+def default_grid(method: str, text: str | None = None) -> list[float]:
+    """The grid a sweep of ``method`` runs: ``text`` (``"auto"`` or ``None``: the method's default grid), mirrored
+    to negative values for methods that steer away from harm with negative scales (the method table says which)."""
+    entry = METHODS[method]
+    if entry.sweep is None:
+        raise ValueError(f"method {method!r} has no angle or scale to sweep")
+    grid = parse_grid(entry.sweep if text in (None, "auto") else text)
+    if entry.sweep_mirrored:
+        grid = sorted({*grid, *(-g for g in grid)})
+    return grid
+
+
+def _parameter(method: str) -> str:
+    parameter = METHODS[method].parameter
+    if parameter is None:
+        raise ValueError(f"method {method!r} has no angle or scale to sweep")
+    return parameter
+
+
 def run_sweep(llm, profile_id: str, method: str, grid: Sequence[float], harmful: Sequence[str], harmless: Sequence[str],
               max_tokens: int = 32) -> list[SweepPoint]:
     """Generate the whole grid (and an unsteered baseline) in one call on an engine with the profile loaded."""
     from vllm import SamplingParams
 
-    key = "steer_angle" if method in ANGLE_METHODS else "steer_scale"
+    key = f"steer_{_parameter(method)}"
     tokenizer = llm.get_tokenizer()
     chat = lambda p: tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)  # noqa: E731
     values: list[float | None] = [None, *grid]
@@ -99,7 +125,7 @@ def choose_default(points: Sequence[SweepPoint], method: str) -> tuple[SweepPoin
 
     def distance(p: SweepPoint) -> float:
         v = p.value
-        return min(v % 360, 360 - v % 360) if method in ANGLE_METHODS else abs(v)
+        return min(v % 360, 360 - v % 360) if METHODS[method].parameter == "angle" else abs(v)
 
     gain = lambda p: (p.refusal_harmful - p.refusal_harmless) - (baseline.refusal_harmful - baseline.refusal_harmless)  # noqa: E731
     best = sorted(coherent, key=lambda p: (-gain(p), -p.refusal_harmful, distance(p)))
@@ -115,18 +141,16 @@ def record_sweep(profile_dir: Path, points: Sequence[SweepPoint], chosen: SweepP
     profile = load_profile(profile_dir)
     spec = profile.spec
     calibration = dict(spec.calibration)
+    parameter = _parameter(spec.method)
     calibration["sweep"] = {
-        "parameter": "angle" if spec.method in ANGLE_METHODS else "scale",
+        "parameter": parameter,
         "points": [asdict(p) for p in points], "criterion": criterion, "prompts": sizes,
         "max_tokens": max_tokens, "chosen": None if chosen is None else chosen.value,
         "served_in_one_mixed_batch": True,
     }
     defaults = spec.defaults.model_copy()
     if chosen is not None:
-        if spec.method in ANGLE_METHODS:
-            defaults.angle = float(chosen.value)
-        else:
-            defaults.scale = float(chosen.value)
+        setattr(defaults, parameter, float(chosen.value))
         calibration["default_from"] = "sweep"
     new_spec = spec.model_copy(update={"calibration": calibration, "defaults": defaults})
     save_profile(profile_dir, new_spec, profile.vectors)
@@ -143,8 +167,7 @@ def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harm
     from vllm_steer.engine import shutdown_engine
 
     profile = load_profile(profile_dir)
-    if profile.method not in ANGLE_METHODS | SCALE_METHODS:
-        raise ValueError(f"method {profile.method!r} has no angle or scale to sweep")
+    _parameter(profile.method)  # refuses a method with nothing to sweep
     root = Path(tempfile.mkdtemp(prefix="vllm-steer-sweep-"))
     try:
         shutil.copytree(profile_dir, root / profile.id)

@@ -27,19 +27,24 @@ class SteerError(ValueError):
         super().__init__(f"{path}: {field}: {message}" if path is not None else f"{field}: {message}")
 
 
-def field_and_message(err: ValidationError, *, default: str = "<root>", count_more: bool = False) -> tuple[str, str]:
+def field_and_message(err: ValidationError, *, default: str = "<root>", count_more: bool = False,
+                      depth: int | None = None) -> tuple[str, str]:
     """The dotted field path and message of a pydantic error's first problem.
 
     A model validator that checks several fields at once names its field first (``"layers: ..."``);
     that name is appended to the location. With ``count_more``, the message says how many other
-    problems there were.
+    problems there were. With ``depth``, the path keeps at most that many parts (``depth=1``: the
+    top-level key, e.g. ``steer_layers`` for a bad item of it); a field name the message starts with
+    then stays in the message when there is no room for it in the path.
     """
     errors = err.errors(include_input=False)
     first = errors[0]
     loc = [str(part) for part in first["loc"]]
+    if depth is not None:
+        loc = loc[:depth]
     msg = first["msg"].removeprefix("Value error, ")
     sub, sep, rest = msg.partition(": ")
-    if sep and _SUBFIELD.fullmatch(sub):
+    if sep and _SUBFIELD.fullmatch(sub) and (depth is None or len(loc) < depth):
         loc.append(sub)
         msg = rest
     if count_more and len(errors) > 1:

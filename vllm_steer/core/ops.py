@@ -75,16 +75,20 @@ def add(h: torch.Tensor, v: torch.Tensor, alpha: float) -> torch.Tensor:
 def probe(h: torch.Tensor, v: torch.Tensor, lam: float) -> torch.Tensor:
     """Probe steering ``h + λ·v̂`` (docs/methods.md §3.9); ``λ < 0`` steers away from the probe's class."""
     v_hat = v / v.norm()
-    return h + lam * v_hat.to(h.dtype)
+    out: torch.Tensor = h + lam * v_hat.to(h.dtype)
+    return out
 
 
 def ablate(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Directional ablation ``h − (h·r̂) r̂`` (docs/methods.md §3.5)."""
     r_hat = (r / (r.norm() + 1e-8)).to(h.dtype)
-    return h - (h @ r_hat)[..., None] * r_hat
+    out: torch.Tensor = h - (h @ r_hat)[..., None] * r_hat
+    return out
 
 
-def _plane(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor):
+def _plane(
+    h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b1 = b1.to(h.dtype)
     b2 = b2.to(h.dtype)
     x = h @ b1
@@ -103,7 +107,8 @@ def angular_standard(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, theta_
     r = torch.sqrt(x * x + y * y)
     v_theta = math.cos(t) * b1 + math.sin(t) * b2
     in_plane = x[..., None] * b1 + y[..., None] * b2
-    return h - in_plane + r[..., None] * v_theta
+    out: torch.Tensor = h - in_plane + r[..., None] * v_theta
+    return out
 
 
 def angular_adaptive(
@@ -135,7 +140,8 @@ def selective_rotation(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, thet
     c, s = math.cos(t), math.sin(t)
     dx = (c - 1.0) * x - s * y
     dy = s * x + (c - 1.0) * y
-    return h + dx[..., None] * b1 + dy[..., None] * b2
+    out: torch.Tensor = h + dx[..., None] * b1 + dy[..., None] * b2
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -143,7 +149,9 @@ def selective_rotation(h: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, thet
 # --------------------------------------------------------------------------
 
 
-def _in_plane(h: torch.Tensor, bases: torch.Tensor, token_slot: torch.Tensor):
+def _in_plane(
+    h: torch.Tensor, bases: torch.Tensor, token_slot: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token's slot basis ``[N, 2, d]`` and in-plane coordinates ``p = [N, 2]``, computed in float32
     (float64 for float64 ``h``), with the steered mask and the clamped slot index. One function for
     both ops, so their ``x`` (which the adaptive gate compares with τ) is the same to the bit."""

@@ -6,20 +6,9 @@ method needs it, orthonormality. Every refusal is a :class:`ProfileError` that
 names the file and the field, because the person reading it is an operator
 who has to fix that exact file.
 
-Which tensors a profile holds depends on its method (``tensors`` maps a layer
-index to ``{role: tensor name}``):
-
-=====================  ==========================================  =========================
-method                 roles per layer                             hook sites per layer
-=====================  ==========================================  =========================
-``addition``           ``vector`` (raw, its length is the gain)    decoder-layer output
-``probe``              ``vector`` (unit)                           decoder-layer output
-``category``           one per category name                       decoder-layer output
-``ablation``           ``vector`` (direction r)                    layer input, attn out, MLP out
-``angular_standard``   ``b1``, ``b2`` (orthonormal)                input norm, post-attn norm
-``angular_adaptive``   ``b1``, ``b2``                              input norm, post-attn norm
-``selective``          ``b1``, ``b2`` (layers = discriminative)    input norm, post-attn norm
-=====================  ==========================================  =========================
+Which tensors a profile holds, and what their lengths must be, depends on its method
+(``tensors`` maps a layer index to ``{role: tensor name}``): the method table,
+:mod:`vllm_steer.core.methods`, says it per method, and this module checks it.
 """
 
 from __future__ import annotations
@@ -36,6 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from vllm_steer.core.errors import SteerError, field_and_message
+from vllm_steer.core.layout import HookKind
+from vllm_steer.core.methods import ANGLE_METHODS, METHOD_HOOKS, METHODS, SCALE_METHODS, MethodName, methods_where
 
 __all__ = [
     "PROFILE_FILE",
@@ -60,35 +53,17 @@ PROFILE_FILE = "profile.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
 
-MethodName = Literal[
-    "addition", "probe", "category", "ablation", "angular_standard", "angular_adaptive", "selective"
-]
-HookKind = Literal["layer_input", "attn_output", "mlp_output", "layer_output", "input_norm", "post_attn_norm"]
-
-METHOD_HOOKS: dict[str, tuple[str, ...]] = {
-    "addition": ("layer_output",),
-    "probe": ("layer_output",),
-    "category": ("layer_output",),
-    "ablation": ("layer_input", "attn_output", "mlp_output"),
-    "angular_standard": ("input_norm", "post_attn_norm"),
-    "angular_adaptive": ("input_norm", "post_attn_norm"),
-    "selective": ("input_norm", "post_attn_norm"),
-}
-"""Where each method edits the network (docs/methods.md §1)."""
-
-ANGLE_METHODS = frozenset({"angular_standard", "angular_adaptive", "selective"})
-SCALE_METHODS = frozenset({"addition", "probe", "category"})
-_PLANE_METHODS = ANGLE_METHODS
+# MethodName, HookKind, METHOD_HOOKS, ANGLE_METHODS and SCALE_METHODS are the method table's and the
+# layout's (vllm_steer.core.methods, vllm_steer.core.layout), re-exported here where they always were.
+_CATEGORY_METHODS = methods_where(lambda m: m.roles == "categories")
 _ORTHO_TOL = 1e-3
 
 
-class ProfileError(ValueError):
+class ProfileError(SteerError):
     """A profile that cannot be used; the message names the file and the field."""
 
     def __init__(self, path: Path | str, field: str, message: str):
-        self.path = str(path)
-        self.field = field
-        super().__init__(f"{path}: {field}: {message}")
+        super().__init__(field, message, path)
 
 
 class ModelFingerprint(BaseModel):
@@ -167,21 +142,21 @@ class ProfileSpec(BaseModel):
             raise ValueError(f"layers: {too_deep} do not exist in a {self.model.num_layers}-layer model")
         if set(self.tensors) != set(self.layers):
             raise ValueError(f"tensors: must have exactly one entry per layer in 'layers' ({self.layers})")
-        if self.method == "category":
+        method = METHODS[self.method]
+        if method.roles == "categories":
             if not self.categories:
-                raise ValueError("categories: a category profile lists its categories")
+                raise ValueError(f"categories: a {self.method} profile lists its categories")
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError("categories: must not repeat")
         elif self.categories:
-            raise ValueError(f"categories: only for method 'category', not {self.method!r}")
+            raise ValueError(f"categories: only for method {' or '.join(map(repr, _CATEGORY_METHODS))}, "
+                             f"not {self.method!r}")
         expected = self.expected_roles()
         for layer, roles in self.tensors.items():
             if set(roles) != set(expected):
                 raise ValueError(f"tensors.{layer}: has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}")
-        if self.method in ANGLE_METHODS and self.defaults.angle is None:
-            raise ValueError(f"defaults.angle: required by method {self.method!r}")
-        if self.method in SCALE_METHODS and self.defaults.scale is None:
-            raise ValueError(f"defaults.scale: required by method {self.method!r}")
+        if method.parameter is not None and getattr(self.defaults, method.parameter) is None:
+            raise ValueError(f"defaults.{method.parameter}: required by method {self.method!r}")
         for name, value in (("angle", self.defaults.angle), ("scale", self.defaults.scale)):
             allowed = getattr(self.allowed, name)
             if value is not None and allowed is not None and value not in allowed:
@@ -189,15 +164,11 @@ class ProfileSpec(BaseModel):
         return self
 
     def expected_roles(self) -> tuple[str, ...]:
-        if self.method in _PLANE_METHODS:
-            return ("b1", "b2")
-        if self.method == "category":
-            return tuple(self.categories)
-        return ("vector",)
+        return METHODS[self.method].expected_roles(self.categories)
 
     @property
     def hooks(self) -> tuple[str, ...]:
-        return METHOD_HOOKS[self.method]
+        return METHODS[self.method].hooks
 
 
 class Profile:
@@ -231,16 +202,6 @@ def _digest(spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]
     return h.hexdigest()[:16]
 
 
-def _format_validation_error(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if not field:  # a cross-field check: its message starts with "field: "
-        field, _, rest = msg.partition(": ")
-        msg = rest or msg
-    return field or "<root>", msg
-
-
 def load_profile(directory: str | Path, expected_model: ModelFingerprint | None = None) -> Profile:
     """Load and check one profile directory; raise :class:`ProfileError` naming file and field."""
     directory = Path(directory)
@@ -255,7 +216,7 @@ def load_profile(directory: str | Path, expected_model: ModelFingerprint | None 
     try:
         spec = ProfileSpec.model_validate(raw)
     except ValidationError as exc:
-        field, msg = _format_validation_error(exc)
+        field, msg = field_and_message(exc)
         raise ProfileError(spec_path, field, msg) from None
 
     if expected_model is not None:
@@ -275,6 +236,7 @@ def load_profile(directory: str | Path, expected_model: ModelFingerprint | None 
 
 def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path) -> dict[int, dict[str, torch.Tensor]]:
     d = spec.model.hidden_size
+    method = METHODS[spec.method]
     vectors: dict[int, dict[str, torch.Tensor]] = {}
     for layer in spec.layers:
         vectors[layer] = {}
@@ -288,20 +250,22 @@ def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: 
             t = t.to(torch.float32)
             if not torch.isfinite(t).all():
                 raise ProfileError(path, field, f"tensor {name!r} has NaN or inf values")
-            if float(t.norm()) == 0.0 and spec.method != "category":
+            if float(t.norm()) == 0.0 and method.roles != "categories":  # a category may add nothing
                 raise ProfileError(path, field, f"tensor {name!r} is all zeros")
             vectors[layer][role] = t
-        if spec.method in _PLANE_METHODS:
+        if method.norm == "orthonormal":
             b1, b2 = vectors[layer]["b1"], vectors[layer]["b2"]
             for role, vec in (("b1", b1), ("b2", b2)):
                 if abs(float(vec.norm()) - 1.0) > _ORTHO_TOL:
                     raise ProfileError(path, f"tensors.{layer}.{role}", f"must have unit norm, has {float(vec.norm()):.6f}")
             if abs(float(b1 @ b2)) > _ORTHO_TOL:
                 raise ProfileError(path, f"tensors.{layer}.b2", f"must be orthogonal to b1 (b1·b2 = {float(b1 @ b2):.6f})")
-        if spec.method == "probe":
-            norm = float(vectors[layer]["vector"].norm())
-            if abs(norm - 1.0) > _ORTHO_TOL:
-                raise ProfileError(path, f"tensors.{layer}.vector", f"a probe direction has unit norm, this one {norm:.6f}")
+        if method.norm == "unit":
+            for role, vec in vectors[layer].items():
+                norm = float(vec.norm())
+                if abs(norm - 1.0) > _ORTHO_TOL:
+                    raise ProfileError(path, f"tensors.{layer}.{role}",
+                                       f"a {spec.method} direction has unit norm, this one {norm:.6f}")
     return vectors
 
 

@@ -20,10 +20,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
-from vllm_steer.core.profile import ANGLE_METHODS, SCALE_METHODS, Profile
+from vllm_steer.core.errors import SteerError, field_and_message
+from vllm_steer.core.methods import METHODS
+from vllm_steer.core.profile import Profile
 
 __all__ = [
     "STEER_KEYS",
+    "MAX_CATEGORIES",
+    "MAX_LAYERS",
     "is_steering_key",
     "unknown_steering_key_message",
     "SteeringRequestError",
@@ -37,6 +41,10 @@ __all__ = [
 
 STEER_PREFIX = "steer_"
 STEER_KEYS = ("steer_profile", "steer_angle", "steer_scale", "steer_categories", "steer_layers")
+MAX_CATEGORIES = 256
+"""Longest ``steer_categories`` list a request may send (offline and served alike)."""
+MAX_LAYERS = 1024
+"""Longest ``steer_layers`` list a request may send (offline and served alike)."""
 
 
 def is_steering_key(key: Any) -> bool:
@@ -55,12 +63,11 @@ def unknown_steering_key_message(key: str) -> str:
     return f"unknown steering field (known: {', '.join(STEER_KEYS)})"
 
 
-class SteeringRequestError(ValueError):
+class SteeringRequestError(SteerError):
     """Bad steering input for one request; ``field`` is the request key to fix."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
+        super().__init__(field, message)
 
 
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -73,8 +80,8 @@ class SteeringRequest(BaseModel):
     steer_profile: StrictStr = Field(min_length=1, max_length=128)
     steer_angle: Number | None = None
     steer_scale: Number | None = None
-    steer_categories: tuple[StrictStr, ...] | None = Field(default=None, max_length=256)
-    steer_layers: tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None = Field(default=None, min_length=1, max_length=1024)
+    steer_categories: tuple[StrictStr, ...] | None = Field(default=None, max_length=MAX_CATEGORIES)
+    steer_layers: tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None = Field(default=None, min_length=1, max_length=MAX_LAYERS)
 
     @field_validator("steer_categories", mode="before")
     @classmethod
@@ -85,6 +92,13 @@ class SteeringRequest(BaseModel):
     @classmethod
     def _one_layer_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("steer_layers")
+    @classmethod
+    def _distinct_layers(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and len(set(value)) != len(value):  # malformed whatever the profile: a parse error
+            raise ValueError("must not repeat a layer")
+        return value
 
 
 def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringRequest | None:
@@ -108,9 +122,7 @@ def parse_steering(extra_args: Mapping[str, Any] | None) -> SteeringRequest | No
     try:
         return SteeringRequest.model_validate(ours)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "steer_profile"
-        raise SteeringRequestError(field, first["msg"]) from None
+        raise SteeringRequestError(*field_and_message(exc, default="steer_profile", depth=1)) from None
 
 
 @dataclass(frozen=True)
@@ -147,12 +159,12 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         known = ", ".join(sorted(profiles)) or "none loaded"
         raise SteeringRequestError("steer_profile", f"unknown profile {request.steer_profile!r} (known: {known})")
     spec = profile.spec
+    method = METHODS[spec.method]
 
-    if request.steer_angle is not None and spec.method not in ANGLE_METHODS:
-        raise SteeringRequestError("steer_angle", f"profile {spec.id!r} (method {spec.method!r}) takes no angle")
-    if request.steer_scale is not None and spec.method not in SCALE_METHODS:
-        raise SteeringRequestError("steer_scale", f"profile {spec.id!r} (method {spec.method!r}) takes no scale")
-    if request.steer_categories is not None and spec.method != "category":
+    for name, value in (("angle", request.steer_angle), ("scale", request.steer_scale)):
+        if value is not None and method.parameter != name:
+            raise SteeringRequestError(f"steer_{name}", f"profile {spec.id!r} (method {spec.method!r}) takes no {name}")
+    if request.steer_categories is not None and method.roles != "categories":
         raise SteeringRequestError("steer_categories", f"profile {spec.id!r} (method {spec.method!r}) has no categories")
 
     angle = request.steer_angle if request.steer_angle is not None else (spec.defaults.angle or 0.0)
@@ -165,7 +177,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             raise SteeringRequestError(field, f"{value} is outside the range [{allowed.min}, {allowed.max}] profile {spec.id!r} allows")
 
     categories: tuple[str, ...] = ()
-    if spec.method == "category":
+    if method.roles == "categories":
         default = ("generic",) if "generic" in spec.categories else tuple(spec.categories)
         chosen = request.steer_categories if request.steer_categories is not None else default
         if not chosen:
@@ -180,8 +192,6 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
     layers = None
     if request.steer_layers is not None:
         chosen_layers = request.steer_layers
-        if len(set(chosen_layers)) != len(chosen_layers):
-            raise SteeringRequestError("steer_layers", "must not repeat a layer")
         outside = sorted(set(chosen_layers) - set(spec.layers))
         if outside:
             raise SteeringRequestError("steer_layers", f"{outside} are not layers of profile {spec.id!r} ({spec.layers})")
@@ -214,7 +224,7 @@ def steering_cache_salt(resolved: ResolvedSteering, client_salt: str | None) -> 
     return "vllm-steer:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tuple | None:
+def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tuple[Any, ...] | None:
     """What the scheduler counts as one steering slot, read from a request it has not resolved.
 
     The scheduler never sees resolved settings (only ``extra_args``), so this key is the request's
@@ -228,7 +238,7 @@ def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tupl
         request = parse_steering(extra_args)
     except SteeringRequestError as exc:
         return ("unparsed", str(exc))
-    if request is None:
+    if request is None or extra_args is None:
         return None
     categories = tuple(sorted(set(request.steer_categories))) if request.steer_categories is not None else None
     layers = tuple(sorted(set(request.steer_layers))) if request.steer_layers is not None else None

@@ -25,6 +25,7 @@ __all__ = [
     "POLICY_SECRET_ENV",
     "policy_token",
     "check_policy_token",
+    "deployment_secret",
 ]
 
 RESERVED_XARGS_PREFIX = "vllm_steer_"
@@ -32,7 +33,8 @@ RESERVED_XARGS_PREFIX = "vllm_steer_"
 POLICY_TOKEN_KEY = RESERVED_XARGS_PREFIX + "policy"
 DIGEST_KEY = RESERVED_XARGS_PREFIX + "digest"
 POLICY_SECRET_ENV = "VLLM_STEER_POLICY_SECRET"
-"""A shared policy secret for deployments where middleware and engine are different processes (Ray)."""
+"""A shared policy secret for deployments where middleware and engine are different processes (Ray).
+It travels in the processes' environment (:meth:`vllm_steer.core.settings.SteerConfig.to_env`); never log it."""
 
 _RANDOM_TOKEN = secrets.token_hex(16)
 
@@ -52,3 +54,9 @@ def check_policy_token(extra_args: Any) -> bool:
         return False
     token = extra_args.pop(POLICY_TOKEN_KEY, None)
     return isinstance(token, str) and secrets.compare_digest(token, policy_token())
+
+
+def deployment_secret() -> str:
+    """The policy secret to hand every process of a multi-process deployment (Ray's ingress and replicas):
+    ``VLLM_STEER_POLICY_SECRET`` from this environment (stable across redeploys), else a new random one."""
+    return os.environ.get(POLICY_SECRET_ENV) or secrets.token_hex(16)

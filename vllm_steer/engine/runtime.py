@@ -36,10 +36,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.engine.fused import FusedChoice, choose_fused_op
+from vllm_steer.core.methods import METHODS
 from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
-from vllm_steer.core.profile import METHOD_HOOKS, Profile
+from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ResolvedSteering
+from vllm_steer.core.settings import FusedChoice
+from vllm_steer.engine.fused import choose_fused_op
 
 __all__ = [
     "Site", "SlotsExhaustedError", "MissingSitesError", "SteeringRuntime", "SlotGate", "sites_for_profiles", "every_site",
@@ -47,16 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("vllm_steer")
-
-_METHOD_CODES = {
-    "addition": Method.ADD,
-    "probe": Method.ADD,
-    "category": Method.ADD,
-    "ablation": Method.ABLATE,
-    "angular_standard": Method.ANGULAR_STANDARD,
-    "angular_adaptive": Method.ANGULAR_ADAPTIVE,
-    "selective": Method.ROTATE,
-}
 
 
 @dataclass(frozen=True, order=True)
@@ -72,13 +64,13 @@ class Site:
 
 def sites_for_profiles(profiles: Mapping[str, Profile]) -> list[Site]:
     """Every site some profile steers, sorted; hooks are installed only there."""
-    sites = {Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHOD_HOOKS[p.method]}
+    sites = {Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHODS[p.method].hooks}
     return sorted(sites)
 
 
 def every_site(num_layers: int) -> list[Site]:
     """All hook sites of a model: hooking them all at start lets any profile be hot-loaded later."""
-    kinds = sorted({kind for kinds in METHOD_HOOKS.values() for kind in kinds})
+    kinds = sorted({kind for method in METHODS.values() for kind in method.hooks})
     return sorted(Site(layer, kind) for layer in range(num_layers) for kind in kinds)
 
 
@@ -92,7 +84,7 @@ class MissingSitesError(RuntimeError):
 
 @dataclass
 class _Slot:
-    key: tuple | None = None
+    key: tuple[object, ...] | None = None
     refs: int = 0
     active_sites: frozenset[int] = frozenset()
     method: Method = Method.NONE
@@ -130,17 +122,17 @@ class SteeringRuntime:
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         n_sites = len(self.sites)
-        f32 = dict(dtype=torch.float32, device=self.device)
+        f32, dev = torch.float32, self.device
         # Per site × slot: what the op does there.
-        self.bases = torch.zeros(n_sites, max_slots, 2, hidden_size, **f32)
-        self.methods = torch.zeros(n_sites, max_slots, dtype=torch.int64, device=self.device)
-        self.gains = torch.zeros(n_sites, max_slots, **f32)
-        self.thresholds = torch.zeros(n_sites, max_slots, **f32)
+        self.bases = torch.zeros(n_sites, max_slots, 2, hidden_size, dtype=f32, device=dev)
+        self.methods = torch.zeros(n_sites, max_slots, dtype=torch.int64, device=dev)
+        self.gains = torch.zeros(n_sites, max_slots, dtype=f32, device=dev)
+        self.thresholds = torch.zeros(n_sites, max_slots, dtype=f32, device=dev)
         # Per token of the current step.
-        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int64, device=self.device)
-        self.token_cos = torch.ones(max_tokens, **f32)
-        self.token_sin = torch.zeros(max_tokens, **f32)
-        self.token_scale = torch.zeros(max_tokens, **f32)
+        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int64, device=dev)
+        self.token_cos = torch.ones(max_tokens, dtype=f32, device=dev)
+        self.token_sin = torch.zeros(max_tokens, dtype=f32, device=dev)
+        self.token_scale = torch.zeros(max_tokens, dtype=f32, device=dev)
         pin = self.device.type == "cuda"
         self._staging = {
             "slot": torch.empty(max_tokens, dtype=torch.int64, pin_memory=pin),
@@ -229,15 +221,16 @@ class SteeringRuntime:
 
     def _load_slot(self, slot: int, steering: ResolvedSteering) -> None:
         profile = self._versions.get(steering.profile_digest) or self.profiles[steering.profile_id]
-        method = _METHOD_CODES[profile.method]
+        entry = METHODS[profile.method]
+        method = entry.op
         self.bases[:, slot].zero_()
         self.methods[:, slot] = int(Method.NONE)
         self.gains[:, slot] = 0.0
         self.thresholds[:, slot] = 0.0
         active = set()
         for layer in steering.layers or profile.spec.layers:
-            b1, b2, gain = self._slot_vectors(profile, layer, steering.categories)
-            for kind in METHOD_HOOKS[profile.method]:
+            b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
+            for kind in entry.hooks:
                 site = self.site_ids.get(Site(layer, kind))
                 if site is None:
                     raise RuntimeError(f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed")
@@ -249,19 +242,6 @@ class SteeringRuntime:
                 active.add(site)
         self._slots[slot].active_sites = frozenset(active)
         self._slots[slot].method = method
-
-    @staticmethod
-    def _slot_vectors(profile: Profile, layer: int, categories: tuple[str, ...]):
-        roles = profile.vectors[layer]
-        if profile.method in ("angular_standard", "angular_adaptive", "selective"):
-            return roles["b1"], roles["b2"], 0.0
-        if profile.method == "category":
-            v = torch.stack([roles[c] for c in categories]).sum(0)
-        else:
-            v = roles["vector"]
-        norm = float(v.norm())
-        b1 = v / norm if norm > 0 else torch.zeros_like(v)
-        return b1, torch.zeros_like(v), norm
 
     # ---------------------------------------------------------------- steps
 
@@ -327,6 +307,7 @@ class SteeringRuntime:
         if _capturing_cuda_graph(h):  # a captured graph must serve any mix: the general op, fused if compiled
             out = fused.in_capture(args) if fused is not None else token_deltas(*args)
             if out is None:
+                assert fused is not None  # only the fused op can lack a compiled variant
                 if not self.fused_fallbacks:
                     logger.warning("vllm-steer: the %s steering op was not compiled for this call (%s); the CUDA "
                                    "graph captures the eager op instead", fused.name, fused.kind(h))
@@ -353,7 +334,7 @@ class SteeringRuntime:
         return self._fused.name if self._fused is not None else None
 
     @property
-    def fused_kinds(self) -> frozenset[tuple]:
+    def fused_kinds(self) -> frozenset[tuple[object, ...]]:
         """The kinds of call the fused op has been compiled for, outside any capture."""
         return self._fused.kinds if self._fused is not None else frozenset()
 
@@ -374,8 +355,8 @@ class SlotGate:
         if budget < 1:
             raise ValueError("the slot budget must be at least 1")
         self.budget = budget
-        self._bound: dict[str, tuple] = {}
-        self._step: set[tuple] | None = None
+        self._bound: dict[str, tuple[object, ...]] = {}
+        self._step: set[tuple[object, ...]] | None = None
         self.deferred = 0
         """Times a request waited a step for a slot (for tests and metrics)."""
 
@@ -384,7 +365,7 @@ class SlotGate:
         finishing = set(finishing)
         self._step = {key for req_id, key in self._bound.items() if req_id not in finishing}
 
-    def admit(self, req_id: str, key: tuple | None) -> bool:
+    def admit(self, req_id: str, key: tuple[object, ...] | None) -> bool:
         """May this waiting request be scheduled now? Reserves its slot for the pass if so."""
         if self._step is None or key is None or req_id in self._bound or key in self._step:
             return True
@@ -394,7 +375,7 @@ class SlotGate:
         self._step.add(key)
         return True
 
-    def end_step(self, new: Iterable[tuple[str, tuple | None]], finished: Iterable[str]) -> None:
+    def end_step(self, new: Iterable[tuple[str, tuple[object, ...] | None]], finished: Iterable[str]) -> None:
         """After the pass: what the worker will bind and free from this step's output."""
         self._step = None
         for req_id in finished:

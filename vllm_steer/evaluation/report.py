@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_steer.core.methods import ANGLE_METHODS
 from vllm_steer.evaluation.plotting import pyplot, save
 
 __all__ = ["write_eval_report", "markdown_table"]
@@ -25,7 +26,7 @@ def _fmt(x, digits=2) -> str:
 def _label(p: dict) -> str:
     if p["profile"] is None:
         return "unsteered"
-    kind = "θ" if p["method"] in ("selective", "angular_standard", "angular_adaptive") else "×"
+    kind = "θ" if p["method"] in ANGLE_METHODS else "×"
     return f"{p['profile']} {kind}{p['value']:g}" if p["value"] is not None else p["profile"]
 
 

@@ -28,16 +28,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_steer.core.errors import SteerError
+from vllm_steer.core.methods import METHODS
+from vllm_steer.core.profile import Profile, load_profile_dir
 from vllm_steer.data import Prompt, load_prompts
-from vllm_steer.evaluation.metrics import (PERPLEXITY_VIOLATION, compression_ratio, is_refusal, ngram_repetition,
-                                perplexity_from_logprobs, unicode_score)
-from vllm_steer.core.profile import ANGLE_METHODS, Profile, load_profile_dir
+from vllm_steer.evaluation.metrics import (
+    PERPLEXITY_VIOLATION,
+    compression_ratio,
+    is_refusal,
+    ngram_repetition,
+    perplexity_from_logprobs,
+    unicode_score,
+)
 
 __all__ = ["EvalTarget", "EvalConfig", "Row", "Generation", "PointResult", "run_eval", "EvalError"]
 
 
-class EvalError(ValueError):
-    """A configuration the evaluation cannot run; the message names the option."""
+class EvalError(SteerError):
+    """A configuration the evaluation cannot run; ``field`` names the option."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
 
 
 @dataclass(frozen=True)
@@ -124,16 +135,19 @@ def _setting(profile: Profile | None, value: float | None, categories: Sequence[
     if profile is None:
         return None
     extra: dict[str, Any] = {"steer_profile": profile.id}
+    key = METHODS[profile.method].parameter_key
     if value is not None:
-        extra["steer_angle" if profile.method in ANGLE_METHODS else "steer_scale"] = float(value)
+        if key is None:
+            raise EvalError("profile", f"{profile.id!r} (method {profile.method!r}) takes no angle or scale")
+        extra[key] = float(value)
     if categories is not None:
         extra["steer_categories"] = list(categories)
     return extra
 
 
 def _default_value(profile: Profile) -> float | None:
-    d = profile.spec.defaults
-    return d.angle if profile.method in ANGLE_METHODS else d.scale
+    parameter = METHODS[profile.method].parameter
+    return getattr(profile.spec.defaults, parameter) if parameter is not None else None
 
 
 # ------------------------------------------------------------------ backends
@@ -218,7 +232,7 @@ class ServerBackend:
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         response = httpx.post(self.url + "/v1/completions", json=body, headers=headers, timeout=600)
         if response.status_code != 200:
-            raise EvalError(f"server: HTTP {response.status_code}: {response.text[:300]}")
+            raise EvalError("server", f"HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
 
     def _map(self, fn, items):
@@ -261,7 +275,7 @@ def _load_sets(cfg: EvalConfig) -> tuple[list[Prompt], list[Prompt]]:
     harmful = load_prompts(cfg.harmful, cfg.data_dir)[cfg.offset:cfg.offset + cfg.n]
     harmless = load_prompts(cfg.harmless, cfg.data_dir)[cfg.offset:cfg.offset + cfg.n]
     if not harmful or not harmless:
-        raise EvalError(f"offset: {cfg.offset} leaves no prompts (harmful {len(harmful)}, harmless {len(harmless)}); lower --offset")
+        raise EvalError("offset", f"{cfg.offset} leaves no prompts (harmful {len(harmful)}, harmless {len(harmless)}); lower --offset")
     return harmful, harmless
 
 
@@ -282,7 +296,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     profiles = load_profile_dir(cfg.profiles)
     unknown = [t.profile_id for t in cfg.targets if t.profile_id not in profiles]
     if unknown:
-        raise EvalError(f"profile: unknown {unknown} (in {cfg.profiles}: {sorted(profiles)})")
+        raise EvalError("profile", f"unknown {unknown} (in {cfg.profiles}: {sorted(profiles)})")
     judges = [make_judge(spec, cfg.judge_api_key_env) for spec in cfg.judges]
     harmful, harmless = _load_sets(cfg)
 
@@ -308,7 +322,8 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
             rows += [Row("capability", format_mc_prompt(item), _setting(profile, value), chat=False, max_tokens=1,
                          meta={"point": ci, "item": k}) for k, item in enumerate(mc_items)]
 
-    category_profiles = [profiles[t.profile_id] for t in cfg.targets if profiles[t.profile_id].method == "category"]
+    category_profiles = [profiles[t.profile_id] for t in cfg.targets
+                         if METHODS[profiles[t.profile_id].method].roles == "categories"]
     for profile in category_profiles:
         cats = [c for c in profile.spec.categories if c != "generic"]
         vectors = ("generic",) if "generic" in profile.spec.categories else ()

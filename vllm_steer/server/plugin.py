@@ -7,11 +7,19 @@ names it. The admin routes' operations (:class:`_AdminOps`) act on this server's
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from vllm_steer.engine.vllm import (apply_reload, check_vllm_version, engine_status_async, profiles_for,
-                                    share_vllm_log_handlers, unload_profile)
-from vllm_steer.server.middleware import attach, make_state
+from vllm_steer.engine.vllm import (
+    apply_reload,
+    check_vllm_version,
+    engine_status_async,
+    profiles_for,
+    share_vllm_log_handlers,
+    unload_profile,
+)
+from vllm_steer.server.routes import attach
+from vllm_steer.server.state import make_state
 from vllm_steer.server.tenants import TenantPolicy
 
 __all__ = ["SteeringEndpointPlugin"]
@@ -23,6 +31,7 @@ class SteeringEndpointPlugin:
     vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them (``VLLM_PLUGINS=vllm_steer``, which
     ``vllm-steer serve --plugin vllm_steer`` sets). If it does not load while a tenants file is configured,
     the front end's validation refuses every request (see :mod:`vllm_steer.server.middleware`): fail closed.
+    (Its name, ``vllm_steer``, is :data:`vllm_steer.core.settings.PLUGIN_NAME`.)
     """
 
     name = "vllm_steer"
@@ -42,19 +51,19 @@ class SteeringEndpointPlugin:
         config, profiles = profiles_for(vllm_config)
         policy = TenantPolicy.from_file(config.tenants) if config.tenants else TenantPolicy.single_tenant()
         policy.check_profiles(profiles)  # a tier naming a profile that is not loaded stops the server here
-        state.vllm_steer = make_state(policy, lambda: profiles_for(vllm_config)[1],
-                                      admin=_AdminOps(engine_client, vllm_config, policy))
+        state.vllm_steer = make_state(
+            policy, lambda: profiles_for(vllm_config)[1], admin=_AdminOps(engine_client, vllm_config, policy)
+        )
+
 
 class _AdminOps:
-    """The admin routes' operations on this server's one engine (see :mod:`vllm_steer.server.middleware`)."""
+    """The admin routes' operations on this server's one engine (see :mod:`vllm_steer.server.routes`)."""
 
     def __init__(self, engine_client: Any, vllm_config: Any, policy: Any):
         self.engine_client, self.vllm_config, self.policy = engine_client, vllm_config, policy
-        self._lock = None
+        self._lock: asyncio.Lock | None = None  # made in the event loop that serves the routes
 
     async def reload(self) -> dict[str, Any]:
-        import asyncio
-
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:
             return await apply_reload(self.engine_client, check=self.policy.check_profiles)

@@ -6,7 +6,7 @@ Built on Ray Serve LLM (``ray.serve.llm``), not beside it:
   vLLM's own OpenAI handlers and input validation, where the ``vllm_steer`` general plugin (loaded in
   every engine process through ``runtime_env.env_vars``) validates ``vllm_xargs`` and steers each row;
 * the **ingress** is Ray's ``OpenAiIngress`` FastAPI app with vllm-steer's
-  :class:`~vllm_steer.server.middleware.SteeringPolicyMiddleware` and routes mounted — the very code that guards
+  :class:`~vllm_steer.server.middleware.SteeringPolicyMiddleware` and routes (:mod:`vllm_steer.server.routes`) mounted — the very code that guards
   ``vllm serve``, so tiers, statuses and error shapes are the same on both paths.
 
 Why an ingress subclass rather than vLLM's endpoint plugin inside each replica: Ray's default topology
@@ -37,16 +37,18 @@ import asyncio
 import functools
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_steer.core.wire import POLICY_SECRET_ENV
+from vllm_steer.core.errors import SteerError, field_and_message
 from vllm_steer.core.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
+from vllm_steer.core.settings import PLUGINS_ENV, SteerConfig
+from vllm_steer.core.wire import POLICY_SECRET_ENV, deployment_secret
+from vllm_steer.server.tenants import TenantPolicy
 
-__all__ = ["RayAppArgs", "RayAppArgsError", "SteerLLMServer", "build_app", "POLICY_SECRET_ENV"]
+__all__ = ["RayAppArgs", "RayAppArgsError", "SteerLLMServer", "build_app"]  # noqa: F822 - SteerLLMServer: module __getattr__
 
 logger = logging.getLogger("vllm_steer.ray")
 
@@ -54,12 +56,12 @@ RAY_VERSION = "2.60.0"
 """The Ray Serve LLM this module was written against (``ray[serve]==2.60.0``)."""
 
 
-class RayAppArgsError(ValueError):
+class RayAppArgsError(SteerError):
     """A bad ``args`` block in the Serve config, naming the field."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"vllm-steer Ray app args: {field}: {message}")
+        super().__init__(field, message)
+        self.args = (f"vllm-steer Ray app args: {field}: {message}",)
 
 
 class Autoscaling(BaseModel):
@@ -77,8 +79,13 @@ class Autoscaling(BaseModel):
         return self
 
 
-class RayAppArgs(BaseModel):
-    """The ``args`` of ``import_path: vllm_steer.server.ray_app:build_app`` in a Serve config."""
+class RayAppArgs(SteerConfig):
+    """The ``args`` of ``import_path: vllm_steer.server.ray_app:build_app`` in a Serve config.
+
+    The plugin's settings (:class:`~vllm_steer.core.settings.SteerConfig`: ``profiles``, ``tenants``,
+    ``max_slots``, ``hook_all_sites``, ``fused_op``; the same fields, validated the same way, which reach
+    every replica through :meth:`steer_config`), plus the deployment's below.
+    """
 
     model_config = ConfigDict(extra="forbid")
     model: str = "default"
@@ -86,17 +93,13 @@ class RayAppArgs(BaseModel):
     model_id: str | None = None
     """The name clients put in ``model`` (default: ``model``)."""
     profiles: str
-    """Profile directory, on a path every node sees."""
-    tenants: str | None = None
-    """Tenants file (YAML/JSON); without it, single-tenant mode (logged loudly)."""
+    """Profile directory, on a path every node sees (required here)."""
     accelerator: Literal["gpu", "cpu"] = "gpu"
     accelerator_type: str | None = None
     """Ray accelerator type for GPU replicas (e.g. ``H100``); ``None`` = any GPU."""
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Passed to vLLM as engine arguments (``enforce_eager``, ``max_model_len``, ``dtype``, …)."""
-    max_slots: int | None = Field(None, ge=1, le=4096)
-    hook_all_sites: bool = False
     env_vars: dict[str, str] = Field(default_factory=dict)
     """More environment for the replicas (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
     max_ongoing_requests: int = Field(64, ge=1)
@@ -109,8 +112,12 @@ class RayAppArgs(BaseModel):
         try:
             return cls.model_validate(raw or {})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise RayAppArgsError(".".join(str(p) for p in first["loc"]) or "args", first["msg"]) from None
+            raise RayAppArgsError(*field_and_message(exc, default="args")) from None
+
+    def steer_config(self, profiles: str, tenants: str | None) -> SteerConfig:
+        """The replicas' plugin settings: the ones set here, with the profile and tenants paths made absolute."""
+        given = self.model_dump(include=set(SteerConfig.model_fields), exclude_unset=True)
+        return SteerConfig.parse({**given, "profiles": profiles, "tenants": tenants})
 
 
 def _resolve_paths(args: RayAppArgs) -> tuple[str, str, str | None]:
@@ -131,27 +138,20 @@ def _resolve_paths(args: RayAppArgs) -> tuple[str, str, str | None]:
     return model, profiles, tenants
 
 
-def _load_policy(tenants: str | None):
-    from vllm_steer.server.tenants import TenantPolicy
-
+def _load_policy(tenants: str | None) -> TenantPolicy:
     return TenantPolicy.from_file(tenants) if tenants else TenantPolicy.single_tenant()
 
 
 def _replica_env(args: RayAppArgs, profiles: str, tenants: str | None, secret: str) -> dict[str, str]:
-    env = {
-        "VLLM_PLUGINS": "vllm_steer",
-        "VLLM_USE_V2_MODEL_RUNNER": "0",
+    """The replicas' ``runtime_env.env_vars``: ``args.env_vars``, then the plugin's own environment
+    (:meth:`SteerConfig.to_env`: the plugin in ``VLLM_PLUGINS``, its settings, the shared policy secret; with a
+    tenants file the replicas' engines then refuse requests without the ingress's token)."""
+    steer = args.steer_config(profiles, tenants)
+    return {
+        "VLLM_USE_V2_MODEL_RUNNER": "0",  # before vLLM reads its environment (the plugin would set it later)
         **args.env_vars,
-        "VLLM_STEER_PROFILES": profiles,
-        POLICY_SECRET_ENV: secret,
+        **steer.to_env(plugins=args.env_vars.get(PLUGINS_ENV), policy_secret=secret),
     }
-    if tenants:
-        env["VLLM_STEER_TENANTS"] = tenants  # the replicas' engines then refuse requests without the token
-    if args.max_slots:
-        env["VLLM_STEER_MAX_SLOTS"] = str(args.max_slots)
-    if args.hook_all_sites:
-        env["VLLM_STEER_HOOK_ALL_SITES"] = "1"
-    return env
 
 
 def build_app(args: dict[str, Any] | None = None):
@@ -165,14 +165,18 @@ def build_app(args: dict[str, Any] | None = None):
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     if ray.__version__.split(".")[:2] != RAY_VERSION.split(".")[:2]:
-        logger.warning("vllm-steer: written against Ray %s (it uses a few Ray Serve LLM internals: the ingress app "
-                       "factory, the engine client, the response generator); this is Ray %s", RAY_VERSION, ray.__version__)
+        logger.warning(
+            "vllm-steer: written against Ray %s (it uses a few Ray Serve LLM internals: the ingress app "
+            "factory, the engine client, the response generator); this is Ray %s",
+            RAY_VERSION,
+            ray.__version__,
+        )
     cfg = RayAppArgs.parse(args)
     model, profiles, tenants = _resolve_paths(cfg)
     fingerprint = _fingerprint(model)
     # ProfileError (file and field named) / TenantsFileError: nothing is deployed.
     _load_policy(tenants).check_profiles(load_profile_dir(profiles, fingerprint))
-    secret = os.environ.get(POLICY_SECRET_ENV) or secrets.token_hex(16)
+    secret = deployment_secret()
     model_id = cfg.model_id or cfg.model
     env = _replica_env(cfg, profiles, tenants, secret)
 
@@ -199,11 +203,14 @@ def build_app(args: dict[str, Any] | None = None):
     options["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": {POLICY_SECRET_ENV: secret}}}
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    return serve.deployment(ingress_cls, name="SteerIngress", **options).bind(
+    return serve.deployment(ingress_cls, name="SteerIngress", **options).bind(  # type: ignore[attr-defined]
         llm_deployments={model_id: llm},
         model_cards={model_id: to_model_metadata(model_id, llm_config)},
-        steering={"profiles": profiles, "tenants": tenants,
-                  "fingerprint": fingerprint.model_dump() if fingerprint else None},
+        steering={
+            "profiles": profiles,
+            "tenants": tenants,
+            "fingerprint": fingerprint.model_dump() if fingerprint else None,
+        },
     )
 
 
@@ -213,12 +220,14 @@ def _fingerprint(model: str) -> ModelFingerprint | None:
     ``None`` if the config cannot be read here (e.g. a hub id on an offline head node): then only the
     replicas check, and a mismatching profile fails their start or reload instead of the deploy.
     """
-    from vllm_steer.calibration.interop import model_fingerprint
+    from vllm_steer.core.fingerprint import fingerprint_from_dir
 
     try:
-        return model_fingerprint(model)
+        return fingerprint_from_dir(model)
     except Exception as exc:  # noqa: BLE001 - any failure to read a config means "cannot check here"
-        logger.warning("vllm-steer: cannot read %s's config at the ingress (%s); profiles are checked by the replicas", model, exc)
+        logger.warning(
+            "vllm-steer: cannot read %s's config at the ingress (%s); profiles are checked by the replicas", model, exc
+        )
         return None
 
 
@@ -298,8 +307,10 @@ class _RayAdmin:
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             cause = getattr(failed[0], "cause", None) or failed[0]  # Ray wraps the replica's own exception
-            raise RuntimeError(f"{len(failed)} of {len(results)} replicas refused ({type(cause).__name__}: {cause}); "
-                               "the others applied it — fix the cause and retry")
+            raise RuntimeError(
+                f"{len(failed)} of {len(results)} replicas refused ({type(cause).__name__}: {cause}); "
+                "the others applied it — fix the cause and retry"
+            )
         return results
 
     async def reload(self) -> dict[str, Any]:
@@ -319,12 +330,18 @@ class _RayAdmin:
             self.policy.check_profiles(new)
             self.current = new  # the ingress stops admitting it first, then the replicas forget it
             replicas = await self._broadcast("vllm_steer_unload", profile_id)
-            return {"removed": [profile_id], "profiles": sorted(new), "replicas": sorted(r["replica"] for r in replicas)}
+            return {
+                "removed": [profile_id],
+                "profiles": sorted(new),
+                "replicas": sorted(r["replica"] for r in replicas),
+            }
 
     async def status(self) -> dict[str, Any]:
         replicas = await self._broadcast("vllm_steer_status")
-        return {"profiles": {pid: p.digest for pid, p in sorted(self.current.items())},
-                "replicas": sorted(replicas, key=lambda r: r["replica"])}
+        return {
+            "profiles": {pid: p.digest for pid, p in sorted(self.current.items())},
+            "replicas": sorted(replicas, key=lambda r: r["replica"]),
+        }
 
 
 def _ingress_class():
@@ -332,25 +349,36 @@ def _ingress_class():
     from ray.llm._internal.serve.core.ingress.ingress import init as ray_ingress_app
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-    from vllm_steer.server import middleware as serving
+    from vllm_steer.server.routes import attach
+    from vllm_steer.server.state import make_state
 
     app = ray_ingress_app()
-    serving.attach(app)
+    attach(app)
     base = make_fastapi_ingress(OpenAiIngress, app=app)
 
-    class SteerIngress(base):  # type: ignore[misc,valid-type]
+    class SteerIngress(base):
         """``OpenAiIngress`` + the tenant policy; its state is set once the app exists in the replica."""
 
-        async def __init__(self, llm_deployments: dict[str, Any], model_cards: dict[str, Any], *,
-                           steering: dict[str, Any], **kwargs: Any):
+        async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async __init__
+            self,
+            llm_deployments: dict[str, Any],
+            model_cards: dict[str, Any],
+            *,
+            steering: dict[str, Any],
+            **kwargs: Any,
+        ):
             await super().__init__(llm_deployments, model_cards, **kwargs)
             policy = _load_policy(steering.get("tenants"))
             (handle,) = llm_deployments.values()
             fingerprint = steering.get("fingerprint")
-            admin = _RayAdmin(steering["profiles"], ModelFingerprint.model_validate(fingerprint) if fingerprint else None,
-                              policy, handle)
+            admin = _RayAdmin(
+                steering["profiles"],
+                ModelFingerprint.model_validate(fingerprint) if fingerprint else None,
+                policy,
+                handle,
+            )
             policy.check_profiles(admin.current)
-            self.app.state.vllm_steer = serving.make_state(policy, admin.profiles, admin=admin)
+            self.app.state.vllm_steer = make_state(policy, admin.profiles, admin=admin)
 
         async def _get_response(self, **kwargs: Any):
             """A replica that dies before answering is a 503 the client can retry, not Ray's generic 500.
@@ -369,8 +397,11 @@ def _ingress_class():
                 if started:
                     raise
                 raise OpenAIHTTPException(
-                    503, "the engine replica serving this request died before answering; retry — Ray is replacing it",
-                    type="ServiceUnavailableError", internal_message=type(err).__name__) from None
+                    503,
+                    "the engine replica serving this request died before answering; retry — Ray is replacing it",
+                    type="ServiceUnavailableError",
+                    internal_message=type(err).__name__,
+                ) from None
 
     return SteerIngress
 
@@ -378,9 +409,16 @@ def _ingress_class():
 # ------------------------------------------------------------------ local runner
 
 
-def run_local(config: str | Path, *, num_cpus: int | None = None, num_gpus: int | None = None,
-              address: str | None = None, host: str | None = None, port: int | None = None,
-              log: Any = print) -> None:
+def run_local(
+    config: str | Path,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    address: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    log: Any = print,
+) -> None:
     """``vllm-steer serve-ray CONFIG``: deploy a Serve config and serve until SIGINT/SIGTERM.
 
     What ``serve run CONFIG`` does, plus what a small machine needs: the config is checked against Ray's
@@ -412,8 +450,13 @@ def run_local(config: str | Path, *, num_cpus: int | None = None, num_gpus: int 
     # a bad config still fails before anything is deployed, and the cluster is shut down again.
     # address="local" always starts a fresh cluster: without it, Ray would try to join whatever
     # /tmp/ray/ray_current_cluster names (even a stale entry) and refuse num_cpus.
-    ray.init(address=address or "local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             **({} if address else {"object_store_memory": 512 * 1024 * 1024}))
+    ray.init(
+        address=address or "local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        **({} if address else {"object_store_memory": 512 * 1024 * 1024}),  # type: ignore[arg-type]
+    )
     try:
         built = []
         for spec in schema.applications:
@@ -424,8 +467,10 @@ def run_local(config: str | Path, *, num_cpus: int | None = None, num_gpus: int 
         for spec, app in built:
             log(f"deploying {spec.name!r} (waits until every replica is healthy)")
             serve.run(app, name=spec.name, route_prefix=spec.route_prefix)
-        log(f"vllm-steer on Ray Serve: http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
-            f"({', '.join(s.name for s, _ in built)}); Ctrl-C stops")
+        log(
+            f"vllm-steer on Ray Serve: http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
+            f"({', '.join(s.name for s, _ in built)}); Ctrl-C stops"
+        )
         while not stop.wait(1.0):
             pass
     finally:

@@ -10,9 +10,12 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_steer.core.profile import ANGLE_METHODS, ModelFingerprint, Profile, ProfileSpec
+from vllm_steer.core.methods import METHODS
+from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec
 
 __all__ = ["random_profile"]
+
+_ALLOWED = {"angle": {"min": 0.0, "max": 360.0}, "scale": {"min": -64.0, "max": 64.0}}
 
 
 def _orthonormal_pair(d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +36,11 @@ def random_profile(
     scale: float = 1.0,
     shared_plane: bool = True,
 ) -> Profile:
-    """A profile of ``method`` with random directions on ``layers`` of ``model``."""
+    """A profile of ``method`` with random directions on ``layers`` of ``model``.
+
+    Vectors are unit where the method requires it, else of length ``vector_norm``; the method's
+    parameter defaults to ``angle`` or ``scale`` and may range over a wide interval."""
+    entry = METHODS[method]
     gen = torch.Generator().manual_seed(seed)
     d = model.hidden_size
     layers = sorted(layers)
@@ -41,16 +48,16 @@ def random_profile(
     tensors: dict[int, dict[str, str]] = {}
     plane = _orthonormal_pair(d, gen)
     for layer in layers:
-        if method in ANGLE_METHODS:
+        if entry.roles == "plane":
             b1, b2 = plane if shared_plane else _orthonormal_pair(d, gen)
             vectors[layer] = {"b1": b1, "b2": b2}
             tensors[layer] = {"b1": "b1", "b2": "b2"} if shared_plane else {"b1": f"b1.{layer}", "b2": f"b2.{layer}"}
-        elif method == "category":
+        elif entry.roles == "categories":
             vectors[layer] = {c: vector_norm * _unit(d, gen) for c in categories}
             tensors[layer] = {c: f"category.{i}.{layer}" for i, c in enumerate(categories)}
         else:
             v = _unit(d, gen)
-            vectors[layer] = {"vector": v if method == "probe" else vector_norm * v}
+            vectors[layer] = {"vector": v if entry.norm == "unit" else vector_norm * v}
             tensors[layer] = {"vector": f"vector.{layer}"}
     spec = ProfileSpec(
         format_version=1,
@@ -60,11 +67,10 @@ def random_profile(
         model=model,
         layers=layers,
         tensors=tensors,
-        defaults={"angle": angle if method in ANGLE_METHODS else None,
-                  "scale": scale if method in ("addition", "probe", "category") else None},
-        allowed={"angle": {"min": 0.0, "max": 360.0} if method in ANGLE_METHODS else None,
-                 "scale": {"min": -64.0, "max": 64.0} if method in ("addition", "probe", "category") else None},
-        categories=list(categories) if method == "category" else [],
+        defaults={"angle": angle if entry.parameter == "angle" else None,
+                  "scale": scale if entry.parameter == "scale" else None},
+        allowed={name: bounds if entry.parameter == name else None for name, bounds in _ALLOWED.items()},
+        categories=list(categories) if entry.roles == "categories" else [],
     )
     return Profile(spec, vectors, source=f"<synthetic {profile_id}>")
 

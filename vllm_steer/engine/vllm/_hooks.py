@@ -1,80 +1,91 @@
-"""The steering op hooked into a vLLM decoder at its sites."""
+"""The steering op hooked into a vLLM decoder at its sites (where each site is: :mod:`vllm_steer.core.layout`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from vllm_steer.core.layout import decoder_layers
+from vllm_steer.core.layout import DecoderLayout, layout_for
 from vllm_steer.engine.runtime import Site
 
 __all__ = ["install_hooks"]
 
+
+_OutputHook = Callable[[torch.nn.Module, Any, Any], Any]
+_InputHook = Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
 def _delta(h: torch.Tensor, site: int) -> torch.Tensor:
-    return torch.ops.vllm_steer.delta(h, site)
+    out: torch.Tensor = torch.ops.vllm_steer.delta(h, site)
+    return out
 
-def install_hooks(model: torch.nn.Module, sites: list[Site]) -> list[Any]:
-    """Hook the op into a vLLM Llama-style model at ``sites``; returns the hook handles.
 
-    vLLM's decoder layers return ``(hidden_states, residual)`` and fuse the
-    residual add into the next norm, so the residual stream is their sum:
-    projections of the stream are computed on the sum, and every correction is
-    added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact).
+def install_hooks(model: torch.nn.Module, sites: list[Site], layout: DecoderLayout | None = None) -> list[Any]:
+    """Hook the op into a vLLM model at ``sites``; returns the hook handles.
+
+    ``layout`` is the model's vLLM module tree (default: the layout table's entry for its architecture).
+    vLLM's decoder layers return ``(hidden_states, residual)`` and fuse the residual add into the next
+    norm, so the residual stream is their sum: projections of the stream are computed on the sum, and
+    every correction is added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact).
     """
-    layers = decoder_layers(model)  # same module layout as Hugging Face Llama-style models
+    layout = layout or layout_for(model).vllm
+    if layout.residual != "fused":  # pragma: no cover - every vLLM layout in the table is fused today
+        raise ValueError(f"the engine's hooks implement vLLM's fused residual stream, not {layout.residual!r}")
+    hidden_arg = layout.arg_index("hidden_states")
+    residual_arg = layout.arg_index("residual")
+    layers = layout.layers(model)
     handles = []
     for index, site in enumerate(sites):
         block = layers[site.layer]
-        if site.kind == "input_norm":
-            handles.append(block.input_layernorm.register_forward_hook(_norm_hook(index)))
-        elif site.kind == "post_attn_norm":
-            handles.append(block.post_attention_layernorm.register_forward_hook(_norm_hook(index)))
-        elif site.kind == "attn_output":
-            handles.append(block.self_attn.register_forward_hook(_tensor_hook(index)))
-        elif site.kind == "mlp_output":
-            handles.append(block.mlp.register_forward_hook(_tensor_hook(index)))
-        elif site.kind == "layer_output":
-            handles.append(block.register_forward_hook(_layer_output_hook(index)))
-        elif site.kind == "layer_input":
-            handles.append(block.register_forward_pre_hook(_layer_input_hook(index), with_kwargs=True))
-        else:  # pragma: no cover - sites come from METHOD_HOOKS
-            raise ValueError(f"unknown hook kind {site.kind!r}")
+        placement = layout.placement(site.kind)
+        module = layout.module(block, site.kind)
+        if placement.point == "input":
+            if not placement.stream:  # pragma: no cover - no layout in the table has one
+                raise ValueError(f"hook kind {site.kind!r}: only the block's own input can be hooked before it runs")
+            handles.append(module.register_forward_pre_hook(_stream_input_hook(index, hidden_arg, residual_arg),
+                                                            with_kwargs=True))
+        elif placement.stream:
+            handles.append(module.register_forward_hook(_stream_output_hook(index)))
+        else:
+            handles.append(module.register_forward_hook(_module_output_hook(index)))
     return handles
 
-def _norm_hook(site: int):
-    def hook(module, args, output):
-        if isinstance(output, tuple):  # fused add + norm: (normed, residual)
-            normed, residual = output
-            return normed + _delta(normed, site), residual
+
+def _module_output_hook(site: int) -> _OutputHook:
+    """A submodule's output: a tensor, or (fused add + norm) ``(normed, residual)`` whose first part is steered."""
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] + _delta(output[0], site), *output[1:])
         return output + _delta(output, site)
 
     return hook
 
-def _tensor_hook(site: int):
-    def hook(module, args, output):
-        return output + _delta(output, site)
 
-    return hook
-
-def _layer_output_hook(site: int):
-    def hook(module, args, output):
+def _stream_output_hook(site: int) -> _OutputHook:
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         hidden, residual = output
         return hidden + _delta(hidden + residual, site), residual
 
     return hook
 
-def _layer_input_hook(site: int):
-    def hook(module, args, kwargs):
-        args = list(args)
-        hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-        residual = args[2] if len(args) > 2 else kwargs.get("residual")
+
+def _stream_input_hook(site: int, hidden_arg: int | None, residual_arg: int | None) -> _InputHook:
+    def hook(
+        module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        values = list(args)
+        hidden = values[hidden_arg] if hidden_arg is not None and len(values) > hidden_arg else kwargs["hidden_states"]
+        residual = (values[residual_arg] if residual_arg is not None and len(values) > residual_arg
+                    else kwargs.get("residual"))
         stream = hidden if residual is None else hidden + residual
         steered = hidden + _delta(stream, site)
-        if len(args) > 1:
-            args[1] = steered
+        if hidden_arg is not None and len(values) > hidden_arg:
+            values[hidden_arg] = steered
         else:
             kwargs = {**kwargs, "hidden_states": steered}
-        return tuple(args), kwargs
+        return tuple(values), kwargs
 
     return hook

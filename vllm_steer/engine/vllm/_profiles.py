@@ -10,20 +10,16 @@ import os
 import threading
 from typing import Any
 
+from vllm_steer.core.fingerprint import fingerprint_from_config
 from vllm_steer.core.profile import ModelFingerprint, Profile, load_profile_dir
 from vllm_steer.core.settings import SteerConfig
 
 __all__ = ["fingerprint_of", "profiles_key", "current_profiles", "profiles_for", "set_current", "FRONT_END_REQUESTS"]
 
 def fingerprint_of(vllm_config: Any) -> ModelFingerprint:
+    """The served model's fingerprint: the one fingerprint function on the HF config vLLM resolved."""
     model_config = vllm_config.model_config
-    hf = model_config.hf_text_config
-    archs = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
-    return ModelFingerprint(
-        architecture=archs[0],
-        hidden_size=model_config.get_hidden_size(),
-        num_layers=hf.num_hidden_layers,
-    )
+    return fingerprint_from_config(model_config.hf_config, text_config=model_config.hf_text_config)
 
 _CURRENT: dict[tuple[str, str], dict[str, Profile]] = {}
 """This process's current profiles per (directory, model); hot reload swaps the dict as a whole."""
@@ -35,6 +31,8 @@ FRONT_END_REQUESTS = [0]
 
 
 def profiles_key(config: SteerConfig, vllm_config: Any) -> tuple[str, str]:
+    if config.profiles is None:
+        raise ValueError("vllm-steer: no profile directory configured")
     return os.path.abspath(config.profiles), fingerprint_of(vllm_config).model_dump_json()
 
 

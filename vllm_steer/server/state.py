@@ -1,0 +1,53 @@
+"""What the middleware and the routes share, set once the engine is up: ``app.state.vllm_steer``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_steer.core.profile import Profile
+from vllm_steer.core.settings import SteerConfig
+from vllm_steer.server.tenants import TenantPolicy
+
+__all__ = ["ServingState", "make_state", "serving_state"]
+
+logger = logging.getLogger("vllm_steer.server")
+
+
+@dataclass
+class ServingState:
+    """The policy, the loaded profiles and the admin operations of one server (``app.state.vllm_steer``)."""
+
+    policy: TenantPolicy
+    profiles: Callable[[], Mapping[str, Profile]]
+    stamp: bool
+    """Stamp admitted requests with the policy token (on when a tenants file is configured)."""
+    admin: Any = None
+    """Hot-reload operations (``async reload()``, ``async remove(id)``, ``async status()``), supplied by the
+    endpoint plugin (:mod:`vllm_steer.server.plugin`) or the Ray ingress (:mod:`vllm_steer.server.ray_app`)."""
+
+
+def make_state(policy: TenantPolicy, profiles: Callable[[], Mapping[str, Profile]], admin: Any = None) -> ServingState:
+    """The state for ``app.state.vllm_steer``; logs loudly in single-tenant mode."""
+    if policy.single_tenant:
+        tenants = SteerConfig.option("tenants")
+        logger.warning(
+            "vllm-steer: NO TENANTS FILE — single-tenant mode: every caller may use every profile "
+            "at any allowed strength, or none. Set %s (or %s) to enforce tiers.",
+            tenants.env,
+            tenants.flag,
+        )
+    else:
+        logger.info(
+            "vllm-steer: tenant tiers enforced (%d tenants, tiers %s)",
+            len(policy.tenants),
+            ", ".join(sorted(policy.tiers)),
+        )
+    return ServingState(policy=policy, profiles=profiles, stamp=not policy.single_tenant, admin=admin)
+
+
+def serving_state(app: Any) -> ServingState | None:
+    """The app's state, or ``None`` before the engine is up."""
+    return getattr(app.state, "vllm_steer", None)
