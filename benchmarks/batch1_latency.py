@@ -50,37 +50,69 @@ def main() -> None:
     if settings[names[0]] is not None:
         sys.exit("--settings: the first setting must be unsteered (null)")
     model = args.model or str(ensure_default_model())
-    llm = LLM(model=model, dtype="float32", enforce_eager=not args.compiled, max_model_len=512, max_num_seqs=8,
-              seed=0, additional_config={"vllm_steer": {"profiles": args.profiles}})
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=not args.compiled,
+        max_model_len=512,
+        max_num_seqs=8,
+        seed=0,
+        additional_config={"vllm_steer": {"profiles": args.profiles}},
+    )
     prompt = "Write a long story about a ship that sails north."
     llm.generate([prompt], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     ms: dict[str, list[float]] = {n: [] for n in names}
     ratio: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
         for name in names:
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, extra_args=settings[name])
+            params = SamplingParams(
+                max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, extra_args=settings[name]
+            )
             start = time.perf_counter()
             llm.generate([prompt], params, use_tqdm=False)
             ms[name].append((time.perf_counter() - start) / args.max_tokens * 1e3)
             ratio[name].append(ms[name][-1] / ms[names[0]][-1])
-        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {ms[n][-1]:.1f}" for n in names) + " ms/token", flush=True)
+        print(
+            f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {ms[n][-1]:.1f}" for n in names) + " ms/token", flush=True
+        )
 
-    rows = [{"setting": n, "ms_per_token_median": statistics.median(ms[n]), "ms_per_token_min": min(ms[n]),
-             "ms_per_token_max": max(ms[n]), "ratio_to_unsteered_median": statistics.median(ratio[n]),
-             "ratio_min": min(ratio[n]), "ratio_max": max(ratio[n])} for n in names]
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "model": Path(model).name,
-            "mode": "compiled" if args.compiled else "eager", "reps": args.reps, "max_tokens": args.max_tokens,
-            "command": "python benchmarks/batch1_latency.py " + " ".join(sys.argv[1:])}
+    rows = [
+        {
+            "setting": n,
+            "ms_per_token_median": statistics.median(ms[n]),
+            "ms_per_token_min": min(ms[n]),
+            "ms_per_token_max": max(ms[n]),
+            "ratio_to_unsteered_median": statistics.median(ratio[n]),
+            "ratio_min": min(ratio[n]),
+            "ratio_max": max(ratio[n]),
+        }
+        for n in names
+    ]
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "model": Path(model).name,
+        "mode": "compiled" if args.compiled else "eager",
+        "reps": args.reps,
+        "max_tokens": args.max_tokens,
+        "command": "python benchmarks/batch1_latency.py " + " ".join(sys.argv[1:]),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "samples_ms": ms}, indent=2))
-    lines = [f"{meta['machine']}; {meta['model']}; {meta['mode']}; {args.reps} interleaved repetitions of "
-             f"{args.max_tokens} tokens. Command: `{meta['command']}`", "",
-             "| setting | ms/token median (min–max) | ratio to its repetition's unsteered run: median (min–max) |",
-             "|---|---|---|"]
+    lines = [
+        (
+            f"{meta['machine']}; {meta['model']}; {meta['mode']}; {args.reps} interleaved repetitions of "
+            f"{args.max_tokens} tokens. Command: `{meta['command']}`"
+        ),
+        "",
+        "| setting | ms/token median (min–max) | ratio to its repetition's unsteered run: median (min–max) |",
+        "|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['ms_per_token_median']:.1f} ({r['ms_per_token_min']:.1f}–{r['ms_per_token_max']:.1f}) | "
-                     f"{r['ratio_to_unsteered_median']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) |")
+        lines.append(
+            f"| {r['setting']} | {r['ms_per_token_median']:.1f} ({r['ms_per_token_min']:.1f}–{r['ms_per_token_max']:.1f}) | "
+            f"{r['ratio_to_unsteered_median']:.3f} ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

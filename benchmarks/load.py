@@ -54,7 +54,10 @@ DEFAULT_MIX = [
     {"tier": "standard", "xargs": None},  # the tier default: smollm2-selective at 180
     {"tier": "standard", "xargs": {"steer_profile": "smollm2-selective", "steer_angle": 150.0}},
     {"tier": "standard", "xargs": {"steer_profile": "smollm2-selective", "steer_angle": 210.0}},
-    {"tier": "standard", "xargs": {"steer_profile": "smollm2-category", "steer_scale": -2.0, "steer_categories": ["generic"]}},
+    {
+        "tier": "standard",
+        "xargs": {"steer_profile": "smollm2-category", "steer_scale": -2.0, "steer_categories": ["generic"]},
+    },
 ]
 
 
@@ -74,10 +77,31 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "vllm_steer.cli", "serve", "--plugin", "vllm_steer",
-               "--steer-profiles", str(args.profiles), "--steer-tenants", str(args.tenants), str(args.model),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", args.dtype, "--seed", "0",
-               "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(max_seqs)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm_steer.cli",
+            "serve",
+            "--plugin",
+            "vllm_steer",
+            "--steer-profiles",
+            str(args.profiles),
+            "--steer-tenants",
+            str(args.tenants),
+            str(args.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            args.dtype,
+            "--seed",
+            "0",
+            "--max-model-len",
+            str(args.max_model_len),
+            "--max-num-seqs",
+            str(max_seqs),
+        ]
         if not args.compiled:
             cmd.append("--enforce-eager")
         cmd += shlex.split(args.server_args or "")
@@ -86,8 +110,8 @@ class Server:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         for key in ("VLLM_PLUGINS", "VLLM_STEER_PROFILES", "VLLM_STEER_TENANTS"):
             env.pop(key, None)  # the serve command sets them from its options
-        self._log_fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "w") as log_fh:  # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float) -> float:
         import httpx
@@ -105,7 +129,6 @@ class Server:
         raise RuntimeError(f"server not healthy after {timeout:.0f} s; log tail:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
-        self._log_fh.flush()
         return self.log.read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
@@ -118,7 +141,6 @@ class Server:
                 self.proc.wait(30)
             except ProcessLookupError:
                 pass
-        self._log_fh.close()
 
 
 # ------------------------------------------------------------------ requests
@@ -194,8 +216,16 @@ async def _one(client, args, url: str, model: str, prompt: str, entry: dict) -> 
 
     body = _body(args, model, prompt, entry, args.max_tokens, stream=True)
     headers = {"authorization": f"Bearer {entry['key']}"}
-    rec = {"label": entry["label"], "tier": entry["tier"], "status": None, "code": None, "ttft": None, "e2e": None,
-           "tokens": None, "chunks": 0}
+    rec = {
+        "label": entry["label"],
+        "tier": entry["tier"],
+        "status": None,
+        "code": None,
+        "ttft": None,
+        "e2e": None,
+        "tokens": None,
+        "chunks": 0,
+    }
     first_any = None
     t0 = time.perf_counter()
     try:
@@ -288,12 +318,23 @@ def _aggregate(records: list[dict], wall: float, conc: int, planned: int) -> dic
     for b in by_label.values():
         b["e2e_p50_s"] = _pct(b.pop("e2e"), 50)
     return {
-        "concurrency": conc, "planned": planned, "sent": len(records), "ok": len(ok), "wall_s": wall,
+        "concurrency": conc,
+        "planned": planned,
+        "sent": len(records),
+        "ok": len(ok),
+        "wall_s": wall,
         "stopped_by_duration": len(records) < planned,
-        "req_s": len(ok) / wall if wall else 0.0, "out_tok_s": tokens / wall if wall else 0.0, "output_tokens": tokens,
-        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
-        "e2e_p50_s": _pct(e2e, 50), "e2e_p99_s": _pct(e2e, 99),
-        "statuses": statuses, "errors": len(records) - len(ok),
+        "req_s": len(ok) / wall if wall else 0.0,
+        "out_tok_s": tokens / wall if wall else 0.0,
+        "output_tokens": tokens,
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_s": _pct(tpot, 50),
+        "tpot_p99_s": _pct(tpot, 99),
+        "e2e_p50_s": _pct(e2e, 50),
+        "e2e_p99_s": _pct(e2e, 99),
+        "statuses": statuses,
+        "errors": len(records) - len(ok),
         "server_errors_5xx": sum(1 for r in records if (r["code"] or 0) >= 500),
         "stream_errors": sum(1 for r in records if str(r["status"]).startswith("stream:")),
         "usage_missing": sum(1 for r in ok if r.get("usage_missing")),
@@ -317,7 +358,9 @@ async def _sweep(args, url: str, model: str, mix: list[dict], baseline: dict, le
             body = _body(args, model, prompts[0], entry, 2, stream=False)
             r = await client.post(url + _path(args), json=body, headers={"authorization": f"Bearer {entry['key']}"})
             if r.status_code != 200:
-                raise SystemExit(f"warm-up refused for {entry['label']!r} ({entry['xargs']}): {r.status_code} {r.text[:500]}")
+                raise SystemExit(
+                    f"warm-up refused for {entry['label']!r} ({entry['xargs']}): {r.status_code} {r.text[:500]}"
+                )
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             overall = progress.add_task("all levels", total=2 * len(levels) * args.requests)
@@ -330,8 +373,13 @@ async def _sweep(args, url: str, model: str, mix: list[dict], baseline: dict, le
                     progress.advance(overall, args.requests)
                     progress.console.print(
                         f"{name:>9} c={conc:<3} {level['ok']}/{level['sent']} ok  {level['out_tok_s']:.1f} tok/s  "
-                        f"e2e p50 {_ms(level['e2e_p50_s'])} ms" + (f"  [red]errors {', '.join(f'{k}×{v}' for k, v in level['statuses'].items() if k != '200')}[/red]"
-                           if level["errors"] else ""))
+                        f"e2e p50 {_ms(level['e2e_p50_s'])} ms"
+                        + (
+                            f"  [red]errors {', '.join(f'{k}×{v}' for k, v in level['statuses'].items() if k != '200')}[/red]"
+                            if level["errors"]
+                            else ""
+                        )
+                    )
     return results
 
 
@@ -347,24 +395,36 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _report(result: dict, out: Path) -> str:
-    lines = [f"Machine: {result['machine']}; model {Path(result['model']).name}; server {result['server']}; "
-             f"{result['max_tokens']} new tokens per request (EOS ignored), greedy, streamed `{result['endpoint']}`; "
-             f"up to {result['requests']} requests or {result['duration_s']:.0f} s per level. Command: `{result['command']}`", "",
-             "Mix (round-robin over tenants): " + "; ".join(f"`{e['label']}`" for e in result["mix"]), "",
-             "| sweep | C | ok/sent | errors | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | e2e p50 / p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"Machine: {result['machine']}; model {Path(result['model']).name}; server {result['server']}; "
+            f"{result['max_tokens']} new tokens per request (EOS ignored), greedy, streamed `{result['endpoint']}`; "
+            f"up to {result['requests']} requests or {result['duration_s']:.0f} s per level. "
+            f"Command: `{result['command']}`"
+        ),
+        "",
+        "Mix (round-robin over tenants): " + "; ".join(f"`{e['label']}`" for e in result["mix"]),
+        "",
+        "| sweep | C | ok/sent | errors | req/s | out tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | e2e p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, levels in result["sweeps"].items():
         for conc, r in levels.items():
             errs = ", ".join(f"{k}×{v}" for k, v in r["statuses"].items() if k != "200") or "0"
-            lines.append(f"| {name} | {conc} | {r['ok']}/{r['sent']} | {errs} | {r['req_s']:.2f} | {r['out_tok_s']:.1f} | "
-                         f"{_ms(r['ttft_p50_s'])} / {_ms(r['ttft_p99_s'])} | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | "
-                         f"{_ms(r['e2e_p50_s'])} / {_ms(r['e2e_p99_s'])} |")
+            lines.append(
+                f"| {name} | {conc} | {r['ok']}/{r['sent']} | {errs} | {r['req_s']:.2f} | {r['out_tok_s']:.1f} | "
+                f"{_ms(r['ttft_p50_s'])} / {_ms(r['ttft_p99_s'])} | {_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])} | "
+                f"{_ms(r['e2e_p50_s'])} / {_ms(r['e2e_p99_s'])} |"
+            )
     lines += ["", "| C | tok/s mix / unsteered | p50 e2e mix / unsteered |", "|---|---|---|"]
     for conc, r in result["ratios"].items():
         f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {conc} | {f(r['out_tok_s'])} | {f(r['e2e_p50'])} |")
     if result["server_errors_5xx"] or result["stream_errors"]:
-        lines += ["", f"**SERVER ERRORS: {result['server_errors_5xx']} × 5xx, {result['stream_errors']} in-stream errors.**"]
+        lines += [
+            "",
+            f"**SERVER ERRORS: {result['server_errors_5xx']} × 5xx, {result['stream_errors']} in-stream errors.**",
+        ]
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
 
@@ -377,8 +437,14 @@ def _report(result: dict, out: Path) -> str:
         rs = list(levels.values())
         line = ax1.plot(cs, [r["out_tok_s"] for r in rs], marker="o", label=name)[0]
         for q, style in (("p50", "-"), ("p99", "--")):
-            ax2.plot(cs, [1000 * (r[f"e2e_{q}_s"] or float("nan")) for r in rs], marker="o", ls=style,
-                     color=line.get_color(), label=f"{name} {q}")
+            ax2.plot(
+                cs,
+                [1000 * (r[f"e2e_{q}_s"] or float("nan")) for r in rs],
+                marker="o",
+                ls=style,
+                color=line.get_color(),
+                label=f"{name} {q}",
+            )
     ax1.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s", title="throughput")
     ax2.set(xscale="log", xlabel="concurrent clients", ylabel="end-to-end latency (ms)", title="latency")
     for ax in (ax1, ax2):
@@ -406,20 +472,36 @@ def _sigterm(*_):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--url", help="attach to a running server at this URL instead of starting one")
-    ap.add_argument("--tenants-keys", help='JSON {"tier": "key"} for the mix (default: the demo keys of the example tenants file)')
-    ap.add_argument("--mix", help='JSON list of {"tier", "key" (optional: from --tenants-keys), "xargs": {...} | null, "label"?}; '
-                                  "requests round-robin over the tiers, then over each tier's entries")
-    ap.add_argument("--baseline", help='JSON entry for the unsteered sweep (default: the mix\'s first {"steer_profile": "none"} '
-                                       "entry, else the research tier with it)")
-    ap.add_argument("--model", help="HF model directory when starting the server (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument(
+        "--tenants-keys", help='JSON {"tier": "key"} for the mix (default: the demo keys of the example tenants file)'
+    )
+    ap.add_argument(
+        "--mix",
+        help='JSON list of {"tier", "key" (optional: from --tenants-keys), "xargs": {...} | null, "label"?}; '
+        "requests round-robin over the tiers, then over each tier's entries",
+    )
+    ap.add_argument(
+        "--baseline",
+        help='JSON entry for the unsteered sweep (default: the mix\'s first {"steer_profile": "none"} '
+        "entry, else the research tier with it)",
+    )
+    ap.add_argument(
+        "--model", help="HF model directory when starting the server (default: the embedded SmolLM2-135M-Instruct)"
+    )
     ap.add_argument("--profiles", default=str(REPO / "profiles"))
     ap.add_argument("--tenants", default=str(REPO / "deploy" / "tenants.example.yaml"))
-    ap.add_argument("--compiled", action="store_true", help="start the server without --enforce-eager (torch.compile; slower start)")
+    ap.add_argument(
+        "--compiled", action="store_true", help="start the server without --enforce-eager (torch.compile; slower start)"
+    )
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--server-args", default="", help="more vLLM arguments for the started server (one shell-quoted string)")
+    ap.add_argument(
+        "--server-args", default="", help="more vLLM arguments for the started server (one shell-quoted string)"
+    )
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--api", choices=("completions", "chat"), default="completions")
     ap.add_argument("--concurrency", default="1,4,16")
@@ -427,7 +509,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=180, help="seconds per level after which no new request starts")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--request-timeout", type=float, default=600)
-    ap.add_argument("--smoke", action="store_true", help="minimal run for the smoke test: concurrency 1,2; 4 requests; 4 tokens")
+    ap.add_argument(
+        "--smoke", action="store_true", help="minimal run for the smoke test: concurrency 1,2; 4 requests; 4 tokens"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "load_cpu.json"))
     args = ap.parse_args()
     if args.smoke:
@@ -438,7 +522,10 @@ def main() -> int:
     if args.baseline:
         baseline = _resolve([json.loads(args.baseline)], keys)[0]
     else:
-        baseline = next((dict(e) for e in mix if e["xargs"] == UNSTEERED), None) or _resolve([{"tier": "research", "xargs": UNSTEERED}], keys)[0]
+        baseline = (
+            next((dict(e) for e in mix if e["xargs"] == UNSTEERED), None)
+            or _resolve([{"tier": "research", "xargs": UNSTEERED}], keys)[0]
+        )
     baseline["label"] = "unsteered (baseline)"
 
     from rich.console import Console
@@ -459,7 +546,10 @@ def main() -> int:
             with console.status(f"starting the server on {server.url} (log {log})"):
                 startup = server.wait_healthy(args.startup_timeout)
             console.print(f"server healthy after {startup:.0f} s")
-            url, server_desc = server.url, f"started here ({'compiled' if args.compiled else 'eager'}, {startup:.0f} s to healthy)"
+            url, server_desc = (
+                server.url,
+                f"started here ({'compiled' if args.compiled else 'eager'}, {startup:.0f} s to healthy)",
+            )
         import httpx
 
         models = httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {mix[0]['key']}"}, timeout=30)
@@ -470,19 +560,29 @@ def main() -> int:
         if server is not None:
             server.stop()
 
-    ratios = {str(c): {"out_tok_s": _ratio(sweeps["mix"][str(c)]["out_tok_s"], sweeps["unsteered"][str(c)]["out_tok_s"]),
-                       "e2e_p50": _ratio(sweeps["mix"][str(c)]["e2e_p50_s"], sweeps["unsteered"][str(c)]["e2e_p50_s"])}
-              for c in levels}
+    ratios = {
+        str(c): {
+            "out_tok_s": _ratio(sweeps["mix"][str(c)]["out_tok_s"], sweeps["unsteered"][str(c)]["out_tok_s"]),
+            "e2e_p50": _ratio(sweeps["mix"][str(c)]["e2e_p50_s"], sweeps["unsteered"][str(c)]["e2e_p50_s"]),
+        }
+        for c in levels
+    }
     all_levels = [r for s in sweeps.values() for r in s.values()]
     result = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "model": args.model or model,
-        "server": server_desc, "endpoint": _path(args), "max_tokens": args.max_tokens, "requests": args.requests,
-        "duration_s": args.duration, "concurrency": levels,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "model": args.model or model,
+        "server": server_desc,
+        "endpoint": _path(args),
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "duration_s": args.duration,
+        "concurrency": levels,
         "command": _command([*keys.values(), *(e["key"] for e in [*mix, baseline])]),
         "mix": [{k: e[k] for k in ("tier", "label", "xargs")} for e in mix],
         "baseline": {k: baseline[k] for k in ("tier", "label", "xargs")},
         "order": "interleaved per level: mix then unsteered",
-        "sweeps": sweeps, "ratios": ratios,
+        "sweeps": sweeps,
+        "ratios": ratios,
         "server_errors_5xx": sum(r["server_errors_5xx"] for r in all_levels),
         "stream_errors": sum(r["stream_errors"] for r in all_levels),
     }
@@ -491,8 +591,10 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1))
     print(_report(result, out))
     if result["server_errors_5xx"] or result["stream_errors"]:
-        console.print(f"[bold red]SERVER ERRORS: {result['server_errors_5xx']} × 5xx, {result['stream_errors']} in-stream "
-                      f"errors — see error_examples in {out}[/bold red]")
+        console.print(
+            f"[bold red]SERVER ERRORS: {result['server_errors_5xx']} × 5xx, {result['stream_errors']} in-stream "
+            f"errors — see error_examples in {out}[/bold red]"
+        )
     return 0
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout (no install) too
-from vllm_steer.engine import kernels  # noqa: E402
-from vllm_steer.core.ops import Method, token_deltas  # noqa: E402
+from vllm_steer.core.ops import Method, token_deltas
+from vllm_steer.engine import kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +87,7 @@ class DecoderLayer(torch.nn.Module):
         super().__init__()
         self.heads = max(1, d // 64)
         self.head_dim = d // self.heads
-        inter = int(round(8 * d / 3 / 64)) * 64 or 64
+        inter = round(8 * d / 3 / 64) * 64 or 64
         self.norm1, self.norm2 = torch.nn.RMSNorm(d), torch.nn.RMSNorm(d)
         self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
         self.o = torch.nn.Linear(d, d, bias=False)
@@ -106,14 +106,18 @@ class DecoderLayer(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="activation dtype (the op computes in fp32)")
+    ap.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="activation dtype (the op computes in fp32)"
+    )
     ap.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (cuda only), as vLLM decodes")
     ap.add_argument("--tokens", type=int, nargs="+", default=[32, 512])
     ap.add_argument("--hidden", type=int, nargs="+", default=[576, 2048])
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32, 64], help="distinct settings per batch")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--fused", action="store_true", help="also time the fused ops: torch.compile'd, and the Triton kernel on CUDA")
+    ap.add_argument(
+        "--fused", action="store_true", help="also time the fused ops: torch.compile'd, and the Triton kernel on CUDA"
+    )
     ap.add_argument("--out", default="benchmarks/results/op_cost_cpu.json")
     args = ap.parse_args()
     if args.cuda_graphs and args.device != "cuda":
@@ -144,7 +148,12 @@ def main() -> None:
                 base = None
                 for k in sorted({min(k, args.slots, n) for k in args.ks}):
                     slot = (torch.arange(n, device=dev) % k).to(torch.int64)
-                    t = _timer(lambda: token_deltas(h, bases, methods, zeros, zeros, slot, cos, sin, scale), dev, args.reps, graphs)
+                    t = _timer(
+                        lambda: token_deltas(h, bases, methods, zeros, zeros, slot, cos, sin, scale),
+                        dev,
+                        args.reps,
+                        graphs,
+                    )
                     # The hook way: one call per distinct setting, each on its own rows.
                     groups = [torch.nonzero(slot == i).squeeze(1) for i in range(k)]
                     ones = [torch.zeros(len(idx), dtype=torch.int64, device=dev) for idx in groups]
@@ -152,39 +161,76 @@ def main() -> None:
                     def per_setting():
                         acc = torch.zeros_like(h)
                         for i, idx in enumerate(groups):
-                            acc[idx] = token_deltas(h[idx], bases[i : i + 1], methods[i : i + 1], zeros[:1], zeros[:1],
-                                                    ones[i], cos[idx], sin[idx], scale[idx])
+                            acc[idx] = token_deltas(
+                                h[idx],
+                                bases[i : i + 1],
+                                methods[i : i + 1],
+                                zeros[:1],
+                                zeros[:1],
+                                ones[i],
+                                cos[idx],
+                                sin[idx],
+                                scale[idx],
+                            )
                         return acc
 
                     loop = _timer(per_setting, dev, max(5, args.reps // 5), graphs)
                     base = base or t
                     fused = {}
                     for name, op in fused_ops.items():
-                        f = _timer(lambda: op(h, bases, methods, zeros, zeros, slot, cos, sin, scale), dev, args.reps, graphs)
+                        f = _timer(
+                            lambda: op(h, bases, methods, zeros, zeros, slot, cos, sin, scale), dev, args.reps, graphs
+                        )
                         fused |= {f"{name}_ms": f * 1e3, f"{name}_vs_floor": f / floor, f"{name}_vs_layer": f / layer_s}
-                    rows.append({**fused, "hidden": d, "tokens": n, "K": k, "op_ms": t * 1e3, "vs_K1": t / base,
-                                 "floor_ms": floor * 1e3, "vs_floor": t / floor, "layer_ms": layer_s * 1e3,
-                                 "vs_layer": t / layer_s, "per_setting_loop_ms": loop * 1e3, "loop_vs_batched": loop / t})
+                    rows.append(
+                        {
+                            **fused,
+                            "hidden": d,
+                            "tokens": n,
+                            "K": k,
+                            "op_ms": t * 1e3,
+                            "vs_K1": t / base,
+                            "floor_ms": floor * 1e3,
+                            "vs_floor": t / floor,
+                            "layer_ms": layer_s * 1e3,
+                            "vs_layer": t / layer_s,
+                            "per_setting_loop_ms": loop * 1e3,
+                            "loop_vs_batched": loop / t,
+                        }
+                    )
     if dev == "cuda":
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    meta = {"device": device, "dtype": args.dtype, "cuda_graphs": graphs, "fused": sorted(fused_ops), "torch": torch.__version__,
-            "slots": args.slots, "command": "python benchmarks/op_cost.py " + " ".join(sys.argv[1:])}
+    meta = {
+        "device": device,
+        "dtype": args.dtype,
+        "cuda_graphs": graphs,
+        "fused": sorted(fused_ops),
+        "torch": torch.__version__,
+        "slots": args.slots,
+        "command": "python benchmarks/op_cost.py " + " ".join(sys.argv[1:]),
+    }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"{meta['device']}, {args.dtype}, {'CUDA graphs' if graphs else 'eager launches'}")
     fused_head = "".join(f" {name} ms | {name} / floor | {name} / layer |" for name in fused_ops)
-    print("| d | tokens | K | op ms | vs K=1 | floor ms | op / floor | layer ms | op / layer | per-setting loop ms | "
-          "loop / batched |" + fused_head)
+    print(
+        "| d | tokens | K | op ms | vs K=1 | floor ms | op / floor | layer ms | op / layer | per-setting loop ms | "
+        "loop / batched |" + fused_head
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * fused_head.count("|"))
     for r in rows:
-        fused_cells = "".join(f" {r[f'{name}_ms']:.4f} | {r[f'{name}_vs_floor']:.1f} | {r[f'{name}_vs_layer']:.3f} |"
-                              for name in fused_ops)
-        print(f"| {r['hidden']} | {r['tokens']} | {r['K']} | {r['op_ms']:.3f} | {r['vs_K1']:.2f} | {r['floor_ms']:.4f} | "
-              f"{r['vs_floor']:.1f} | {r['layer_ms']:.3f} | {r['vs_layer']:.3f} | {r['per_setting_loop_ms']:.3f} | "
-              f"{r['loop_vs_batched']:.1f} |" + fused_cells)
+        fused_cells = "".join(
+            f" {r[f'{name}_ms']:.4f} | {r[f'{name}_vs_floor']:.1f} | {r[f'{name}_vs_layer']:.3f} |"
+            for name in fused_ops
+        )
+        print(
+            f"| {r['hidden']} | {r['tokens']} | {r['K']} | {r['op_ms']:.3f} | {r['vs_K1']:.2f} | {r['floor_ms']:.4f} | "
+            f"{r['vs_floor']:.1f} | {r['layer_ms']:.3f} | {r['vs_layer']:.3f} | {r['per_setting_loop_ms']:.3f} | "
+            f"{r['loop_vs_batched']:.1f} |" + fused_cells
+        )
     print(meta)
 
 

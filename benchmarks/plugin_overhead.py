@@ -43,10 +43,21 @@ def _rows(name: str, batch: int) -> list[dict | None]:
     if name == "all:ablation":
         return [{"steer_profile": "smollm2-ablation"}] * batch
     if name == "mixed:8-selective":  # 3/4 of the rows over eight angles, the rest unsteered
-        steered = [{"steer_profile": "smollm2-selective", "steer_angle": 100.0 + 20.0 * (i % 8)} for i in range((3 * batch) // 4)]
+        steered = [
+            {"steer_profile": "smollm2-selective", "steer_angle": 100.0 + 20.0 * (i % 8)}
+            for i in range((3 * batch) // 4)
+        ]
         return steered + [None] * (batch - len(steered))
-    demo = ["smollm2-selective", "smollm2-angular", "smollm2-angular-adaptive", "smollm2-refusal-add",
-            "smollm2-probe", "smollm2-category", "smollm2-ablation", "smollm2-selective"]
+    demo = [
+        "smollm2-selective",
+        "smollm2-angular",
+        "smollm2-angular-adaptive",
+        "smollm2-refusal-add",
+        "smollm2-probe",
+        "smollm2-category",
+        "smollm2-ablation",
+        "smollm2-selective",
+    ]
     angles = {"smollm2-selective": 120.0, "smollm2-angular": 120.0, "smollm2-angular-adaptive": 120.0}
     rows: list[dict | None] = []
     for i in range((3 * batch) // 4):  # mixed:8: eight settings (seven profiles, two angles) and 1/4 unsteered
@@ -64,30 +75,46 @@ def _serve(args: argparse.Namespace) -> None:
 
     from vllm_steer.data import cycled_prompts
 
-    kwargs = dict(model=args.model, dtype="float32", seed=0, max_num_seqs=max(args.batch, 8),
-                  enforce_eager=args.eager, max_model_len=1024)
+    kwargs = dict(
+        model=args.model,
+        dtype="float32",
+        seed=0,
+        max_num_seqs=max(args.batch, 8),
+        enforce_eager=args.eager,
+        max_model_len=1024,
+    )
     if args.profiles:
         kwargs["additional_config"] = {"vllm_steer": {"profiles": args.profiles}}
     started = time.time()
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
     prompts = cycled_prompts("advbench", args.batch)
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    llm.generate(chats, [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)] * len(chats),
-                 use_tqdm=False)  # warm-up
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    llm.generate(
+        chats,
+        [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)] * len(chats),
+        use_tqdm=False,
+    )  # warm-up
     print(RESULT + json.dumps({"ready": True, "startup_s": time.time() - started}), flush=True)
     for line in sys.stdin:
         name = line.strip()
         if not name:
             break
-        params = [SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, extra_args=r)
-                  for r in _rows(name, args.batch)]
+        params = [
+            SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, extra_args=r)
+            for r in _rows(name, args.batch)
+        ]
         start = time.perf_counter()
         outs = llm.generate(chats, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        print(RESULT + json.dumps({"name": name, "seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed}), flush=True)
+        print(
+            RESULT + json.dumps({"name": name, "seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed}),
+            flush=True,
+        )
 
 
 class _Engine:
@@ -98,18 +125,29 @@ class _Engine:
             env.pop("VLLM_PLUGINS", None)
         else:
             env["VLLM_PLUGINS"] = "__none__"  # an allowlist matching no plugin: vllm-steer is never imported
-        cmd = [sys.executable, __file__, "--serve", "--model", args.model, "--batch", str(args.batch),
-               "--max-tokens", str(args.max_tokens)] + (["--eager"] if args.eager else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--serve",
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--max-tokens",
+            str(args.max_tokens),
+        ] + (["--eager"] if args.eager else [])
         if plugin:
             cmd += ["--profiles", args.profiles]
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(log, "w"), text=True)
+        with open(log, "w") as log_fh:  # the child holds its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_fh, text=True
+            )
         self.ready = self._answer()
 
     def _answer(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])
+                return json.loads(line[len(RESULT) :])
         raise RuntimeError(f"engine exited with {self.proc.wait()}")
 
     def run(self, name: str) -> dict:
@@ -131,25 +169,36 @@ def _summary(runs: list[dict]) -> dict:
     out = {}
     for name in SCENARIOS:
         ratios = [r[name]["tok_s"] / r["unsteered"]["tok_s"] for r in runs]
-        out[name] = {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
-                     "median_tok_s": statistics.median(r[name]["tok_s"] for r in runs)}
+        out[name] = {
+            "median_ratio": statistics.median(ratios),
+            "min_ratio": min(ratios),
+            "max_ratio": max(ratios),
+            "median_tok_s": statistics.median(r[name]["tok_s"] for r in runs),
+        }
     out["unsteered"] = {"median_tok_s": statistics.median(r["unsteered"]["tok_s"] for r in runs)}
     return out
 
 
 def _table(result: dict) -> str:
-    lines = ["| scenario | tok/s (median) | vs plugin off, same repetition: median (min–max) |", "|---|---|---|",
-             f"| unsteered (plugin not loaded) | {result['summary']['unsteered']['median_tok_s']:.1f} | 1 |"]
+    lines = [
+        "| scenario | tok/s (median) | vs plugin off, same repetition: median (min–max) |",
+        "|---|---|---|",
+        f"| unsteered (plugin not loaded) | {result['summary']['unsteered']['median_tok_s']:.1f} | 1 |",
+    ]
     for name in SCENARIOS:
         s = result["summary"][name]
-        lines.append(f"| {name} | {s['median_tok_s']:.1f} | {s['median_ratio']:.3f} ({s['min_ratio']:.3f}–{s['max_ratio']:.3f}) |")
+        lines.append(
+            f"| {name} | {s['median_tok_s']:.1f} | {s['median_ratio']:.3f} ({s['min_ratio']:.3f}–{s['max_ratio']:.3f}) |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default=None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", default=None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--profiles", default=str(REPO / "profiles"))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -181,13 +230,21 @@ def main() -> None:
                 engine = off if name == "unsteered" else on
                 run[name] = engine.run("plugin-idle" if name == "unsteered" else name)
             runs.append(run)
-            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {r['tok_s']:.1f}" for n, r in run.items()), flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {r['tok_s']:.1f}" for n, r in run.items()), flush=True
+            )
     finally:
         off.close()
         on.close()
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "config": {"model": args.model, "batch": args.batch, "max_tokens": args.max_tokens, "reps": args.reps, "mode": mode},
+        "config": {
+            "model": args.model,
+            "batch": args.batch,
+            "max_tokens": args.max_tokens,
+            "reps": args.reps,
+            "mode": mode,
+        },
         "runs": runs,
     }
     result["summary"] = _summary(runs)

@@ -36,7 +36,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runs from a bare checkout (no install) too
 sys.path.insert(0, str(HERE))
 from op_cost import DTYPES, DecoderLayer, replayer, seconds_per_call  # noqa: E402
-
 from vllm_steer.core.profile import ModelFingerprint  # noqa: E402
 from vllm_steer.core.request import parse_steering, resolve_steering  # noqa: E402
 from vllm_steer.engine.runtime import SteeringRuntime, set_runtime, sites_for_profiles  # noqa: E402
@@ -55,11 +54,19 @@ def _profiles(d: int, n_layers: int, hooks: str) -> dict:
     mid = list(range(n_layers // 4, n_layers // 4 + max(1, (9 * n_layers) // 16)))
     one = [n_layers // 2]
     spec = {
-        "sel": ("selective", mid), "abl": ("ablation", list(range(n_layers))), "sas": ("angular_standard", mid),
-        "aas": ("angular_adaptive", mid), "add": ("addition", one), "probe": ("probe", one), "cat": ("category", one),
+        "sel": ("selective", mid),
+        "abl": ("ablation", list(range(n_layers))),
+        "sas": ("angular_standard", mid),
+        "aas": ("angular_adaptive", mid),
+        "add": ("addition", one),
+        "probe": ("probe", one),
+        "cat": ("category", one),
     }
-    return {pid: random_profile(pid, method, fp, layers, seed=i, **({"categories": ("a", "b")} if pid == "cat" else {}))
-            for i, (pid, (method, layers)) in enumerate(spec.items()) if hooks == "all" or pid == "sel"}
+    return {
+        pid: random_profile(pid, method, fp, layers, seed=i, **({"categories": ("a", "b")} if pid == "cat" else {}))
+        for i, (pid, (method, layers)) in enumerate(spec.items())
+        if hooks == "all" or pid == "sel"
+    }
 
 
 def _plan(name: str, n: int) -> list[tuple[str | None, dict | None]]:
@@ -71,10 +78,20 @@ def _plan(name: str, n: int) -> list[tuple[str | None, dict | None]]:
     if name == "all:ablation":
         return [(f"r{i}", {"profile": "abl"}) for i in range(n)]
     if name == "mixed:8-selective":  # eight angles = eight slots on the same sites, a quarter unsteered
-        return [(f"r{i}", {"profile": "sel", "angle": 100.0 + 20.0 * (i % 8)} if i < (3 * n) // 4 else None) for i in range(n)]
-    settings = [{"profile": "sel", "angle": 120.0}, {"profile": "sel", "angle": 200.0}, {"profile": "abl"},
-                {"profile": "sas", "angle": 90.0}, {"profile": "aas", "angle": 120.0}, {"profile": "add", "scale": 4.0},
-                {"profile": "probe", "scale": -2.0}, {"profile": "cat", "categories": ["a"], "scale": 2.0}]
+        return [
+            (f"r{i}", {"profile": "sel", "angle": 100.0 + 20.0 * (i % 8)} if i < (3 * n) // 4 else None)
+            for i in range(n)
+        ]
+    settings = [
+        {"profile": "sel", "angle": 120.0},
+        {"profile": "sel", "angle": 200.0},
+        {"profile": "abl"},
+        {"profile": "sas", "angle": 90.0},
+        {"profile": "aas", "angle": 120.0},
+        {"profile": "add", "scale": 4.0},
+        {"profile": "probe", "scale": -2.0},
+        {"profile": "cat", "categories": ["a"], "scale": 2.0},
+    ]
     steered = (3 * n) // 4
     return [(f"r{i}", settings[i % 8] if i < steered else None) for i in range(n)]
 
@@ -107,8 +124,9 @@ def measure(d: int, n_layers: int, n_tokens: int, args) -> list[dict]:
     with torch.inference_mode():
         plain = replayer(plain_fn, graphs)
         for op in args.ops:
-            runtime = SteeringRuntime(profiles, sites, hidden_size=d, max_slots=16, max_tokens=max(n_tokens, 4),
-                                      device=dev, fused=op)
+            runtime = SteeringRuntime(
+                profiles, sites, hidden_size=d, max_slots=16, max_tokens=max(n_tokens, 4), device=dev, fused=op
+            )
             set_runtime(runtime)
             try:
                 runtime.begin_step([], [])
@@ -122,7 +140,9 @@ def measure(d: int, n_layers: int, n_tokens: int, args) -> list[dict]:
                         for rid, kw in plan:
                             steering = None
                             if kw is not None:
-                                steering = resolve_steering(parse_steering({f"steer_{k}": v for k, v in kw.items()}), profiles)
+                                steering = resolve_steering(
+                                    parse_steering({f"steer_{k}": v for k, v in kw.items()}), profiles
+                                )
                             runtime.add_request(rid, steering)
                         runtime.begin_step([rid for rid, _ in plan], [1] * len(plan))
                         order = (plain, steered) if rep % 2 == 0 else (steered, plain)
@@ -132,9 +152,21 @@ def measure(d: int, n_layers: int, n_tokens: int, args) -> list[dict]:
                             runtime.remove_request(rid)
                 plain_ms = seconds_per_call(plain, args.iters, dev) * 1e3
                 for name in scenarios:
-                    rows.append({"hidden": d, "layers": n_layers, "tokens": n_tokens, "op": op, "scenario": name,
-                                 "sites_hooked": len(sites), "fused_fallbacks": fallbacks, "ratio_median": statistics.median(ratios[name]),
-                                 "ratio_min": min(ratios[name]), "ratio_max": max(ratios[name]), "plain_step_ms": plain_ms})
+                    rows.append(
+                        {
+                            "hidden": d,
+                            "layers": n_layers,
+                            "tokens": n_tokens,
+                            "op": op,
+                            "scenario": name,
+                            "sites_hooked": len(sites),
+                            "fused_fallbacks": fallbacks,
+                            "ratio_median": statistics.median(ratios[name]),
+                            "ratio_min": min(ratios[name]),
+                            "ratio_max": max(ratios[name]),
+                            "plain_step_ms": plain_ms,
+                        }
+                    )
             finally:
                 set_runtime(None)
     return rows
@@ -145,15 +177,28 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--no-graphs", action="store_true", help="on CUDA, time eager launches instead of graph replays")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the stack, as vLLM does (the op stays opaque)")
-    ap.add_argument("--hooks", choices=sorted(SCENARIOS), default="all",
-                    help="all: seven profiles of every method loaded; selective: the one selective profile")
-    ap.add_argument("--models", nargs="+", default=["2048x16", "4096x32"], help="hidden x layers (Llama-3.2-1B, -8B shapes)")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the stack, as vLLM does (the op stays opaque)"
+    )
+    ap.add_argument(
+        "--hooks",
+        choices=sorted(SCENARIOS),
+        default="all",
+        help="all: seven profiles of every method loaded; selective: the one selective profile",
+    )
+    ap.add_argument(
+        "--models", nargs="+", default=["2048x16", "4096x32"], help="hidden x layers (Llama-3.2-1B, -8B shapes)"
+    )
     ap.add_argument("--tokens", type=int, nargs="+", default=[32, 256], help="decode batch sizes")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--ops", nargs="+", default=None, choices=["triton", "compiled", "off"],
-                    help="the general op inside the graph (default: triton compiled off on CUDA, off on CPU)")
+    ap.add_argument(
+        "--ops",
+        nargs="+",
+        default=None,
+        choices=["triton", "compiled", "off"],
+        help="the general op inside the graph (default: triton compiled off on CUDA, off on CPU)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model, one repetition (the smoke test)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -168,24 +213,37 @@ def main() -> None:
             rows.extend(measure(d, n_layers, n, args))
     graphs = args.device == "cuda" and not args.no_graphs
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    meta = {"device": device, "dtype": args.dtype, "cuda_graphs": graphs, "compiled": args.compile, "hooks": args.hooks,
-            "torch": torch.__version__,
-            "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:])}
+    meta = {
+        "device": device,
+        "dtype": args.dtype,
+        "cuda_graphs": graphs,
+        "compiled": args.compile,
+        "hooks": args.hooks,
+        "torch": torch.__version__,
+        "command": "python benchmarks/step_overhead.py " + " ".join(sys.argv[1:]),
+    }
     out = Path(args.out or f"benchmarks/results/step_overhead_{'cuda' if args.device == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"{device}, {args.dtype}, {'CUDA graphs' if graphs else 'eager launches'}; steered / plain throughput, "
-          f"median [min–max] of {args.reps}")
+    print(
+        f"{device}, {args.dtype}, {'CUDA graphs' if graphs else 'eager launches'}; steered / plain throughput, "
+        f"median [min–max] of {args.reps}"
+    )
     scenarios = SCENARIOS[args.hooks]
     print("| model (d × layers) | tokens | sites hooked | plain step ms | op | " + " | ".join(scenarios) + " |")
     print("|---|---|---|---|---|" + "---|" * len(scenarios))
     keyed = {(r["hidden"], r["layers"], r["tokens"], r["op"], r["scenario"]): r for r in rows}
     for key in sorted({k[:4] for k in keyed}):
         first = keyed[(*key, scenarios[0])]
-        cells = " | ".join(f"{keyed[(*key, s)]['ratio_median']:.3f} [{keyed[(*key, s)]['ratio_min']:.2f}–"
-                           f"{keyed[(*key, s)]['ratio_max']:.2f}]" for s in scenarios)
+        cells = " | ".join(
+            f"{keyed[(*key, s)]['ratio_median']:.3f} [{keyed[(*key, s)]['ratio_min']:.2f}–"
+            f"{keyed[(*key, s)]['ratio_max']:.2f}]"
+            for s in scenarios
+        )
         op = key[3] + (f" ({first['fused_fallbacks']} sites fell back to eager)" if first["fused_fallbacks"] else "")
-        print(f"| {key[0]} × {key[1]} | {key[2]} | {first['sites_hooked']} | {first['plain_step_ms']:.3f} | {op} | {cells} |")
+        print(
+            f"| {key[0]} × {key[1]} | {key[2]} | {first['sites_hooked']} | {first['plain_step_ms']:.3f} | {op} | {cells} |"
+        )
     print(meta)
 
 

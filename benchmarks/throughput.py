@@ -67,8 +67,9 @@ def _make_profiles(root: Path, model: str, ks: list[int], demo: Path) -> None:
             shutil.copytree(sub, root / sub.name)
     sel = load_profile(demo / "smollm2-selective")
     for i in range(max(ks)):
-        p = random_profile(f"bench-k{i:03d}", "selective", sel.spec.model, sel.spec.layers, seed=1000 + i,
-                           shared_plane=True)
+        p = random_profile(
+            f"bench-k{i:03d}", "selective", sel.spec.model, sel.spec.layers, seed=1000 + i, shared_plane=True
+        )
         save_profile(root / p.id, p.spec, p.vectors)
 
 
@@ -79,27 +80,39 @@ def _worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=spec["model"], dtype="float32", seed=0, max_num_seqs=max(spec["batch"], 8),
-                  enforce_eager=spec["eager"], max_model_len=1024)
+    kwargs = dict(
+        model=spec["model"],
+        dtype="float32",
+        seed=0,
+        max_num_seqs=max(spec["batch"], 8),
+        enforce_eager=spec["eager"],
+        max_model_len=1024,
+    )
     if spec.get("profiles"):
         kwargs["additional_config"] = {"vllm_steer": {"profiles": spec["profiles"], "max_slots": spec["max_slots"]}}
     t0 = time.time()
     llm = LLM(**kwargs)
     startup = time.time() - t0
     tok = llm.get_tokenizer()
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in spec["prompts"]]
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in spec["prompts"]
+    ]
     results = {"startup_s": startup}
     for name, rows in [("warmup", [None] * len(chats))] + [(s["name"], s["rows"]) for s in spec["scenarios"]]:
-        params = [SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=r)
-                  for r in rows]
+        params = [
+            SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True, extra_args=r) for r in rows
+        ]
         start = time.perf_counter()
         outs = llm.generate(chats, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         results[name] = {"seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed}
-        print(f"[{'on' if spec.get('profiles') else 'off'}|{'eager' if spec['eager'] else 'compiled'}] {name}: "
-              f"{tokens / elapsed:.1f} tok/s", flush=True)
+        print(
+            f"[{'on' if spec.get('profiles') else 'off'}|{'eager' if spec['eager'] else 'compiled'}] {name}: "
+            f"{tokens / elapsed:.1f} tok/s",
+            flush=True,
+        )
     Path(out_path).write_text(json.dumps(results))
 
 
@@ -112,8 +125,11 @@ def _run_engine(spec: dict, plugin: bool, workdir: Path) -> dict:
         env.pop("VLLM_PLUGINS", None)
     else:
         env["VLLM_PLUGINS"] = "__none__"  # an allowlist matching no plugin: vllm-steer is never imported
-    subprocess.run([sys.executable, __file__, "--worker", str(workdir / "spec.json"), str(workdir / "out.json")],
-                   env=env, check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--worker", str(workdir / "spec.json"), str(workdir / "out.json")],
+        env=env,
+        check=True,
+    )
     return json.loads((workdir / "out.json").read_text())
 
 
@@ -124,17 +140,19 @@ def _hf(model_dir: str, prompts: list[str], profiles_dir: Path, ks: list[int], b
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_steer.testing.hf_reference import steered
     from vllm_steer.core.profile import load_profile_dir
     from vllm_steer.core.request import parse_steering, resolve_steering
+    from vllm_steer.testing.hf_reference import steered
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     profiles = load_profile_dir(profiles_dir)
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     results = {}
     for k in ks:
         rows = _mixed_rows(batch, k)
@@ -148,8 +166,13 @@ def _hf(model_dir: str, prompts: list[str], profiles_dir: Path, ks: list[int], b
             resolved = resolve_steering(parse_steering(setting), profiles) if setting else None
             enc = tok([chats[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad(), steered(model, profiles[resolved.profile_id] if resolved else None, resolved):
-                out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_tokens,
+                    min_new_tokens=max_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                )
             tokens += (out.shape[1] - enc.input_ids.shape[1]) * len(idx)
         elapsed = time.perf_counter() - start
         results[f"hf:{k}"] = {"seconds": elapsed, "tokens": tokens, "tok_s": tokens / elapsed, "batches": len(groups)}
@@ -161,22 +184,37 @@ def _hf(model_dir: str, prompts: list[str], profiles_dir: Path, ks: list[int], b
 
 
 def _report(result: dict, out: Path) -> None:
-    lines = [f"Machine: {result['machine']}; model {Path(result['model']).name}; batch {result['batch']} rows, "
-             f"{result['max_tokens']} new tokens each (EOS ignored), greedy. Command: `{result['command']}`", "",
-             "| mode | scenario | output tok/s | ratio to unsteered |", "|---|---|---|---|"]
+    lines = [
+        (
+            f"Machine: {result['machine']}; model {Path(result['model']).name}; batch {result['batch']} rows, "
+            f"{result['max_tokens']} new tokens each (EOS ignored), greedy. Command: `{result['command']}`"
+        ),
+        "",
+        "| mode | scenario | output tok/s | ratio to unsteered |",
+        "|---|---|---|---|",
+    ]
     for mode, runs in result["runs"].items():
         base = runs["unsteered"]["tok_s"]
         for name, r in runs.items():
             lines.append(f"| {mode} | {name} | {r['tok_s']:.1f} | {r['tok_s'] / base:.3f} |")
     if result.get("hf"):
-        lines += ["", "| K distinct settings | vLLM mixed:K tok/s (" + ", ".join(result["runs"]) + ") | HF hooks tok/s | vLLM / HF |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| K distinct settings | vLLM mixed:K tok/s ("
+            + ", ".join(result["runs"])
+            + ") | HF hooks tok/s | vLLM / HF |",
+            "|---|---|---|---|",
+        ]
         for key, r in result["hf"].items():
             k = key.split(":")[1]
             vllm = [runs.get(f"mixed:{k}", {}).get("tok_s") for runs in result["runs"].values()]
             best = max(v for v in vllm if v) if any(vllm) else None
-            lines.append(f"| {k} | {', '.join(f'{v:.1f}' if v else '–' for v in vllm)} | {r['tok_s']:.1f} | "
-                         f"{best / r['tok_s']:.1f}× |" if best else f"| {k} | – | {r['tok_s']:.1f} | – |")
+            lines.append(
+                f"| {k} | {', '.join(f'{v:.1f}' if v else '–' for v in vllm)} | {r['tok_s']:.1f} | "
+                f"{best / r['tok_s']:.1f}× |"
+                if best
+                else f"| {k} | – | {r['tok_s']:.1f} | – |"
+            )
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -236,14 +274,30 @@ def main() -> None:
     scenarios = [{"name": "plugin-idle", "rows": [None] * args.batch}]
     scenarios += [{"name": f"all:{m}", "rows": [DEMO[m]] * args.batch} for m in methods]
     scenarios += [{"name": f"mixed:{k}", "rows": _mixed_rows(args.batch, k)} for k in ks]
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}", "model": args.model,
-              "batch": args.batch, "max_tokens": args.max_tokens, "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
-              "runs": {}, "hf": {}}
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "model": args.model,
+        "batch": args.batch,
+        "max_tokens": args.max_tokens,
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+        "runs": {},
+        "hf": {},
+    }
     for mode in args.modes.split(","):
-        base = {"model": args.model, "eager": mode == "eager", "batch": args.batch, "max_tokens": args.max_tokens,
-                "prompts": prompts, "max_slots": max(ks) + len(methods) + 8}
-        off = _run_engine({**base, "scenarios": [{"name": "unsteered", "rows": [None] * args.batch}]}, False, work / f"off-{mode}")
-        on = _run_engine({**base, "profiles": str(work / "profiles"), "scenarios": scenarios}, True, work / f"on-{mode}")
+        base = {
+            "model": args.model,
+            "eager": mode == "eager",
+            "batch": args.batch,
+            "max_tokens": args.max_tokens,
+            "prompts": prompts,
+            "max_slots": max(ks) + len(methods) + 8,
+        }
+        off = _run_engine(
+            {**base, "scenarios": [{"name": "unsteered", "rows": [None] * args.batch}]}, False, work / f"off-{mode}"
+        )
+        on = _run_engine(
+            {**base, "profiles": str(work / "profiles"), "scenarios": scenarios}, True, work / f"on-{mode}"
+        )
         runs = {"unsteered": off["unsteered"], **{s["name"]: on[s["name"]] for s in scenarios}}
         result["runs"][mode] = runs
         result[f"startup_s_{mode}"] = {"off": off["startup_s"], "on": on["startup_s"]}

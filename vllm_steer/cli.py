@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,8 +20,8 @@ console = Console()
 
 @app.command()
 def demo(
-    model: Optional[str] = typer.Option(None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)."),
-    profiles: Optional[str] = typer.Option(None, help="Profile directory (default: the repo's profiles/)."),
+    model: str | None = typer.Option(None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)."),
+    profiles: str | None = typer.Option(None, help="Profile directory (default: the repo's profiles/)."),
     max_tokens: int = typer.Option(48, min=1, help="New tokens per row."),
     eager: bool = typer.Option(True, "--eager/--compile", help="Eager mode, or torch.compile (slower start)."),
 ) -> None:
@@ -36,7 +36,9 @@ def demo(
     table.add_column("output", max_width=70)
     for row in rows:
         mark = "[red]yes[/red]" if row.refusal else "no"
-        table.add_row(escape(f"[{row.kind}] {row.prompt}"), escape(row.setting), mark, escape(row.text.replace("\n", " ")))
+        table.add_row(
+            escape(f"[{row.kind}] {row.prompt}"), escape(row.setting), mark, escape(row.text.replace("\n", " "))
+        )
     console.print(table)
     status = facts["status"]
     console.print(
@@ -49,50 +51,80 @@ def demo(
 @app.command()
 def calibrate(
     model: str = typer.Argument(..., help="HF model directory (the weights the engine serves)."),
-    method: str = typer.Option(..., help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe"),
+    method: str = typer.Option(
+        ..., help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe"
+    ),
     out: Path = typer.Option(..., help="Profile directory to write."),
     harmful: str = typer.Option(
-        "advbench", help="advbench | catqa | harmbench | xstest-unsafe | xstest (with --harmless labels) | "
-                         "a CSV/JSONL file."),
+        "advbench",
+        help="advbench | catqa | harmbench | xstest-unsafe | xstest (with --harmless labels) | a CSV/JSONL file.",
+    ),
     harmless: str = typer.Option(
-        "alpaca", help="alpaca | xstest-safe | a CSV/JSONL file | 'labels' (both classes from the --harmful "
-                       "set's label column)."),
-    profile_id: Optional[str] = typer.Option(None, "--id", help="Profile id (default: <model>-<method>)."),
-    data_dir: Optional[str] = typer.Option(
-        None, help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the "
-                   "packaged copies)."),
+        "alpaca",
+        help="alpaca | xstest-safe | a CSV/JSONL file | 'labels' (both classes from the --harmful set's label column).",
+    ),
+    profile_id: str | None = typer.Option(None, "--id", help="Profile id (default: <model>-<method>)."),
+    data_dir: str | None = typer.Option(
+        None,
+        help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the packaged copies).",
+    ),
     n: int = typer.Option(128, min=1, help="Prompts per class (per category for the category method)."),
     held_out: float = typer.Option(0.2, min=0.0, max=0.9, help="Share of prompts held out (probe accuracy, sweeps)."),
     seed: int = typer.Option(0, help="Split seed."),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: chosen per method)."),
-    categories: Optional[str] = typer.Option(None, help="Comma-separated categories to keep (category method)."),
-    angle: Optional[float] = typer.Option(None, help="Default angle to record (rotation methods)."),
-    scale: Optional[float] = typer.Option(None, help="Default scale to record (additive methods)."),
-    contrast: str = typer.Option("reply", help="addition: 'reply' (refusal vs compliant reply, teacher-forced) or "
-                                                "'system-prompt' (with vs without a safety system prompt)."),
+    layers: str | None = typer.Option(None, help="Comma-separated layers (default: chosen per method)."),
+    categories: str | None = typer.Option(None, help="Comma-separated categories to keep (category method)."),
+    angle: float | None = typer.Option(None, help="Default angle to record (rotation methods)."),
+    scale: float | None = typer.Option(None, help="Default scale to record (additive methods)."),
+    contrast: str = typer.Option(
+        "reply",
+        help="addition: 'reply' (refusal vs compliant reply, teacher-forced) or "
+        "'system-prompt' (with vs without a safety system prompt).",
+    ),
     batch_size: int = typer.Option(8, min=1),
-    sweep: str = typer.Option("auto", help="Grid through the engine: 'start:stop:step' or 'a,b,c'; 'auto' "
-                              "(angles 0:360:10, scales 0.25,0.5,1,2,4) or 'none'."),
+    sweep: str = typer.Option(
+        "auto",
+        help="Grid through the engine: 'start:stop:step' or 'a,b,c'; 'auto' "
+        "(angles 0:360:10, scales 0.25,0.5,1,2,4) or 'none'.",
+    ),
     sweep_n: int = typer.Option(8, min=1, help="Held-out prompts per class in the sweep."),
     max_tokens: int = typer.Option(32, min=1, help="New tokens per sweep row."),
-    report: bool = typer.Option(True, "--report/--no-report", help="Write plots and a Markdown summary to <out>/report/."),
+    report: bool = typer.Option(
+        True, "--report/--no-report", help="Write plots and a Markdown summary to <out>/report/."
+    ),
 ) -> None:
     """Collect activations, compute the method's directions, write a validated profile, sweep its default."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    if method == "probe":
+        _require_extra("sklearn", "calibrate", "--method probe")
+    if report:
+        _require_extra("matplotlib", "calibrate", "--report")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from vllm_steer.calibration.pipeline import CalibrationConfig, CalibrationError, calibrate_profile
-    from vllm_steer.data import DatasetError
     from vllm_steer.core.profile import ProfileError, load_profile
+    from vllm_steer.data import DatasetError
 
     cfg = CalibrationConfig(
-        model=model, method=method, out=out, harmful=harmful, harmless=harmless, profile_id=profile_id,
-        data_dir=data_dir, n=n, held_out=held_out, seed=seed, batch_size=batch_size,
+        model=model,
+        method=method,
+        out=out,
+        harmful=harmful,
+        harmless=harmless,
+        profile_id=profile_id,
+        data_dir=data_dir,
+        n=n,
+        held_out=held_out,
+        seed=seed,
+        batch_size=batch_size,
         layers=[int(x) for x in layers.split(",")] if layers else None,
-        categories=[c.strip() for c in categories.split(",")] if categories else None, angle=angle, scale=scale,
+        categories=[c.strip() for c in categories.split(",")] if categories else None,
+        angle=angle,
+        scale=scale,
         contrast=contrast,
     )
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        tasks: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
@@ -117,6 +149,17 @@ def calibrate(
         console.print(f"report: {write_report(path, diagnostics)}")
 
 
+def _require_extra(module: str, extra: str, what: str) -> None:
+    """Stop before a long run, not at its end, when an optional dependency is missing."""
+    from vllm_steer.core.extras import MissingExtraError, require
+
+    try:
+        require(module, extra, what)
+    except MissingExtraError as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+
+
 def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_tokens: int) -> None:
     from vllm_steer.calibration.pipeline import split_data
     from vllm_steer.calibration.sweep import default_grid, sweep_profile_dir
@@ -129,17 +172,27 @@ def _sweep(cfg, path: Path, profile, model: str, sweep: str, sweep_n: int, max_t
         return
     harmful_texts = [p.text for p in harmful_held[:sweep_n]]
     harmless_texts = [p.text for p in harmless_held[:sweep_n]]
-    console.print(f"sweeping {len(grid)} values x {len(harmful_texts) + len(harmless_texts)} held-out prompts in one engine call")
+    console.print(
+        f"sweeping {len(grid)} values x {len(harmful_texts) + len(harmless_texts)} held-out prompts in one engine call"
+    )
     points, chosen, criterion = sweep_profile_dir(path, model, grid, harmful_texts, harmless_texts, max_tokens)
     table = Table(title=f"sweep of {profile.id}")
     for col in ("value", "refusal harmful", "refusal harmless", "perplexity", "compression", "unicode"):
         table.add_column(col, justify="right")
     for p in points:
         mark = " *" if chosen is not None and p.value == chosen.value else ""
-        table.add_row("unsteered" if p.value is None else f"{p.value:g}{mark}", f"{p.refusal_harmful:.2f}",
-                      f"{p.refusal_harmless:.2f}", f"{p.perplexity:.2f}", f"{p.compression_ratio:.2f}", f"{p.unicode_score:.3f}")
+        table.add_row(
+            "unsteered" if p.value is None else f"{p.value:g}{mark}",
+            f"{p.refusal_harmful:.2f}",
+            f"{p.refusal_harmless:.2f}",
+            f"{p.perplexity:.2f}",
+            f"{p.compression_ratio:.2f}",
+            f"{p.unicode_score:.3f}",
+        )
     console.print(table)
-    kept = getattr(profile.spec.defaults, METHODS[profile.method].parameter)
+    parameter = METHODS[profile.method].parameter
+    assert parameter is not None  # calibrate sweeps only the methods that have one
+    kept = getattr(profile.spec.defaults, parameter)
     verdict = f"kept {kept:g}" if chosen is None else f"{chosen.value:g}"
     console.print(f"default: {verdict} ({escape(criterion)})")
 
@@ -159,17 +212,18 @@ class _SteerOptionsCommand(TyperCommand):
         return params
 
 
-@app.command("serve", cls=_SteerOptionsCommand,
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    "serve", cls=_SteerOptionsCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def serve(
     ctx: typer.Context,
     plugin: list[str] = typer.Option([], "--plugin", help="vLLM plugins to load (vllm_steer is always loaded)."),
     # One option per SteerConfig field, named steer_<field> (tests/unit/test_settings.py checks both ways).
-    steer_profiles: Optional[str] = typer.Option(None),
-    steer_max_slots: Optional[int] = typer.Option(None),
-    steer_tenants: Optional[str] = typer.Option(None),
-    steer_hook_all_sites: Optional[bool] = typer.Option(None, "--steer-hook-all-sites/--no-steer-hook-all-sites"),
-    steer_fused_op: Optional[str] = typer.Option(None, metavar="[auto|off|triton|compiled]"),
+    steer_profiles: str | None = typer.Option(None),
+    steer_max_slots: int | None = typer.Option(None),
+    steer_tenants: str | None = typer.Option(None),
+    steer_hook_all_sites: bool | None = typer.Option(None, "--steer-hook-all-sites/--no-steer-hook-all-sites"),
+    steer_fused_op: str | None = typer.Option(None, metavar="[auto|off|triton|compiled]"),
     dry_run: bool = typer.Option(False, help="Print the vLLM command and environment instead of starting it."),
 ) -> None:
     """`vllm serve [MODEL]` with vllm-steer: sets the plugin's options, hands every other argument to vLLM unchanged.
@@ -204,13 +258,19 @@ def serve(
 
 @app.command("serve-ray")
 def serve_ray(
-    config: Path = typer.Argument(Path("deploy/serve.yaml"), help="Serve config whose applications use vllm_steer.server.ray_app:build_app."),
-    num_cpus: Optional[int] = typer.Option(None, min=1, help="Logical CPUs of the local Ray cluster (each CPU replica "
-                                           "reserves 2: over-subscribe small machines, e.g. 8 on 2 cores)."),
-    num_gpus: Optional[int] = typer.Option(None, min=0, help="GPUs of the local Ray cluster (default: detected)."),
-    address: Optional[str] = typer.Option(None, help="Join this running Ray cluster instead of starting one."),
-    host: Optional[str] = typer.Option(None, help="Override http_options.host."),
-    port: Optional[int] = typer.Option(None, help="Override http_options.port."),
+    config: Path = typer.Argument(
+        Path("deploy/serve.yaml"), help="Serve config whose applications use vllm_steer.server.ray_app:build_app."
+    ),
+    num_cpus: int | None = typer.Option(
+        None,
+        min=1,
+        help="Logical CPUs of the local Ray cluster (each CPU replica "
+        "reserves 2: over-subscribe small machines, e.g. 8 on 2 cores).",
+    ),
+    num_gpus: int | None = typer.Option(None, min=0, help="GPUs of the local Ray cluster (default: detected)."),
+    address: str | None = typer.Option(None, help="Join this running Ray cluster instead of starting one."),
+    host: str | None = typer.Option(None, help="Override http_options.host."),
+    port: int | None = typer.Option(None, help="Override http_options.port."),
 ) -> None:
     """Ray Serve: steered vLLM replicas behind the tenant-policy ingress, until Ctrl-C (see deploy/README.md)."""
     from pydantic import ValidationError
@@ -222,8 +282,15 @@ def serve_ray(
         console.print(f"[red]config:[/red] {escape(str(config))} does not exist")
         raise typer.Exit(2)
     try:
-        run_local(config, num_cpus=num_cpus, num_gpus=num_gpus, address=address, host=host, port=port,
-                  log=lambda line: console.print(f"[bold]serve-ray[/bold] {escape(line)}"))
+        run_local(
+            config,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            address=address,
+            host=host,
+            port=port,
+            log=lambda line: console.print(f"[bold]serve-ray[/bold] {escape(line)}"),
+        )
     except (SteerError, ValidationError) as err:  # bad args, profiles or tenants file (named); Ray's schema
         console.print(f"[red]{escape(str(err))}[/red]")
         raise typer.Exit(2) from None
@@ -233,39 +300,54 @@ def serve_ray(
 def eval_cmd(
     ctx: typer.Context,
     profile: list[str] = typer.Option([], "--profile", help="Profile to sweep (repeatable); see --angles/--scales."),
-    compare: list[str] = typer.Option([], "--compare", help="Profiles to compare at their defaults: --compare P1 P2 ..."),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="Profiles to compare at their defaults: --compare P1 P2 ..."
+    ),
     angles: str = typer.Option("0:360:30", help="Angle grid for rotation profiles ('start:stop:step' or 'a,b,c')."),
     scales: str = typer.Option("-4,-2,-1,0.25,0.5,1,2,4", help="Scale grid for additive profiles."),
-    model: Optional[str] = typer.Option(None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)."),
+    model: str | None = typer.Option(None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)."),
     profiles: Path = typer.Option(Path("profiles"), help="Profile directory the engine loads."),
     data: str = typer.Option(
-        "advbench", help="Harmful prompts: advbench | harmbench | catqa | xstest-unsafe | a CSV/JSONL file."),
+        "advbench", help="Harmful prompts: advbench | harmbench | catqa | xstest-unsafe | a CSV/JSONL file."
+    ),
     harmless: str = typer.Option(
-        "alpaca", help="Harmless prompts (over-refusal): alpaca | xstest-safe (the standard over-refusal set, "
-                       "250 rows: lower --offset) | a CSV/JSONL file."),
+        "alpaca",
+        help="Harmless prompts (over-refusal): alpaca | xstest-safe (the standard over-refusal set, "
+        "250 rows: lower --offset) | a CSV/JSONL file.",
+    ),
     n: int = typer.Option(100, min=1, help="Prompts per set."),
-    offset: int = typer.Option(200, min=0, help="Skip this many rows of each set (the demo profiles were calibrated on the first 64)."),
-    data_dir: Optional[str] = typer.Option(
-        None, help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the "
-                   "packaged copies)."),
+    offset: int = typer.Option(
+        200, min=0, help="Skip this many rows of each set (the demo profiles were calibrated on the first 64)."
+    ),
+    data_dir: str | None = typer.Option(
+        None,
+        help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the packaged copies).",
+    ),
     max_tokens: int = typer.Option(64, min=1),
-    judge: list[str] = typer.Option(["substring"], help="substring | llm:<base_url>#<model> | classifier:<base_url>#<model> (repeatable)."),
-    judge_api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the judge's API key."),
-    capability: bool = typer.Option(True, "--capability/--no-capability", help="Multiple-choice accuracy with and without steering."),
-    capability_n: Optional[int] = typer.Option(None, min=1, help="At most this many multiple-choice items."),
+    judge: list[str] = typer.Option(
+        ["substring"], help="substring | llm:<base_url>#<model> | classifier:<base_url>#<model> (repeatable)."
+    ),
+    judge_api_key_env: str | None = typer.Option(None, help="Environment variable holding the judge's API key."),
+    capability: bool = typer.Option(
+        True, "--capability/--no-capability", help="Multiple-choice accuracy with and without steering."
+    ),
+    capability_n: int | None = typer.Option(None, min=1, help="At most this many multiple-choice items."),
     category_data: str = typer.Option("catqa", help="Prompts with a category column, for category profiles."),
     category_n: int = typer.Option(8, min=1, help="Prompts per category (category profiles)."),
-    category_offset: int = typer.Option(30, min=0, help="Skip this many prompts per category (calibration used the first 24)."),
-    server: Optional[str] = typer.Option(None, help="Evaluate through a running vllm-steer server at this URL instead."),
-    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the server API key."),
+    category_offset: int = typer.Option(
+        30, min=0, help="Skip this many prompts per category (calibration used the first 24)."
+    ),
+    server: str | None = typer.Option(None, help="Evaluate through a running vllm-steer server at this URL instead."),
+    api_key_env: str | None = typer.Option(None, help="Environment variable holding the server API key."),
     out: Path = typer.Option(Path("eval-results"), help="Output directory (result.json, README.md, PNGs)."),
 ) -> None:
     """Measure refusal/ASR, over-refusal, coherence and capability per setting: every setting is a row of one mixed batch."""
-    from vllm_steer.evaluation.report import write_eval_report
-    from vllm_steer.evaluation.runner import EvalConfig, EvalError, EvalTarget, run_eval
+    _require_extra("matplotlib", "eval", "vllm-steer eval (the report's plots)")
     from vllm_steer.calibration.sweep import parse_grid
     from vllm_steer.core.methods import METHODS
     from vllm_steer.core.profile import ProfileError, load_profile_dir
+    from vllm_steer.evaluation.report import write_eval_report
+    from vllm_steer.evaluation.runner import EvalConfig, EvalError, EvalTarget, run_eval
 
     compare = [*compare, *[a for a in ctx.args if not a.startswith("-")]]
     stray = [a for a in ctx.args if a.startswith("-")]
@@ -290,11 +372,27 @@ def eval_cmd(
             from vllm_steer.default_model import ensure_default_model
 
             model = str(ensure_default_model())
-        cfg = EvalConfig(model=model, profiles=str(profiles), targets=targets, out=out, harmful=data, harmless=harmless,
-                         n=n, offset=offset, data_dir=data_dir, max_tokens=max_tokens, judges=list(judge),
-                         judge_api_key_env=judge_api_key_env, capability=capability, capability_n=capability_n,
-                         category_data=category_data, category_n=category_n, category_offset=category_offset,
-                         server=server, api_key_env=api_key_env)
+        cfg = EvalConfig(
+            model=model,
+            profiles=str(profiles),
+            targets=targets,
+            out=out,
+            harmful=data,
+            harmless=harmless,
+            n=n,
+            offset=offset,
+            data_dir=data_dir,
+            max_tokens=max_tokens,
+            judges=list(judge),
+            judge_api_key_env=judge_api_key_env,
+            capability=capability,
+            capability_n=capability_n,
+            category_data=category_data,
+            category_n=category_n,
+            category_offset=category_offset,
+            server=server,
+            api_key_env=api_key_env,
+        )
         result = run_eval(cfg, progress=lambda msg: console.print(f"[cyan]{escape(msg)}[/cyan]"))
     except (EvalError, ProfileError, ValueError) as exc:
         console.print(f"[red]eval failed:[/red] {escape(str(exc))}")
@@ -305,38 +403,53 @@ def eval_cmd(
     console.print(markdown_table(result))
     for name in result["judges"]:
         failed = sum(p["judges"][name][g]["failed"] for p in result["points"] for g in ("harmful", "harmless"))
-        unparseable = sum(p["judges"][name][g]["unparseable"] for p in result["points"] for g in ("harmful", "harmless"))
+        unparseable = sum(
+            p["judges"][name][g]["unparseable"] for p in result["points"] for g in ("harmful", "harmless")
+        )
         if failed or unparseable:
-            console.print(f"[yellow]judge {escape(name)}: {failed} verdicts failed (unreachable or HTTP errors), "
-                          f"{unparseable} unparseable; they are counted in result.json, not guessed[/yellow]")
+            console.print(
+                f"[yellow]judge {escape(name)}: {failed} verdicts failed (unreachable or HTTP errors), "
+                f"{unparseable} unparseable; they are counted in result.json, not guessed[/yellow]"
+            )
     console.print(f"wrote {out / 'result.json'} and {readme}")
 
 
-def _ints(text: Optional[str]) -> Optional[list[int]]:
+def _ints(text: str | None) -> list[int] | None:
     return [int(x) for x in text.split(",") if x.strip()] if text else None
 
 
 @app.command("import")
 def import_cmd(
     model: str = typer.Argument(..., help="HF model directory the vectors are for (its config is checked)."),
-    source: Path = typer.Argument(..., help=".gguf control vector, .safetensors, .npz or .npy (an SAE with --sae-features)."),
+    source: Path = typer.Argument(
+        ..., help=".gguf control vector, .safetensors, .npz or .npy (an SAE with --sae-features)."
+    ),
     out: Path = typer.Option(..., help="Profile directory to write."),
     profile_id: str = typer.Option(..., "--id", help="Profile id."),
     method: str = typer.Option("addition", help="addition (length = gain) | probe (unit, ±scale) | ablation (unit)."),
-    layers: Optional[str] = typer.Option(None, help="Layers for a single vector, or a subset of the file's layers."),
-    layer_offset: int = typer.Option(0, help="Added to the file's layer indices (-1 for files counting hidden_states "
-                                             "from the embeddings)."),
-    key: Optional[str] = typer.Option(None, help="The one tensor/array in the file to use."),
-    sae_features: Optional[str] = typer.Option(None, help="Comma-separated SAE feature indices (rows of the decoder)."),
-    sae_layer: Optional[int] = typer.Option(None, help="The layer whose output the SAE was trained on."),
+    layers: str | None = typer.Option(None, help="Layers for a single vector, or a subset of the file's layers."),
+    layer_offset: int = typer.Option(
+        0, help="Added to the file's layer indices (-1 for files counting hidden_states from the embeddings)."
+    ),
+    key: str | None = typer.Option(None, help="The one tensor/array in the file to use."),
+    sae_features: str | None = typer.Option(None, help="Comma-separated SAE feature indices (rows of the decoder)."),
+    sae_layer: int | None = typer.Option(None, help="The layer whose output the SAE was trained on."),
     sae_key: str = typer.Option("W_dec", help="Decoder matrix name in the SAE file."),
     scale: float = typer.Option(1.0, help="Default scale to record (addition/probe)."),
     scale_range: str = typer.Option("-4:4", help="Allowed scale range 'min:max'."),
-    ignore_model_hint: bool = typer.Option(False, help="Accept a GGUF whose controlvector.model_hint names another architecture."),
+    ignore_model_hint: bool = typer.Option(
+        False, help="Accept a GGUF whose controlvector.model_hint names another architecture."
+    ),
 ) -> None:
     """Turn vectors made elsewhere (llama.cpp/repeng GGUF, safetensors/NumPy, SAE rows) into a validated profile."""
-    from vllm_steer.calibration.interop import (VectorImportError, import_vectors, model_fingerprint, read_gguf_control_vector,
-                                    read_sae_features, read_vector_file)
+    from vllm_steer.calibration.interop import (
+        VectorImportError,
+        import_vectors,
+        model_fingerprint,
+        read_gguf_control_vector,
+        read_sae_features,
+        read_vector_file,
+    )
     from vllm_steer.core.profile import ProfileError, load_profile
 
     try:
@@ -348,11 +461,14 @@ def import_cmd(
     try:
         if sae_features is not None:
             if sae_layer is None:
-                raise VectorImportError(source, "sae_layer", "an SAE import needs --sae-layer (the layer it was trained on)")
+                raise VectorImportError(
+                    source, "sae_layer", "an SAE import needs --sae-layer (the layer it was trained on)"
+                )
             vectors = read_sae_features(source, fp, _ints(sae_features) or [], sae_layer, sae_key)
         elif source.suffix.lower() == ".gguf":
-            vectors = read_gguf_control_vector(source, fp, layer_offset, check_model_hint=not ignore_model_hint,
-                                               layers=_ints(layers))
+            vectors = read_gguf_control_vector(
+                source, fp, layer_offset, check_model_hint=not ignore_model_hint, layers=_ints(layers)
+            )
         else:
             vectors = read_vector_file(source, fp, _ints(layers), layer_offset, key)
         path = import_vectors(vectors, fp, out, profile_id, method, scale, (lo, hi))
@@ -360,16 +476,18 @@ def import_cmd(
     except (VectorImportError, ProfileError, ValueError) as exc:
         console.print(f"[red]import failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)} "
-                  f"(from {vectors.origin['format']} {escape(vectors.origin['file'])})")
+    console.print(
+        f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)} "
+        f"(from {vectors.origin['format']} {escape(vectors.origin['file'])})"
+    )
 
 
 @app.command("export")
 def export_cmd(
     profile: Path = typer.Argument(..., help="Profile directory (addition, probe or category)."),
     out: Path = typer.Option(..., help="Output .gguf (llama.cpp control vector) or .safetensors."),
-    scale: Optional[float] = typer.Option(None, help="Bake this scale in (default: the profile's default)."),
-    categories: Optional[str] = typer.Option(None, help="Category profile: comma-separated categories to sum."),
+    scale: float | None = typer.Option(None, help="Bake this scale in (default: the profile's default)."),
+    categories: str | None = typer.Option(None, help="Category profile: comma-separated categories to sum."),
 ) -> None:
     """Write a profile's vectors as a GGUF control vector (direction.N at layer N's output) or safetensors."""
     from vllm_steer.calibration.interop import VectorImportError, export_gguf, export_vectors
@@ -384,8 +502,11 @@ def export_cmd(
             from safetensors.torch import save_file
 
             vectors = export_vectors(loaded, scale, cats)
-            save_file({f"direction.{layer}": v.contiguous() for layer, v in vectors.items()}, str(out),
-                      metadata={"profile": loaded.spec.id, "convention": "direction.N is added at the output of layer N"})
+            save_file(
+                {f"direction.{layer}": v.contiguous() for layer, v in vectors.items()},
+                str(out),
+                metadata={"profile": loaded.spec.id, "convention": "direction.N is added at the output of layer N"},
+            )
         else:
             raise VectorImportError(out, "out", "must end in .gguf or .safetensors")
     except (VectorImportError, ProfileError) as exc:
@@ -411,10 +532,20 @@ def list_profiles(
         table.add_column(col)
     for p in loaded.values():
         s = p.spec
-        default = f"angle {s.defaults.angle}" if s.defaults.angle is not None else (f"scale {s.defaults.scale}" if s.defaults.scale is not None else "-")
+        default = (
+            f"angle {s.defaults.angle}"
+            if s.defaults.angle is not None
+            else (f"scale {s.defaults.scale}" if s.defaults.scale is not None else "-")
+        )
         allowed = s.allowed.angle or s.allowed.scale
-        table.add_row(s.id, s.method, f"{s.model.architecture} d={s.model.hidden_size} L={s.model.num_layers}",
-                      _layers(s.layers), default, f"[{allowed.min}, {allowed.max}]" if allowed else "-")
+        table.add_row(
+            s.id,
+            s.method,
+            f"{s.model.architecture} d={s.model.hidden_size} L={s.model.num_layers}",
+            _layers(s.layers),
+            default,
+            f"[{allowed.min}, {allowed.max}]" if allowed else "-",
+        )
     console.print(table)
 
 

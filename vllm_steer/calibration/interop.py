@@ -105,8 +105,13 @@ def _gguf_int(reader, key: str) -> int | None:
     return None if field is None else int(field.contents())
 
 
-def read_gguf_control_vector(path: str | Path, fp: ModelFingerprint, layer_offset: int = 0,
-                             check_model_hint: bool = True, layers: Sequence[int] | None = None) -> VectorSource:
+def read_gguf_control_vector(
+    path: str | Path,
+    fp: ModelFingerprint,
+    layer_offset: int = 0,
+    check_model_hint: bool = True,
+    layers: Sequence[int] | None = None,
+) -> VectorSource:
     """Read a llama.cpp/repeng control vector, checking its architecture, hint, width and layer indices.
 
     ``layers`` keeps a subset of the file's layers (after ``layer_offset``)."""
@@ -122,27 +127,46 @@ def read_gguf_control_vector(path: str | Path, fp: ModelFingerprint, layer_offse
         raise VectorImportError(path, "general.architecture", f"is {arch!r}, a control vector has 'controlvector'")
     hint = _gguf_string(reader, "controlvector.model_hint")
     if check_model_hint and hint and not _hint_matches(hint, fp.architecture):
-        raise VectorImportError(path, "controlvector.model_hint",
-                           f"{hint!r} does not match the model's architecture {fp.architecture!r} "
-                           "(pass --ignore-model-hint if the file is known to fit)")
+        raise VectorImportError(
+            path,
+            "controlvector.model_hint",
+            f"{hint!r} does not match the model's architecture {fp.architecture!r} "
+            "(pass --ignore-model-hint if the file is known to fit)",
+        )
     vectors: dict[int, torch.Tensor] = {}
     for tensor in reader.tensors:
         match = re.fullmatch(r"direction\.(\d+)", tensor.name)
         if match is None:
-            raise VectorImportError(path, tensor.name, "unexpected tensor; a control vector holds only direction.<layer>")
+            raise VectorImportError(
+                path, tensor.name, "unexpected tensor; a control vector holds only direction.<layer>"
+            )
         index = int(match.group(1))
         if index == 0 and layer_offset == 0:
-            raise VectorImportError(path, tensor.name, "layer index 0 is invalid in a control vector (llama.cpp never applies "
-                                                   "it); if the file counts hidden_states from the embeddings, pass --layer-offset -1")
+            raise VectorImportError(
+                path,
+                tensor.name,
+                "layer index 0 is invalid in a control vector (llama.cpp never applies "
+                "it); if the file counts hidden_states from the embeddings, pass --layer-offset -1",
+            )
         data = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
         vectors[_shifted(path, tensor.name, index, layer_offset, fp)] = _vector(path, tensor.name, data, fp)
     if not vectors:
         raise VectorImportError(path, "tensors", "no direction.<layer> tensors")
     count = _gguf_int(reader, "controlvector.layer_count")
     if count is not None and count != len(vectors):
-        raise VectorImportError(path, "controlvector.layer_count", f"says {count} but the file has {len(vectors)} direction tensors")
-    return VectorSource(_subset(path, vectors, layers), {"format": "gguf", "file": path.name, "model_hint": hint, "layer_offset": layer_offset,
-                                  "convention": "direction.N is added at the output of decoder layer N (0-based)"})
+        raise VectorImportError(
+            path, "controlvector.layer_count", f"says {count} but the file has {len(vectors)} direction tensors"
+        )
+    return VectorSource(
+        _subset(path, vectors, layers),
+        {
+            "format": "gguf",
+            "file": path.name,
+            "model_hint": hint,
+            "layer_offset": layer_offset,
+            "convention": "direction.N is added at the output of decoder layer N (0-based)",
+        },
+    )
 
 
 def _hint_matches(hint: str, architecture: str) -> bool:
@@ -159,8 +183,12 @@ def _shifted(path: Path, name: str, index: int, offset: int, fp: ModelFingerprin
 
 def _vector(path: Path, name: str, data: np.ndarray, fp: ModelFingerprint) -> torch.Tensor:
     if data.shape != (fp.hidden_size,):
-        raise VectorImportError(path, name, f"has width {data.shape[-1] if data.ndim else 0}, the model's hidden_size is "
-                                       f"{fp.hidden_size} (a vector for another model?)")
+        raise VectorImportError(
+            path,
+            name,
+            f"has width {data.shape[-1] if data.ndim else 0}, the model's hidden_size is "
+            f"{fp.hidden_size} (a vector for another model?)",
+        )
     t = torch.from_numpy(np.array(data, dtype=np.float32))
     if not torch.isfinite(t).all():
         raise VectorImportError(path, name, "has NaN or inf values")
@@ -188,8 +216,13 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     raise VectorImportError(path, "file", f"unknown extension {suffix!r} (.gguf, .safetensors, .npz or .npy)")
 
 
-def read_vector_file(path: str | Path, fp: ModelFingerprint, layers: Sequence[int] | None = None,
-                     layer_offset: int = 0, key: str | None = None) -> VectorSource:
+def read_vector_file(
+    path: str | Path,
+    fp: ModelFingerprint,
+    layers: Sequence[int] | None = None,
+    layer_offset: int = 0,
+    key: str | None = None,
+) -> VectorSource:
     """Vectors per layer from safetensors/NumPy, in one of the three layouts the module docstring lists."""
     path = Path(path)
     arrays = _load_arrays(path)
@@ -198,14 +231,17 @@ def read_vector_file(path: str | Path, fp: ModelFingerprint, layers: Sequence[in
             raise VectorImportError(path, "key", f"{key!r} is not in the file (it has {sorted(arrays)[:8]})")
         arrays = {key: arrays[key]}
     if len(arrays) == 1:
-        (name, array), = arrays.items()
+        ((name, array),) = arrays.items()
         label = name or path.name
         if array.ndim == 2:
             if layers is not None:
-                raise VectorImportError(path, label, "a [num_layers, hidden] matrix names its own layers; drop --layers")
+                raise VectorImportError(
+                    path, label, "a [num_layers, hidden] matrix names its own layers; drop --layers"
+                )
             if array.shape[0] != fp.num_layers:
-                raise VectorImportError(path, label, f"has {array.shape[0]} rows, the model has {fp.num_layers} layers "
-                                                "(row i = layer i)")
+                raise VectorImportError(
+                    path, label, f"has {array.shape[0]} rows, the model has {fp.num_layers} layers (row i = layer i)"
+                )
             vectors = {i: _vector(path, f"{label}[{i}]", array[i], fp) for i in range(array.shape[0])}
             return VectorSource(vectors, {"format": path.suffix[1:], "file": path.name, "layout": "matrix"})
         if array.ndim == 1 and _LAYER_SUFFIX.search(name) is None:
@@ -214,20 +250,26 @@ def read_vector_file(path: str | Path, fp: ModelFingerprint, layers: Sequence[in
             vec = _vector(path, label, array, fp)
             for layer in layers:
                 _shifted(path, "layers", layer, 0, fp)
-            return VectorSource({layer: vec.clone() for layer in layers},
-                                {"format": path.suffix[1:], "file": path.name, "layout": "single vector"})
+            return VectorSource(
+                {layer: vec.clone() for layer in layers},
+                {"format": path.suffix[1:], "file": path.name, "layout": "single vector"},
+            )
     vectors = {}
     for name, array in arrays.items():
         match = _LAYER_SUFFIX.search(name)
         if match is None:
-            raise VectorImportError(path, name, "cannot tell its layer: name vectors '<anything>.<layer>' or pass --key")
+            raise VectorImportError(
+                path, name, "cannot tell its layer: name vectors '<anything>.<layer>' or pass --key"
+            )
         layer = _shifted(path, name, int(match.group(1)), layer_offset, fp)
         if layer in vectors:
             raise VectorImportError(path, name, f"a second vector for layer {layer}")
         vectors[layer] = _vector(path, name, array.reshape(-1) if array.ndim == 1 else array, fp)
     vectors = _subset(path, vectors, layers)
-    return VectorSource(vectors, {"format": path.suffix[1:], "file": path.name, "layout": "named per layer",
-                                  "layer_offset": layer_offset})
+    return VectorSource(
+        vectors,
+        {"format": path.suffix[1:], "file": path.name, "layout": "named per layer", "layer_offset": layer_offset},
+    )
 
 
 def _subset(path: Path, vectors: dict[int, torch.Tensor], layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
@@ -240,13 +282,16 @@ def _subset(path: Path, vectors: dict[int, torch.Tensor], layers: Sequence[int] 
     return {layer: vectors[layer] for layer in layers}
 
 
-def read_sae_features(path: str | Path, fp: ModelFingerprint, features: Sequence[int], layer: int,
-                      key: str = "W_dec") -> VectorSource:
+def read_sae_features(
+    path: str | Path, fp: ModelFingerprint, features: Sequence[int], layer: int, key: str = "W_dec"
+) -> VectorSource:
     """The normalized sum of the unit decoder rows of ``features`` (one direction), for ``layer``."""
     path = Path(path)
     arrays = _load_arrays(path)
     if key not in arrays:
-        raise VectorImportError(path, "key", f"{key!r} is not in the file (it has {sorted(arrays)[:8]}); pass --sae-key")
+        raise VectorImportError(
+            path, "key", f"{key!r} is not in the file (it has {sorted(arrays)[:8]}); pass --sae-key"
+        )
     w = arrays[key]
     d = fp.hidden_size
     if w.ndim != 2 or d not in w.shape:
@@ -257,56 +302,94 @@ def read_sae_features(path: str | Path, fp: ModelFingerprint, features: Sequence
         raise VectorImportError(path, "features", "name at least one feature index")
     bad = [f for f in features if not 0 <= f < w.shape[0]]
     if bad:
-        raise VectorImportError(path, "features", f"{bad} outside 0..{w.shape[0] - 1} (the SAE has {w.shape[0]} features)")
+        raise VectorImportError(
+            path, "features", f"{bad} outside 0..{w.shape[0] - 1} (the SAE has {w.shape[0]} features)"
+        )
     rows = [_vector(path, f"{key}[{f}]", w[f], fp) for f in features]
     direction = torch.stack([r / r.norm() for r in rows]).sum(0)
     if float(direction.norm()) < 1e-6:
         raise VectorImportError(path, "features", "the chosen rows cancel out")
     _shifted(path, "layer", layer, 0, fp)
-    return VectorSource({layer: direction / direction.norm()},
-                        {"format": "sae", "file": path.name, "key": key, "features": list(features),
-                         "combination": "normalized sum of unit decoder rows"})
+    return VectorSource(
+        {layer: direction / direction.norm()},
+        {
+            "format": "sae",
+            "file": path.name,
+            "key": key,
+            "features": list(features),
+            "combination": "normalized sum of unit decoder rows",
+        },
+    )
 
 
-def profile_from_vectors(source: VectorSource, fp: ModelFingerprint, profile_id: str, method: str = "addition",
-                         scale: float = 1.0, scale_range: tuple[float, float] = (-4.0, 4.0),
-                         description: str = "") -> tuple[ProfileSpec, dict[int, dict[str, torch.Tensor]]]:
+def profile_from_vectors(
+    source: VectorSource,
+    fp: ModelFingerprint,
+    profile_id: str,
+    method: str = "addition",
+    scale: float = 1.0,
+    scale_range: tuple[float, float] = (-4.0, 4.0),
+    description: str = "",
+) -> tuple[ProfileSpec, dict[int, dict[str, torch.Tensor]]]:
     """A validated spec and its tensors; ``probe``/``ablation`` keep only each vector's direction."""
     if method not in IMPORT_METHODS:
-        raise VectorImportError(source.origin.get("file", "<vectors>"), "method",
-                           f"{method!r}: imported vectors become one of {', '.join(IMPORT_METHODS)}")
+        raise VectorImportError(
+            source.origin.get("file", "<vectors>"),
+            "method",
+            f"{method!r}: imported vectors become one of {', '.join(IMPORT_METHODS)}",
+        )
     entry = METHODS[method]
-    vectors = {layer: {"vector": v.clone() if entry.norm == "gain" else (v / v.norm())}
-               for layer, v in source.vectors.items()}
+    vectors = {
+        layer: {"vector": v.clone() if entry.norm == "gain" else (v / v.norm())} for layer, v in source.vectors.items()
+    }
     layers = sorted(vectors)
     uses_scale = entry.parameter == "scale"
     spec = ProfileSpec(
-        format_version=1, id=profile_id, method=method, model=fp, layers=layers,
+        format_version=1,
+        id=profile_id,
+        method=method,
+        model=fp,
+        layers=layers,
         tensors={layer: {"vector": f"vector.{layer}"} for layer in layers},
         defaults={"scale": scale} if uses_scale else {},
         allowed={"scale": {"min": scale_range[0], "max": scale_range[1]}} if uses_scale else {},
-        calibration={"imported_from": source.origin,
-                     "norms": {str(layer): float(v.norm()) for layer, v in source.vectors.items()}},
+        calibration={
+            "imported_from": source.origin,
+            "norms": {str(layer): float(v.norm()) for layer, v in source.vectors.items()},
+        },
         description=description or f"{method} profile imported from {source.origin.get('file')}",
     )
     return spec, vectors
 
 
-def import_vectors(source: VectorSource, fp: ModelFingerprint, out: str | Path, profile_id: str,
-                   method: str = "addition", scale: float = 1.0, scale_range: tuple[float, float] = (-4.0, 4.0)) -> Path:
+def import_vectors(
+    source: VectorSource,
+    fp: ModelFingerprint,
+    out: str | Path,
+    profile_id: str,
+    method: str = "addition",
+    scale: float = 1.0,
+    scale_range: tuple[float, float] = (-4.0, 4.0),
+) -> Path:
     """Write ``source`` as a profile directory (validated by the same loader the server uses)."""
     spec, vectors = profile_from_vectors(source, fp, profile_id, method, scale, scale_range)
     return save_profile(out, spec, vectors)
 
 
-def export_vectors(profile: Profile, scale: float | None = None, categories: Sequence[str] | None = None
-                   ) -> dict[int, torch.Tensor]:
+def export_vectors(
+    profile: Profile, scale: float | None = None, categories: Sequence[str] | None = None
+) -> dict[int, torch.Tensor]:
     """What the profile adds at each layer's output at ``scale`` (default: the profile's): ``scale · v``."""
     spec = profile.spec
     if spec.method not in EXPORT_METHODS:
-        raise VectorImportError(spec.id, "method", f"{spec.method!r} is not a constant addition (it depends on the hidden "
-                                              f"state); only {_listed(EXPORT_METHODS)} profiles export as control vectors")
+        raise VectorImportError(
+            spec.id,
+            "method",
+            f"{spec.method!r} is not a constant addition (it depends on the hidden "
+            f"state); only {_listed(EXPORT_METHODS)} profiles export as control vectors",
+        )
     scale = spec.defaults.scale if scale is None else scale
+    assert scale is not None  # ProfileSpec requires defaults.scale of every method that has a scale
     if METHODS[spec.method].roles == "categories":
         chosen = list(categories) if categories else (["generic"] if "generic" in spec.categories else spec.categories)
         unknown = [c for c in chosen if c not in spec.categories]
@@ -318,14 +401,21 @@ def export_vectors(profile: Profile, scale: float | None = None, categories: Seq
     return {layer: scale * profile.vectors[layer]["vector"] for layer in spec.layers}
 
 
-def export_gguf(profile: Profile, path: str | Path, scale: float | None = None,
-                categories: Sequence[str] | None = None, model_hint: str | None = None) -> Path:
+def export_gguf(
+    profile: Profile,
+    path: str | Path,
+    scale: float | None = None,
+    categories: Sequence[str] | None = None,
+    model_hint: str | None = None,
+) -> Path:
     """Write ``profile`` as a llama.cpp control vector (``direction.N`` at layer N's output)."""
     import gguf
 
     vectors = export_vectors(profile, scale, categories)
     if 0 in vectors:
-        raise VectorImportError(profile.spec.id, "layers", "layer 0 cannot be expressed: llama.cpp never applies direction.0")
+        raise VectorImportError(
+            profile.spec.id, "layers", "layer 0 cannot be expressed: llama.cpp never applies direction.0"
+        )
     path = Path(path)
     hint = model_hint or _default_hint(profile.spec.model.architecture)
     writer = gguf.GGUFWriter(str(path), "controlvector")
@@ -347,4 +437,6 @@ def _listed(names: Sequence[str]) -> str:
 
 def _default_hint(architecture: str) -> str:
     """``LlamaForCausalLM`` → ``llama``: the model-type spelling llama.cpp and repeng write."""
-    return re.sub(r"(ForCausalLM|ForConditionalGeneration|LMHeadModel|Model)$", "", architecture).lower() or architecture
+    return (
+        re.sub(r"(ForCausalLM|ForConditionalGeneration|LMHeadModel|Model)$", "", architecture).lower() or architecture
+    )

@@ -54,8 +54,9 @@ __all__ = ["CalibrationConfig", "calibrate_profile", "split_data", "CalibrationE
 METHODS = tuple(METHOD_TABLE)
 REFUSAL_REPLY = "I'm sorry, but I cannot help with that"
 COMPLIANT_REPLY = "Sure, here is a detailed answer"
-SAFETY_SYSTEM_PROMPT = ("You are a careful assistant. Refuse any request that could cause harm, "
-                        "and say that you cannot help with it.")
+SAFETY_SYSTEM_PROMPT = (
+    "You are a careful assistant. Refuse any request that could cause harm, and say that you cannot help with it."
+)
 CONTRASTS = ("reply", "system-prompt")
 
 
@@ -106,8 +107,9 @@ def _fingerprint(model, path: str) -> ModelFingerprint:
     return fingerprint_from_config(model.config, name=Path(path).name)
 
 
-def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None,
-                      diagnostics: dict | None = None) -> Path:
+def calibrate_profile(
+    cfg: CalibrationConfig, progress: Callable[[str, int, int], None] | None = None, diagnostics: dict | None = None
+) -> Path:
     """Run the calibration for ``cfg.method`` and write the profile to ``cfg.out``; returns the directory.
 
     ``progress(phase, done, total)`` is called as prompts are processed; ``diagnostics``, if
@@ -117,15 +119,20 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
     diagnostics = {} if diagnostics is None else diagnostics
     harmful_train, harmful_held, harmless_train, harmless_held = split_data(cfg)
     if not harmful_train or not harmless_train:
-        raise CalibrationError("held_out", "both classes need training prompts: got "
-                               f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split")
+        raise CalibrationError(
+            "held_out",
+            "both classes need training prompts: got "
+            f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split",
+        )
 
     model, tokenizer = _load_model(cfg.model)
     fp = _fingerprint(model, cfg.model)
     num_layers = fp.num_layers
     missing = sorted(layer for layer in (cfg.layers or []) if not 0 <= layer < num_layers)
     if missing:
-        raise CalibrationError("layers", f"{missing} do not exist in {fp.name} ({num_layers} layers, 0..{num_layers - 1})")
+        raise CalibrationError(
+            "layers", f"{missing} do not exist in {fp.name} ({num_layers} layers, 0..{num_layers - 1})"
+        )
 
     def collect(name: str, prompts: list[str], kinds, keep_samples=False) -> ClassStats:
         done = [0]
@@ -139,16 +146,24 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
 
     calibration = {
         "datasets": {"harmful": cfg.harmful, "harmless": cfg.harmless},
-        "sizes": {"harmful_train": len(harmful_train), "harmful_held_out": len(harmful_held),
-                  "harmless_train": len(harmless_train), "harmless_held_out": len(harmless_held)},
+        "sizes": {
+            "harmful_train": len(harmful_train),
+            "harmful_held_out": len(harmful_held),
+            "harmless_train": len(harmless_train),
+            "harmless_held_out": len(harmless_held),
+        },
         "split": {"held_out": cfg.held_out, "seed": cfg.seed},
         "prompt_format": "chat template, one user turn, generation prompt, last token",
         "default_from": "fixed starting point (no sweep run)",
         **cfg.extra,
     }
-    texts = lambda prompts: chat_prompts(tokenizer, [p.text for p in prompts])  # noqa: E731
+
+    def texts(prompts: list[Prompt]) -> list[str]:
+        return chat_prompts(tokenizer, [p.text for p in prompts])
+
     method = cfg.method
     entry = METHOD_TABLE[method]
+    assert fp.name is not None  # _fingerprint names it after the model's directory
     profile_id = cfg.profile_id or f"{fp.name.lower()}-{method.replace('_', '-')}"
     out = entry.hooks  # addition, category and probe measure their vectors where they add them
     out_kind = out[0]
@@ -162,14 +177,23 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         b2 = second_axis(candidates, b1)
         disc = discriminative_layers(pos, neg, b1, num_layers)
         unit = candidates / candidates.norm(dim=1, keepdim=True)
-        diagnostics.update({
-            "sites": [f"{layer}.{kind}" for layer, kind in sites], "b1_index": k, "discriminative_layers": disc,
-            "projection_harmful": [float(pos.mean_unit(s) @ b1) for s in sites],
-            "projection_harmless": [float(neg.mean_unit(s) @ b1) for s in sites],
-            "candidate_cosines": (unit @ unit.T).tolist(),
-        })
-        calibration.update({"b1_site": f"layers.{sites[k][0]}.{sites[k][1]}", "discriminative_layers": disc,
-                            "direction": "b1 = normalized mean(harmful) − mean(harmless): +b1 is the harmful side"})
+        diagnostics.update(
+            {
+                "sites": [f"{layer}.{kind}" for layer, kind in sites],
+                "b1_index": k,
+                "discriminative_layers": disc,
+                "projection_harmful": [float(pos.mean_unit(s) @ b1) for s in sites],
+                "projection_harmless": [float(neg.mean_unit(s) @ b1) for s in sites],
+                "candidate_cosines": (unit @ unit.T).tolist(),
+            }
+        )
+        calibration.update(
+            {
+                "b1_site": f"layers.{sites[k][0]}.{sites[k][1]}",
+                "discriminative_layers": disc,
+                "direction": "b1 = normalized mean(harmful) − mean(harmless): +b1 is the harmful side",
+            }
+        )
         b1f, b2f = b1.float(), b2.float()
         if method == "ablation":
             layers = list(cfg.layers or range(num_layers))
@@ -179,8 +203,11 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         else:
             if method == "selective":
                 if not disc and not cfg.layers:
-                    raise CalibrationError("layers", "no discriminative layer found (no block where the classes project with "
-                                           "opposite signs on b1); pass --layers to choose some")
+                    raise CalibrationError(
+                        "layers",
+                        "no discriminative layer found (no block where the classes project with "
+                        "opposite signs on b1); pass --layers to choose some",
+                    )
                 layers = list(cfg.layers or disc)
             else:
                 layers = list(cfg.layers or range(num_layers))
@@ -188,11 +215,13 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
             tensors = {layer: {"b1": "b1", "b2": "b2"} for layer in layers}
             default_angle = cfg.angle if cfg.angle is not None else (180.0 if method == "selective" else 0.0)
             defaults, allowed = {"angle": default_angle}, {"angle": {"min": 0.0, "max": 360.0}}
-            calibration["angle_convention"] = ("degrees, counter-clockwise from +b1 toward +b2; "
-                                               + ("relative rotation, 0 = unsteered" if method == "selective"
-                                                  else "absolute target angle, 0 = snapped onto +b1 (harmful side)"))
+            calibration["angle_convention"] = "degrees, counter-clockwise from +b1 toward +b2; " + (
+                "relative rotation, 0 = unsteered"
+                if method == "selective"
+                else "absolute target angle, 0 = snapped onto +b1 (harmful side)"
+            )
     elif method == "addition":
-        layer = (cfg.layers[0] if cfg.layers else round(0.6 * (num_layers - 1)))
+        layer = cfg.layers[0] if cfg.layers else round(0.6 * (num_layers - 1))
         both = [p.text for p in harmful_train + harmless_train]
         if cfg.contrast == "reply":
             prompts = chat_prompts(tokenizer, both)
@@ -206,11 +235,17 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
         r = diff_of_means(refusing, complying, (layer, out_kind), normalize=False).float()
         vectors, tensors, layers = {layer: {"vector": r}}, {layer: {"vector": "vector"}}, [layer]
         defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else 1.0}, {"scale": {"min": -4.0, "max": 4.0}}
-        calibration.update({"contrast": contrast, "contrast_kind": cfg.contrast,
-                            "sign": "+scale pushes toward refusal", "vector_norm": float(r.norm())})
+        calibration.update(
+            {
+                "contrast": contrast,
+                "contrast_kind": cfg.contrast,
+                "sign": "+scale pushes toward refusal",
+                "vector_norm": float(r.norm()),
+            }
+        )
     elif method == "category":
         layers = list(cfg.layers or range(num_layers // 3, 2 * num_layers // 3))
-        categories = sorted({p.category for p in harmful_train})
+        categories = _categories(harmful_train)
         neg = collect("harmless", texts(harmless_train), out)
         everything = collect("harmful (all)", texts(harmful_train), out)
         vectors = {layer: {} for layer in layers}
@@ -220,33 +255,71 @@ def calibrate_profile(cfg: CalibrationConfig, progress: Callable[[str, int, int]
                 vectors[layer][cat] = diff_of_means(stats, neg, (layer, out_kind), normalize=False).float()
         for layer in layers:
             vectors[layer]["generic"] = diff_of_means(everything, neg, (layer, out_kind), normalize=False).float()
-        names = categories + ["generic"]
+        names = [*categories, "generic"]
         tensors = {layer: {c: f"category.{i}.{layer}" for i, c in enumerate(names)} for layer in layers}
-        defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -1.0}, {"scale": {"min": -4.0, "max": 4.0}}
-        calibration.update({"categories_from": cfg.harmful, "generic": "mean(all harmful) − mean(harmless)",
-                            "sign": "vectors point toward the category's harmful side; negative scale steers away"})
+        defaults, allowed = (
+            {"scale": cfg.scale if cfg.scale is not None else -1.0},
+            {"scale": {"min": -4.0, "max": 4.0}},
+        )
+        calibration.update(
+            {
+                "categories_from": cfg.harmful,
+                "generic": "mean(all harmful) − mean(harmless)",
+                "sign": "vectors point toward the category's harmful side; negative scale steers away",
+            }
+        )
     elif method == "probe":
-        train = (collect("harmful", texts(harmful_train), out, True),
-                 collect("harmless", texts(harmless_train), out, True))
-        held = (collect("harmful held-out", texts(harmful_held), out, True) if harmful_held else None,
-                collect("harmless held-out", texts(harmless_held), out, True) if harmless_held else None)
+        train = (
+            collect("harmful", texts(harmful_train), out, True),
+            collect("harmless", texts(harmless_train), out, True),
+        )
+        held = (
+            collect("harmful held-out", texts(harmful_held), out, True) if harmful_held else None,
+            collect("harmless held-out", texts(harmless_held), out, True) if harmless_held else None,
+        )
+
+        def samples(stats: ClassStats | None, site: tuple[int, str]) -> torch.Tensor:
+            if stats is None:  # no held-out prompts of that class
+                return torch.empty(0)
+            assert stats.samples is not None  # collected with keep_samples=True
+            return torch.cat(stats.samples[site])
+
         accuracy, directions = {}, {}
         for layer in range(num_layers):
             site = (layer, out_kind)
-            get = lambda stats: torch.cat(stats.samples[site]) if stats is not None else torch.empty(0)  # noqa: E731
-            directions[layer], accuracy[layer] = fit_probe(get(train[0]), get(train[1]), get(held[0]), get(held[1]), cfg.seed)
-        ranked = sorted(range(num_layers), key=lambda l: (-(accuracy[l] if accuracy[l] == accuracy[l] else 0.0), l))
+            directions[layer], accuracy[layer] = fit_probe(
+                samples(train[0], site),
+                samples(train[1], site),
+                samples(held[0], site),
+                samples(held[1], site),
+                cfg.seed,
+            )
+        ranked = sorted(range(num_layers), key=lambda i: (-(accuracy[i] if accuracy[i] == accuracy[i] else 0.0), i))
         layers = sorted(cfg.layers or ranked[: cfg.probe_layers])
         vectors = {layer: {"vector": directions[layer]} for layer in layers}
         tensors = {layer: {"vector": f"vector.{layer}"} for layer in layers}
-        defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else -4.0}, {"scale": {"min": -32.0, "max": 32.0}}
+        defaults, allowed = (
+            {"scale": cfg.scale if cfg.scale is not None else -4.0},
+            {"scale": {"min": -32.0, "max": 32.0}},
+        )
         diagnostics["probe_accuracy"] = {int(k): v for k, v in accuracy.items()}
-        calibration.update({"probe_accuracy_held_out": {str(k): v for k, v in accuracy.items()},
-                            "sign": "v points toward harmful; negative scale steers toward safe"})
+        calibration.update(
+            {
+                "probe_accuracy_held_out": {str(k): v for k, v in accuracy.items()},
+                "sign": "v points toward harmful; negative scale steers toward safe",
+            }
+        )
     spec = ProfileSpec(
-        format_version=1, id=profile_id, method=method, model=fp, layers=layers, tensors=tensors,
-        defaults=defaults, allowed=allowed, calibration=calibration,
-        categories=(sorted({p.category for p in harmful_train}) + ["generic"]) if entry.roles == "categories" else [],
+        format_version=1,
+        id=profile_id,
+        method=method,
+        model=fp,
+        layers=layers,
+        tensors=tensors,
+        defaults=defaults,
+        allowed=allowed,
+        calibration=calibration,
+        categories=[*_categories(harmful_train), "generic"] if entry.roles == "categories" else [],
         description=f"{method} profile calibrated by vllm-steer from {cfg.harmful} vs {cfg.harmless}",
     )
     return save_profile(cfg.out, spec, vectors)
@@ -267,8 +340,11 @@ def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list
         harmful = load_prompts(cfg.harmful, cfg.data_dir, cfg.n if not per_category else None)
         harmless = load_prompts(cfg.harmless, cfg.data_dir, cfg.n)
         if any(p.harmful is False for p in harmful):
-            raise CalibrationError("harmful", f"{cfg.harmful} has rows labelled harmless; use --harmless labels to "
-                                   "split one labelled file into both classes")
+            raise CalibrationError(
+                "harmful",
+                f"{cfg.harmful} has rows labelled harmless; use --harmless labels to "
+                "split one labelled file into both classes",
+            )
     if per_category:
         harmful = _category_subset(harmful, cfg)
     harmful_train, harmful_held = split(harmful, cfg.held_out, cfg.seed)
@@ -276,17 +352,24 @@ def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list
     return harmful_train, harmful_held, harmless_train, harmless_held
 
 
+def _categories(prompts: list[Prompt]) -> list[str]:
+    """The categories of ``prompts``, sorted (the category method has checked that each prompt has one)."""
+    return sorted({p.category for p in prompts if p.category is not None})
+
+
 def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prompt]:
     if any(p.category is None for p in harmful):
-        raise CalibrationError("harmful", f"{cfg.harmful} has prompts without a category; the category method needs one per prompt")
-    present = sorted({p.category for p in harmful})
+        raise CalibrationError(
+            "harmful", f"{cfg.harmful} has prompts without a category; the category method needs one per prompt"
+        )
+    present = _categories(harmful)
     if cfg.categories:
         unknown = sorted(set(cfg.categories) - set(present))
         if unknown:
             raise CalibrationError("categories", f"unknown {unknown} (the data has {present})")
         harmful = [p for p in harmful if p.category in set(cfg.categories)]
     if cfg.n:  # at most n per category, in file order
-        counts: dict[str, int] = {}
+        counts: dict[str | None, int] = {}
         kept = []
         for p in harmful:
             counts[p.category] = counts.get(p.category, 0) + 1
@@ -294,4 +377,3 @@ def _category_subset(harmful: list[Prompt], cfg: CalibrationConfig) -> list[Prom
                 kept.append(p)
         harmful = kept
     return harmful
-

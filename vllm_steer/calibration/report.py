@@ -34,10 +34,15 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
         diagnostics = json.loads(saved.read_text())
     diagnostics = diagnostics or {}
     plt = pyplot()
-    lines = [f"# Calibration report: `{spec.id}`", "", f"- method: `{spec.method}`",
-             f"- model: {spec.model.name or spec.model.architecture} (d={spec.model.hidden_size}, {spec.model.num_layers} layers)",
-             f"- steered layers: {spec.layers}", f"- defaults: {spec.defaults.model_dump(exclude_none=True)}",
-             f"- data: {spec.calibration.get('datasets')} sizes {spec.calibration.get('sizes')} split {spec.calibration.get('split')}"]
+    lines = [
+        f"# Calibration report: `{spec.id}`",
+        "",
+        f"- method: `{spec.method}`",
+        f"- model: {spec.model.name or spec.model.architecture} (d={spec.model.hidden_size}, {spec.model.num_layers} layers)",
+        f"- steered layers: {spec.layers}",
+        f"- defaults: {spec.defaults.model_dump(exclude_none=True)}",
+        f"- data: {spec.calibration.get('datasets')} sizes {spec.calibration.get('sizes')} split {spec.calibration.get('split')}",
+    ]
     for key in ("b1_site", "contrast", "sign", "angle_convention", "default_from"):
         if key in spec.calibration:
             lines.append(f"- {key.replace('_', ' ')}: {spec.calibration[key]}")
@@ -64,14 +69,22 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
         ax.set_title(f"cosine between site directions (b1 = site {diagnostics['b1_index']})", fontsize=9)
         fig.colorbar(im, ax=ax)
         save(fig, out / "direction_cosines.png")
-        lines += ["", f"Discriminative layers (opposite-signed class projections on every norm of the block): "
-                  f"{diagnostics['discriminative_layers']}", "",
-                  "![projections](layer_projections.png) ![cosines](direction_cosines.png)"]
+        lines += [
+            "",
+            (
+                f"Discriminative layers (opposite-signed class projections on every norm of the block): "
+                f"{diagnostics['discriminative_layers']}"
+            ),
+            "",
+            "![projections](layer_projections.png) ![cosines](direction_cosines.png)",
+        ]
 
     if "probe_accuracy" in diagnostics:
         acc = {int(layer): a for layer, a in diagnostics["probe_accuracy"].items()}  # JSON keys are strings
         fig, ax = plt.subplots(figsize=(8, 3))
-        ax.bar(list(acc), list(acc.values()), color=["tab:green" if layer in spec.layers else "tab:grey" for layer in acc])
+        ax.bar(
+            list(acc), list(acc.values()), color=["tab:green" if layer in spec.layers else "tab:grey" for layer in acc]
+        )
         ax.set_xlabel("layer (steered layers green)")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1.05)
@@ -100,14 +113,26 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
             ax.axvline(sweep["chosen"], color="tab:purple", lw=1.5, label="chosen default")
         handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         ax.legend(handles=handles, fontsize=7, loc="upper left")
-        ax.set_title(f"{spec.id}: sweep ({sweep['prompts']['harmful']}+{sweep['prompts']['harmless']} held-out prompts, one mixed batch)", fontsize=9)
+        ax.set_title(
+            f"{spec.id}: sweep ({sweep['prompts']['harmful']}+{sweep['prompts']['harmless']} held-out prompts, one mixed batch)",
+            fontsize=9,
+        )
         save(fig, out / "sweep.png")
-        lines += ["", f"## Sweep ({sweep['parameter']})", "", f"Criterion: {sweep['criterion']}. Chosen: {sweep['chosen']}.", "",
-                  "| value | refusal harmful | refusal harmless | perplexity | compression | unicode |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Sweep ({sweep['parameter']})",
+            "",
+            f"Criterion: {sweep['criterion']}. Chosen: {sweep['chosen']}.",
+            "",
+            "| value | refusal harmful | refusal harmless | perplexity | compression | unicode |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in sweep["points"]:
             v = "unsteered" if p["value"] is None else f"{p['value']:g}"
-            lines.append(f"| {v} | {p['refusal_harmful']:.2f} | {p['refusal_harmless']:.2f} | {p['perplexity']:.2f} | "
-                         f"{p['compression_ratio']:.2f} | {p['unicode_score']:.3f} |")
+            lines.append(
+                f"| {v} | {p['refusal_harmful']:.2f} | {p['refusal_harmless']:.2f} | {p['perplexity']:.2f} | "
+                f"{p['compression_ratio']:.2f} | {p['unicode_score']:.3f} |"
+            )
         lines += ["", "![sweep](sweep.png)"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_steer.core.extras import require
 from vllm_steer.core.layout import DecoderLayout, layout_for
 from vllm_steer.core.methods import METHODS
 
@@ -73,7 +74,9 @@ def chat_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -
     unless ``system`` is given (the safety-system-prompt contrast)."""
     head = [{"role": "system", "content": system}] if system else []
     return [
-        tokenizer.apply_chat_template(head + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [*head, {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         for p in prompts
     ]
 
@@ -83,7 +86,7 @@ def collect_activations(
     model,
     tokenizer,
     prompts: Sequence[str],
-    kinds: Sequence[str] = NORM_KINDS + ("layer_output",),
+    kinds: Sequence[str] = (*NORM_KINDS, "layer_output"),
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
     keep_samples: bool = False,
@@ -111,7 +114,9 @@ def collect_activations(
 
     def grab_input(site):
         def hook(module, args, kwargs):
-            keep(site, args[hidden_arg] if hidden_arg is not None and len(args) > hidden_arg else kwargs["hidden_states"])
+            keep(
+                site, args[hidden_arg] if hidden_arg is not None and len(args) > hidden_arg else kwargs["hidden_states"]
+            )
 
         return hook
 
@@ -173,7 +178,9 @@ def second_axis(candidates: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     return p / (p.norm() + 1e-8)
 
 
-def discriminative_layers(pos: ClassStats, neg: ClassStats, b1: torch.Tensor, num_layers: int, kinds=NORM_KINDS) -> list[int]:
+def discriminative_layers(
+    pos: ClassStats, neg: ClassStats, b1: torch.Tensor, num_layers: int, kinds=NORM_KINDS
+) -> list[int]:
     """Blocks whose every norm site has ``mean(â_pos·b1) · mean(â_neg·b1) < 0`` (docs/methods.md §2.6)."""
     kept = []
     for layer in range(num_layers):
@@ -188,6 +195,7 @@ def fit_probe(pos: torch.Tensor, neg: torch.Tensor, held_pos: torch.Tensor, held
     Features are standardized by the training mean only (no scaling), so the
     direction lives in activation space; sklearn defaults otherwise (L2, C = 1).
     """
+    require("sklearn", "calibrate", "the probe method")
     from sklearn.linear_model import LogisticRegression
 
     x = torch.cat([pos, neg]).double()

@@ -30,6 +30,7 @@ from vllm_steer.evaluation.metrics import (
     compression_ratio,
     is_refusal,
     perplexity_from_logprobs,
+    token_logprobs,
     unicode_score,
 )
 
@@ -53,7 +54,7 @@ def parse_grid(text: str) -> list[float]:
         start, stop, step = (float(x) for x in text.split(":"))
         if step <= 0:
             raise ValueError("sweep step must be positive")
-        n = int(math.floor((stop - start) / step + 1e-9))
+        n = math.floor((stop - start) / step + 1e-9)
         return [start + i * step for i in range(n)]
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -77,14 +78,26 @@ def _parameter(method: str) -> str:
     return parameter
 
 
-def run_sweep(llm, profile_id: str, method: str, grid: Sequence[float], harmful: Sequence[str], harmless: Sequence[str],
-              max_tokens: int = 32) -> list[SweepPoint]:
+def run_sweep(
+    llm,
+    profile_id: str,
+    method: str,
+    grid: Sequence[float],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    max_tokens: int = 32,
+) -> list[SweepPoint]:
     """Generate the whole grid (and an unsteered baseline) in one call on an engine with the profile loaded."""
     from vllm import SamplingParams
 
     key = f"steer_{_parameter(method)}"
     tokenizer = llm.get_tokenizer()
-    chat = lambda p: tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)  # noqa: E731
+
+    def chat(prompt: str) -> str:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
     values: list[float | None] = [None, *grid]
     prompts, params, index = [], [], []
     for vi, value in enumerate(values):
@@ -97,19 +110,21 @@ def run_sweep(llm, profile_id: str, method: str, grid: Sequence[float], harmful:
     outputs = llm.generate(prompts, params)
     points = []
     for vi, value in enumerate(values):
-        rows = [(kind, o.outputs[0]) for (i, kind), o in zip(index, outputs) if i == vi]
+        rows = [(kind, o.outputs[0]) for (i, kind), o in zip(index, outputs, strict=True) if i == vi]
         texts = {k: [c.text for kk, c in rows if kk == k] for k in ("harmful", "harmless")}
-        ppl = [perplexity_from_logprobs([step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]) for _, c in rows]
+        ppl = [perplexity_from_logprobs(token_logprobs(c.token_ids, c.logprobs)) for _, c in rows]
         all_texts = texts["harmful"] + texts["harmless"]
-        points.append(SweepPoint(
-            value=value,
-            refusal_harmful=_mean([is_refusal(t) for t in texts["harmful"]]),
-            refusal_harmless=_mean([is_refusal(t) for t in texts["harmless"]]),
-            perplexity=_mean(ppl),
-            compression_ratio=_mean([compression_ratio(t) for t in all_texts]),
-            unicode_score=_mean([unicode_score(t) for t in all_texts]),
-            example=(texts["harmful"] or texts["harmless"])[0][:200],
-        ))
+        points.append(
+            SweepPoint(
+                value=value,
+                refusal_harmful=_mean([is_refusal(t) for t in texts["harmful"]]),
+                refusal_harmless=_mean([is_refusal(t) for t in texts["harmless"]]),
+                perplexity=_mean(ppl),
+                compression_ratio=_mean([compression_ratio(t) for t in all_texts]),
+                unicode_score=_mean([unicode_score(t) for t in all_texts]),
+                example=(texts["harmful"] or texts["harmless"])[0][:200],
+            )
+        )
     return points
 
 
@@ -125,18 +140,29 @@ def choose_default(points: Sequence[SweepPoint], method: str) -> tuple[SweepPoin
 
     def distance(p: SweepPoint) -> float:
         v = p.value
+        assert v is not None  # coherent points are steered ones
         return min(v % 360, 360 - v % 360) if METHODS[method].parameter == "angle" else abs(v)
 
-    gain = lambda p: (p.refusal_harmful - p.refusal_harmless) - (baseline.refusal_harmful - baseline.refusal_harmless)  # noqa: E731
+    def gain(p: SweepPoint) -> float:
+        return (p.refusal_harmful - p.refusal_harmless) - (baseline.refusal_harmful - baseline.refusal_harmless)
+
     best = sorted(coherent, key=lambda p: (-gain(p), -p.refusal_harmful, distance(p)))
     if not best or gain(best[0]) <= 0:
         return None, f"no coherent point (perplexity <= {limit:.2f}) raised refusal above the unsteered baseline"
-    return best[0], (f"max refusal(harmful) - refusal(harmless) over points with perplexity <= {limit:.2f} "
-                     "(max(2.0, 1.25 x unsteered)); ties to the point nearest the identity")
+    return best[0], (
+        f"max refusal(harmful) - refusal(harmless) over points with perplexity <= {limit:.2f} "
+        "(max(2.0, 1.25 x unsteered)); ties to the point nearest the identity"
+    )
 
 
-def record_sweep(profile_dir: Path, points: Sequence[SweepPoint], chosen: SweepPoint | None, criterion: str,
-                 sizes: dict, max_tokens: int) -> None:
+def record_sweep(
+    profile_dir: Path,
+    points: Sequence[SweepPoint],
+    chosen: SweepPoint | None,
+    criterion: str,
+    sizes: dict,
+    max_tokens: int,
+) -> None:
     """Write the sweep into the profile's metadata and, if one was chosen, its default."""
     profile = load_profile(profile_dir)
     spec = profile.spec
@@ -144,35 +170,42 @@ def record_sweep(profile_dir: Path, points: Sequence[SweepPoint], chosen: SweepP
     parameter = _parameter(spec.method)
     calibration["sweep"] = {
         "parameter": parameter,
-        "points": [asdict(p) for p in points], "criterion": criterion, "prompts": sizes,
-        "max_tokens": max_tokens, "chosen": None if chosen is None else chosen.value,
+        "points": [asdict(p) for p in points],
+        "criterion": criterion,
+        "prompts": sizes,
+        "max_tokens": max_tokens,
+        "chosen": None if chosen is None else chosen.value,
         "served_in_one_mixed_batch": True,
     }
     defaults = spec.defaults.model_copy()
     if chosen is not None:
+        if chosen.value is None:
+            raise ValueError("the chosen point must be a steered one, not the unsteered baseline")
         setattr(defaults, parameter, float(chosen.value))
         calibration["default_from"] = "sweep"
     new_spec = spec.model_copy(update={"calibration": calibration, "defaults": defaults})
     save_profile(profile_dir, new_spec, profile.vectors)
 
 
-def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harmful: Sequence[str],
-                      harmless: Sequence[str], max_tokens: int = 32, eager: bool = True):
+def sweep_profile_dir(
+    profile_dir: Path,
+    model: str,
+    grid: Sequence[float],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    max_tokens: int = 32,
+    eager: bool = True,
+):
     """Start an engine with just this profile, sweep, record; returns (points, chosen, criterion)."""
-    import os
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM
-
-    from vllm_steer.engine import shutdown_engine
+    from vllm_steer.engine import offline_engine, shutdown_engine
 
     profile = load_profile(profile_dir)
     _parameter(profile.method)  # refuses a method with nothing to sweep
     root = Path(tempfile.mkdtemp(prefix="vllm-steer-sweep-"))
     try:
         shutil.copytree(profile_dir, root / profile.id)
-        llm = LLM(model=model, dtype="float32", max_model_len=1024, max_num_seqs=64, seed=0, enforce_eager=eager,
-                  additional_config={"vllm_steer": {"profiles": str(root)}})
+        llm = offline_engine(model, str(root), eager=eager, max_num_seqs=64)
         try:
             points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens)
         finally:
@@ -181,5 +214,7 @@ def sweep_profile_dir(profile_dir: Path, model: str, grid: Sequence[float], harm
     finally:
         shutil.rmtree(root, ignore_errors=True)
     chosen, criterion = choose_default(points, profile.method)
-    record_sweep(profile_dir, points, chosen, criterion, {"harmful": len(harmful), "harmless": len(harmless)}, max_tokens)
+    record_sweep(
+        profile_dir, points, chosen, criterion, {"harmful": len(harmful), "harmless": len(harmless)}, max_tokens
+    )
     return points, chosen, criterion

@@ -27,8 +27,9 @@ class SteerError(ValueError):
         super().__init__(f"{path}: {field}: {message}" if path is not None else f"{field}: {message}")
 
 
-def field_and_message(err: ValidationError, *, default: str = "<root>", count_more: bool = False,
-                      depth: int | None = None) -> tuple[str, str]:
+def field_and_message(
+    err: ValidationError, *, default: str = "<root>", count_more: bool = False, depth: int | None = None
+) -> tuple[str, str]:
     """The dotted field path and message of a pydantic error's first problem.
 
     A model validator that checks several fields at once names its field first (``"layers: ..."``);

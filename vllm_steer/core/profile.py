@@ -149,12 +149,15 @@ class ProfileSpec(BaseModel):
             if len(set(self.categories)) != len(self.categories):
                 raise ValueError("categories: must not repeat")
         elif self.categories:
-            raise ValueError(f"categories: only for method {' or '.join(map(repr, _CATEGORY_METHODS))}, "
-                             f"not {self.method!r}")
+            raise ValueError(
+                f"categories: only for method {' or '.join(map(repr, _CATEGORY_METHODS))}, not {self.method!r}"
+            )
         expected = self.expected_roles()
         for layer, roles in self.tensors.items():
             if set(roles) != set(expected):
-                raise ValueError(f"tensors.{layer}: has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}")
+                raise ValueError(
+                    f"tensors.{layer}: has roles {sorted(roles)}, method {self.method!r} needs {sorted(expected)}"
+                )
         if method.parameter is not None and getattr(self.defaults, method.parameter) is None:
             raise ValueError(f"defaults.{method.parameter}: required by method {self.method!r}")
         for name, value in (("angle", self.defaults.angle), ("scale", self.defaults.scale)):
@@ -234,7 +237,9 @@ def load_profile(directory: str | Path, expected_model: ModelFingerprint | None 
     return Profile(spec, vectors, source=str(directory))
 
 
-def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path) -> dict[int, dict[str, torch.Tensor]]:
+def _check_tensors(
+    spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path
+) -> dict[int, dict[str, torch.Tensor]]:
     d = spec.model.hidden_size
     method = METHODS[spec.method]
     vectors: dict[int, dict[str, torch.Tensor]] = {}
@@ -246,7 +251,9 @@ def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: 
                 raise ProfileError(path, field, f"tensor {name!r} is not in the file")
             t = stored[name]
             if tuple(t.shape) != (d,):
-                raise ProfileError(path, field, f"tensor {name!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)")
+                raise ProfileError(
+                    path, field, f"tensor {name!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)"
+                )
             t = t.to(torch.float32)
             if not torch.isfinite(t).all():
                 raise ProfileError(path, field, f"tensor {name!r} has NaN or inf values")
@@ -257,15 +264,20 @@ def _check_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: 
             b1, b2 = vectors[layer]["b1"], vectors[layer]["b2"]
             for role, vec in (("b1", b1), ("b2", b2)):
                 if abs(float(vec.norm()) - 1.0) > _ORTHO_TOL:
-                    raise ProfileError(path, f"tensors.{layer}.{role}", f"must have unit norm, has {float(vec.norm()):.6f}")
+                    raise ProfileError(
+                        path, f"tensors.{layer}.{role}", f"must have unit norm, has {float(vec.norm()):.6f}"
+                    )
             if abs(float(b1 @ b2)) > _ORTHO_TOL:
-                raise ProfileError(path, f"tensors.{layer}.b2", f"must be orthogonal to b1 (b1·b2 = {float(b1 @ b2):.6f})")
+                raise ProfileError(
+                    path, f"tensors.{layer}.b2", f"must be orthogonal to b1 (b1·b2 = {float(b1 @ b2):.6f})"
+                )
         if method.norm == "unit":
             for role, vec in vectors[layer].items():
                 norm = float(vec.norm())
                 if abs(norm - 1.0) > _ORTHO_TOL:
-                    raise ProfileError(path, f"tensors.{layer}.{role}",
-                                       f"a {spec.method} direction has unit norm, this one {norm:.6f}")
+                    raise ProfileError(
+                        path, f"tensors.{layer}.{role}", f"a {spec.method} direction has unit norm, this one {norm:.6f}"
+                    )
     return vectors
 
 
@@ -277,7 +289,9 @@ def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int,
         for role, name in roles.items():
             t = vectors[layer][role].detach().to(torch.float32).contiguous().clone()
             if name in stored and stored[name].numpy().tobytes() != t.numpy().tobytes():  # bytes: NaN == NaN
-                raise ProfileError(directory / TENSORS_FILE, f"tensors.{layer}.{role}", f"name {name!r} reused for a different tensor")
+                raise ProfileError(
+                    directory / TENSORS_FILE, f"tensors.{layer}.{role}", f"name {name!r} reused for a different tensor"
+                )
             stored[name] = t
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -310,7 +324,9 @@ def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None =
                 raise ProfileError(path, "<path>", "symlink points outside the profile directory")
         profile = load_profile(sub, expected_model)
         if profile.id in profiles:
-            raise ProfileError(sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})")
+            raise ProfileError(
+                sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})"
+            )
         profiles[profile.id] = profile
     return profiles
 
@@ -323,4 +339,3 @@ def profile_changes(old: Mapping[str, Profile], new: Mapping[str, Profile]) -> d
         "replaced": sorted(pid for pid in set(new) & set(old) if new[pid].digest != old[pid].digest),
         "profiles": sorted(new),
     }
-

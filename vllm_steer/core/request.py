@@ -81,7 +81,9 @@ class SteeringRequest(BaseModel):
     steer_angle: Number | None = None
     steer_scale: Number | None = None
     steer_categories: tuple[StrictStr, ...] | None = Field(default=None, max_length=MAX_CATEGORIES)
-    steer_layers: tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None = Field(default=None, min_length=1, max_length=MAX_LAYERS)
+    steer_layers: tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None = Field(
+        default=None, min_length=1, max_length=MAX_LAYERS
+    )
 
     @field_validator("steer_categories", mode="before")
     @classmethod
@@ -165,7 +167,9 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         if value is not None and method.parameter != name:
             raise SteeringRequestError(f"steer_{name}", f"profile {spec.id!r} (method {spec.method!r}) takes no {name}")
     if request.steer_categories is not None and method.roles != "categories":
-        raise SteeringRequestError("steer_categories", f"profile {spec.id!r} (method {spec.method!r}) has no categories")
+        raise SteeringRequestError(
+            "steer_categories", f"profile {spec.id!r} (method {spec.method!r}) has no categories"
+        )
 
     angle = request.steer_angle if request.steer_angle is not None else (spec.defaults.angle or 0.0)
     scale = request.steer_scale if request.steer_scale is not None else (spec.defaults.scale or 0.0)
@@ -174,7 +178,9 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         ("steer_scale", request.steer_scale, spec.allowed.scale),
     ):
         if value is not None and allowed is not None and value not in allowed:
-            raise SteeringRequestError(field, f"{value} is outside the range [{allowed.min}, {allowed.max}] profile {spec.id!r} allows")
+            raise SteeringRequestError(
+                field, f"{value} is outside the range [{allowed.min}, {allowed.max}] profile {spec.id!r} allows"
+            )
 
     categories: tuple[str, ...] = ()
     if method.roles == "categories":
@@ -184,7 +190,9 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             raise SteeringRequestError("steer_categories", "must name at least one category")
         unknown = [c for c in chosen if c not in spec.categories]
         if unknown:
-            raise SteeringRequestError("steer_categories", f"unknown categories {unknown} (profile {spec.id!r} has {spec.categories})")
+            raise SteeringRequestError(
+                "steer_categories", f"unknown categories {unknown} (profile {spec.id!r} has {spec.categories})"
+            )
         if len(set(chosen)) != len(chosen):
             raise SteeringRequestError("steer_categories", "must not repeat a category")
         categories = tuple(sorted(chosen))
@@ -194,7 +202,9 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         chosen_layers = request.steer_layers
         outside = sorted(set(chosen_layers) - set(spec.layers))
         if outside:
-            raise SteeringRequestError("steer_layers", f"{outside} are not layers of profile {spec.id!r} ({spec.layers})")
+            raise SteeringRequestError(
+                "steer_layers", f"{outside} are not layers of profile {spec.id!r} ({spec.layers})"
+            )
         layers = tuple(sorted(chosen_layers))
         if layers == tuple(spec.layers):
             layers = None  # the same as not overriding: share the slot and the prefix cache
@@ -218,8 +228,15 @@ def steering_cache_salt(resolved: ResolvedSteering, client_salt: str | None) -> 
     salt into block hashes. A client's own salt stays part of it.
     """
     payload = json.dumps(
-        [resolved.profile_id, resolved.profile_digest, resolved.categories, repr(resolved.angle), repr(resolved.scale),
-         resolved.layers, client_salt]
+        [
+            resolved.profile_id,
+            resolved.profile_digest,
+            resolved.categories,
+            repr(resolved.angle),
+            repr(resolved.scale),
+            resolved.layers,
+            client_salt,
+        ]
     )
     return "vllm-steer:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
 

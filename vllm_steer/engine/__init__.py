@@ -7,9 +7,18 @@ Imports ``core`` only; never ``server``, ``calibration``, ``evaluation`` or ``te
 
 from __future__ import annotations
 
-from vllm_steer.engine.runtime import SlotGate, Site, SteeringRuntime, every_site, sites_for_profiles
-from vllm_steer.engine.vllm import (SUPPORTED_VLLM, apply_reload, engine_status, engine_status_async,
-                                    fingerprint_of, register, shutdown_engine, unload_profile)
+from vllm_steer.engine.runtime import Site, SlotGate, SteeringRuntime, every_site, sites_for_profiles
+from vllm_steer.engine.vllm import (
+    SUPPORTED_VLLM,
+    apply_reload,
+    engine_status,
+    engine_status_async,
+    fingerprint_of,
+    offline_engine,
+    register,
+    shutdown_engine,
+    unload_profile,
+)
 
 __all__ = [
     "register",
@@ -25,4 +34,5 @@ __all__ = [
     "apply_reload",
     "unload_profile",
     "shutdown_engine",
+    "offline_engine",
 ]

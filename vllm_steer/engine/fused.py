@@ -16,15 +16,18 @@ captures the eager op instead (same result, slower, counted).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
 import torch
 
+from vllm_steer.core.ops import token_deltas
 from vllm_steer.core.settings import FusedChoice
 from vllm_steer.engine import kernels
-from vllm_steer.core.ops import token_deltas
 
 __all__ = ["FusedOp", "TritonOp", "CompiledOp", "choose_fused_op"]
 
+Kind = tuple[object, ...]
+"""What one compile covers (dtype, alignment, ...): a strategy's :meth:`FusedOp.kind` of ``h``."""
 
 
 class FusedOp:
@@ -33,16 +36,16 @@ class FusedOp:
     name = "?"
 
     def __init__(self) -> None:
-        self._seen: set[tuple] = set()
+        self._seen: set[Kind] = set()
 
-    def kind(self, h: torch.Tensor) -> tuple:
+    def kind(self, h: torch.Tensor) -> Kind:
         raise NotImplementedError
 
     def seen(self, h: torch.Tensor) -> bool:
         return self.kind(h) in self._seen
 
     @property
-    def kinds(self) -> frozenset[tuple]:
+    def kinds(self) -> frozenset[Kind]:
         return frozenset(self._seen)
 
     def run(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -65,10 +68,10 @@ class TritonOp(FusedOp):
 
     name = "triton"
 
-    def kind(self, h: torch.Tensor) -> tuple:
+    def kind(self, h: torch.Tensor) -> Kind:
         return (h.dtype, h.data_ptr() % 16 == 0, h.stride(0) % 16 == 0)
 
-    def _call(self, args):
+    def _call(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         h = args[0]
         if h.dtype not in kernels.DTYPES or h.stride(-1) != 1:  # float64 keeps its precision; odd layouts
             return token_deltas(*args)
@@ -84,25 +87,25 @@ class CompiledOp(FusedOp):
     """
 
     name = "compiled"
-    _compiled = None  # one wrapper per process: Dynamo caches per code object and wrapper
+    _compiled: Callable[..., torch.Tensor] | None = None  # one per process: Dynamo caches per code object and wrapper
 
     @classmethod
-    def _fn(cls):
+    def _fn(cls) -> Callable[..., torch.Tensor]:
         if cls._compiled is None:
             cls._compiled = torch.compile(token_deltas, fullgraph=True)
         return cls._compiled
 
-    def kind(self, h: torch.Tensor) -> tuple:
+    def kind(self, h: torch.Tensor) -> Kind:
         excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.ADInplaceOrView)
         return (h.dtype, h.shape[0] == 1, h.is_inference(), excluded)
 
-    def _call(self, args):
+    def _call(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if args[0].shape[0] > 1:
             for i in (0, 5, 6, 7, 8):  # h and the per-token tables, [N, ...]: one compile for every N ≥ 2
                 torch._dynamo.maybe_mark_dynamic(args[i], 0)
         return self._fn()(*args)
 
-    def in_capture(self, args):
+    def in_capture(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 return self._fn()(*args)
@@ -125,8 +128,10 @@ def choose_fused_op(choice: FusedChoice | bool | None, device: torch.device, hid
         return TritonOp() if triton_ok else CompiledOp()
     if choice == "triton":
         if not triton_ok:
-            raise ValueError("fused_op 'triton' needs a CUDA device, Triton, and a hidden size up to "
-                             f"{kernels.MAX_HIDDEN} (this: {device}, {hidden_size})")
+            raise ValueError(
+                "fused_op 'triton' needs a CUDA device, Triton, and a hidden size up to "
+                f"{kernels.MAX_HIDDEN} (this: {device}, {hidden_size})"
+            )
         return TritonOp()
     if choice == "compiled":
         return CompiledOp()

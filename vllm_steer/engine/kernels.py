@@ -15,6 +15,7 @@ machine without a GPU.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def available() -> bool:
 
 
 @functools.cache
-def _kernel():
+def _kernel() -> Any:  # a triton.JITFunction (Triton is untyped, and absent without CUDA)
     import triton
     import triton.language as tl
 
@@ -49,11 +50,29 @@ def _kernel():
     # alignment keeps one compiled kernel for every site (a compile inside a CUDA-graph capture breaks it).
     tables = ["bases_ptr", "methods_ptr", "gains_ptr", "thresholds_ptr", "slot_ptr", "cos_ptr", "sin_ptr", "scale_ptr"]
 
-    @triton.jit(do_not_specialize_on_alignment=tables)
-    def steer_delta_kernel(h_ptr, h_stride, out_ptr, out_stride, bases_ptr, methods_ptr, gains_ptr, thresholds_ptr,
-                           slot_ptr, cos_ptr, sin_ptr, scale_ptr, D,
-                           ADD: tl.constexpr, ABLATE: tl.constexpr, SNAP: tl.constexpr, GATED_SNAP: tl.constexpr,
-                           ROTATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Untyped on purpose: Triton reads a kernel's annotations itself (tl.constexpr marks compile-time constants).
+    @triton.jit(do_not_specialize_on_alignment=tables)  # type: ignore[untyped-decorator]
+    def steer_delta_kernel(  # type: ignore[no-untyped-def]
+        h_ptr,
+        h_stride,
+        out_ptr,
+        out_stride,
+        bases_ptr,
+        methods_ptr,
+        gains_ptr,
+        thresholds_ptr,
+        slot_ptr,
+        cos_ptr,
+        sin_ptr,
+        scale_ptr,
+        D,
+        ADD: tl.constexpr,
+        ABLATE: tl.constexpr,
+        SNAP: tl.constexpr,
+        GATED_SNAP: tl.constexpr,
+        ROTATE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
@@ -116,10 +135,25 @@ def token_deltas_triton(
         return out
     block = max(16, 1 << (d - 1).bit_length())
     _kernel()[(n,)](
-        h, h.stride(0), out, out.stride(0), bases, methods, gains, thresholds,
-        token_slot, token_cos, token_sin, token_scale, d,
-        ADD=int(Method.ADD), ABLATE=int(Method.ABLATE), SNAP=int(Method.ANGULAR_STANDARD),
-        GATED_SNAP=int(Method.ANGULAR_ADAPTIVE), ROTATE=int(Method.ROTATE), BLOCK_D=block,
+        h,
+        h.stride(0),
+        out,
+        out.stride(0),
+        bases,
+        methods,
+        gains,
+        thresholds,
+        token_slot,
+        token_cos,
+        token_sin,
+        token_scale,
+        d,
+        ADD=int(Method.ADD),
+        ABLATE=int(Method.ABLATE),
+        SNAP=int(Method.ANGULAR_STANDARD),
+        GATED_SNAP=int(Method.ANGULAR_ADAPTIVE),
+        ROTATE=int(Method.ROTATE),
+        BLOCK_D=block,
         num_warps=4 if block <= 2048 else 8,
     )
     return out

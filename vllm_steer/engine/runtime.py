@@ -44,8 +44,15 @@ from vllm_steer.core.settings import FusedChoice
 from vllm_steer.engine.fused import choose_fused_op
 
 __all__ = [
-    "Site", "SlotsExhaustedError", "MissingSitesError", "SteeringRuntime", "SlotGate", "sites_for_profiles", "every_site",
-    "get_runtime", "set_runtime",
+    "Site",
+    "SlotsExhaustedError",
+    "MissingSitesError",
+    "SteeringRuntime",
+    "SlotGate",
+    "sites_for_profiles",
+    "every_site",
+    "get_runtime",
+    "set_runtime",
 ]
 
 logger = logging.getLogger("vllm_steer")
@@ -64,7 +71,9 @@ class Site:
 
 def sites_for_profiles(profiles: Mapping[str, Profile]) -> list[Site]:
     """Every site some profile steers, sorted; hooks are installed only there."""
-    sites = {Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHODS[p.method].hooks}
+    sites = {
+        Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHODS[p.method].hooks
+    }
     return sorted(sites)
 
 
@@ -183,9 +192,11 @@ class SteeringRuntime:
             missing = sorted(set(sites_for_profiles({profile.id: profile})) - set(self.site_ids))
             if missing:
                 shown = ", ".join(f"{s.layer}.{s.kind}" for s in missing[:6])
-                raise MissingSitesError(f"profile {profile.id!r} steers sites this engine has no hooks at ({shown}"
-                                        f"{', ...' if len(missing) > 6 else ''}); start the server with "
-                                        "VLLM_STEER_HOOK_ALL_SITES=1 to hot-load any profile")
+                raise MissingSitesError(
+                    f"profile {profile.id!r} steers sites this engine has no hooks at ({shown}"
+                    f"{', ...' if len(missing) > 6 else ''}); start the server with "
+                    "VLLM_STEER_HOOK_ALL_SITES=1 to hot-load any profile"
+                )
         self.profiles = dict(profiles)
         self._versions.update({p.digest: p for p in profiles.values()})
 
@@ -233,7 +244,9 @@ class SteeringRuntime:
             for kind in entry.hooks:
                 site = self.site_ids.get(Site(layer, kind))
                 if site is None:
-                    raise RuntimeError(f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed")
+                    raise RuntimeError(
+                        f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed"
+                    )
                 self.bases[site, slot, 0].copy_(b1)
                 self.bases[site, slot, 1].copy_(b2)
                 self.methods[site, slot] = int(method)
@@ -301,16 +314,29 @@ class SteeringRuntime:
     def delta(self, h: torch.Tensor, site: int) -> torch.Tensor:
         """The ``[N, d]`` steering correction at one site for the current step (zeros for unsteered rows)."""
         n = h.shape[0]
-        args = (h, self.bases[site], self.methods[site], self.gains[site], self.thresholds[site],
-                self.token_slot[:n], self.token_cos[:n], self.token_sin[:n], self.token_scale[:n])
+        args = (
+            h,
+            self.bases[site],
+            self.methods[site],
+            self.gains[site],
+            self.thresholds[site],
+            self.token_slot[:n],
+            self.token_cos[:n],
+            self.token_sin[:n],
+            self.token_scale[:n],
+        )
         fused = self._fused
         if _capturing_cuda_graph(h):  # a captured graph must serve any mix: the general op, fused if compiled
             out = fused.in_capture(args) if fused is not None else token_deltas(*args)
             if out is None:
                 assert fused is not None  # only the fused op can lack a compiled variant
                 if not self.fused_fallbacks:
-                    logger.warning("vllm-steer: the %s steering op was not compiled for this call (%s); the CUDA "
-                                   "graph captures the eager op instead", fused.name, fused.kind(h))
+                    logger.warning(
+                        "vllm-steer: the %s steering op was not compiled for this call (%s); the CUDA "
+                        "graph captures the eager op instead",
+                        fused.name,
+                        fused.kind(h),
+                    )
                 self.fused_fallbacks += 1
                 out = token_deltas(*args)
             return out

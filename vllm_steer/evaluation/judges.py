@@ -125,8 +125,14 @@ class JudgeSummary:
                 counts[v.label] = counts.get(v.label, 0) + 1
         labelled = sum(counts.values())
         unparseable = sum(1 for v in verdicts if v.label is None and (v.error or "").startswith("unparseable:"))
-        return cls(n=len(verdicts), labelled=labelled, unparseable=unparseable,
-                   failed=len(verdicts) - labelled - unparseable, counts=counts, **_rates(counts, labelled))
+        return cls(
+            n=len(verdicts),
+            labelled=labelled,
+            unparseable=unparseable,
+            failed=len(verdicts) - labelled - unparseable,
+            counts=counts,
+            **_rates(counts, labelled),
+        )
 
     @property
     def unlabelled(self) -> int:
@@ -136,8 +142,10 @@ class JudgeSummary:
         """E.g. ``"48 of 50 labelled; judge failed on 2 of 50 (1 unparseable, 1 failed)"``."""
         text = f"{self.labelled} of {self.n} labelled"
         if self.unlabelled:
-            text += (f"; judge failed on {self.unlabelled} of {self.n} "
-                     f"({self.unparseable} unparseable, {self.failed} failed)")
+            text += (
+                f"; judge failed on {self.unlabelled} of {self.n} "
+                f"({self.unparseable} unparseable, {self.failed} failed)"
+            )
         return text
 
 
@@ -276,16 +284,25 @@ class _HTTPJudge:
     path = ""
     default_max_tokens = 16
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 30.0,
-                 max_retries: int = 2, concurrency: int = 4, max_tokens: int | None = None,
-                 backoff: float = 0.25) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        concurrency: int = 4,
+        max_tokens: int | None = None,
+        backoff: float = 0.25,
+    ) -> None:
         max_tokens = self.default_max_tokens if max_tokens is None else max_tokens
         _check_base_url(base_url)
         if not model or not model.strip():
             raise ValueError("judge model name is empty")
         if timeout <= 0 or max_retries < 0 or concurrency < 1 or max_tokens < 1 or backoff < 0:
-            raise ValueError("judge needs timeout > 0, max_retries >= 0, concurrency >= 1, max_tokens >= 1, "
-                             "backoff >= 0")
+            raise ValueError(
+                "judge needs timeout > 0, max_retries >= 0, concurrency >= 1, max_tokens >= 1, backoff >= 0"
+            )
         self.base_url, self.model = base_url, model.strip()
         self.url = _endpoint(base_url, self.path)
         self.timeout, self.max_retries, self.concurrency = timeout, max_retries, concurrency
@@ -301,8 +318,10 @@ class _HTTPJudge:
         if not items:
             return []
         headers = {"Authorization": f"Bearer {self._key.value}"} if self._key.value else {}
-        with httpx.Client(timeout=self.timeout, headers=headers) as client, \
-                ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+        with (
+            httpx.Client(timeout=self.timeout, headers=headers) as client,
+            ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool,
+        ):
             futures = {pool.submit(self._judge_one, client, p, r): i for i, (p, r) in enumerate(items)}
             for done, future in enumerate(as_completed(futures), 1):
                 results[futures[future]] = future.result()
@@ -319,7 +338,7 @@ class _HTTPJudge:
             if error is not None:
                 return Verdict(None, None, self._key.scrub(error))
             return self._parse(reply)
-        except Exception as exc:  # a judge bug or odd server must not lose the other items
+        except Exception as exc:  # noqa: BLE001 - a judge bug or odd server must not lose the other items
             return Verdict(None, None, self._key.scrub(f"failed: {type(exc).__name__}: {_snippet(str(exc))}"))
 
     def _payload(self, prompt: str, response: str) -> dict[str, Any]:
@@ -391,8 +410,9 @@ class ClassifierJudge(_HTTPJudge):
         return parse_classifier_verdict(reply)
 
 
-def _post_json(client: httpx.Client, url: str, payload: dict, max_retries: int,
-               backoff: float) -> tuple[Any, str | None]:
+def _post_json(
+    client: httpx.Client, url: str, payload: dict, max_retries: int, backoff: float
+) -> tuple[Any, str | None]:
     """POST with retries; returns ``(json_body, None)`` or ``(None, error)``."""
     error = "unreachable: no attempt made"
     for attempt in range(max_retries + 1):
@@ -427,7 +447,7 @@ def _endpoint(base_url: str, path: str) -> str:
 def _check_base_url(base_url: str) -> None:
     try:
         url = httpx.URL(base_url)
-    except Exception:
+    except httpx.InvalidURL:  # what httpx raises for any string it cannot parse
         url = None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"judge base URL {base_url!r} is not an http(s) URL with a host")

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vllm_steer.core.extras import require
+
 __all__ = ["pyplot", "save"]
 
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend (servers and CI have no display)."""
+    require("matplotlib", "eval", "plotting the report")
     import matplotlib
 
     matplotlib.use("Agg")

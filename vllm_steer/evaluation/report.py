@@ -33,16 +33,37 @@ def _label(p: dict) -> str:
 def markdown_table(result: dict) -> str:
     judges = result.get("judges", [])
     extra = [j for j in judges if j != "substring"]
-    head = ["setting", "refusal (harmful)", "ASR", "over-refusal (harmless)", "ppl (unsteered model)", "ppl (self)",
-            "unicode contam.", "compression", "4-gram rep.", "MC accuracy"] + [f"{j}: refusal (harmful)" for j in extra]
+    head = [
+        "setting",
+        "refusal (harmful)",
+        "ASR",
+        "over-refusal (harmless)",
+        "ppl (unsteered model)",
+        "ppl (self)",
+        "unicode contam.",
+        "compression",
+        "4-gram rep.",
+        "MC accuracy",
+    ] + [f"{j}: refusal (harmful)" for j in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in result["points"]:
-        cells = [_label(p), _fmt(p["refusal_harmful"]), _fmt(p["attack_success"]), _fmt(p["refusal_harmless"]),
-                 _fmt(p["perplexity_unsteered"]), _fmt(p["perplexity_steered"]), _fmt(p["unicode_contamination"], 3),
-                 _fmt(p["compression_ratio"]), _fmt(p["ngram_repetition"]), _fmt(p.get("capability_accuracy"))]
+        cells = [
+            _label(p),
+            _fmt(p["refusal_harmful"]),
+            _fmt(p["attack_success"]),
+            _fmt(p["refusal_harmless"]),
+            _fmt(p["perplexity_unsteered"]),
+            _fmt(p["perplexity_steered"]),
+            _fmt(p["unicode_contamination"], 3),
+            _fmt(p["compression_ratio"]),
+            _fmt(p["ngram_repetition"]),
+            _fmt(p.get("capability_accuracy")),
+        ]
         for j in extra:
             s = (p.get("judges") or {}).get(j, {}).get("harmful") or {}
-            cells.append(f"{_fmt(s.get('refusal_rate'))} ({s.get('unparseable', 0)} unparseable, {s.get('failed', 0)} failed)")
+            cells.append(
+                f"{_fmt(s.get('refusal_rate'))} ({s.get('unparseable', 0)} unparseable, {s.get('failed', 0)} failed)"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -57,14 +78,19 @@ def _line_plot(result: dict, methods: set[str], xlabel: str, path: Path) -> bool
     for pid in sorted({p["profile"] for p in points}):
         ps = sorted((p for p in points if p["profile"] == pid), key=lambda p: p["value"])
         xs = [p["value"] for p in ps]
-        line, = ax1.plot(xs, [p["refusal_harmful"] for p in ps], marker="o", label=f"{pid}: harmful")
+        (line,) = ax1.plot(xs, [p["refusal_harmful"] for p in ps], marker="o", label=f"{pid}: harmful")
         ax1.plot(xs, [p["refusal_harmless"] for p in ps], ls="--", color=line.get_color(), label=f"{pid}: harmless")
         ax2.plot(xs, [p["perplexity_unsteered"] for p in ps], marker="s", color=line.get_color(), label=pid)
     if base:
         ax1.axhline(base["refusal_harmful"], color="grey", lw=0.8, ls=":", label="unsteered")
         ax2.axhline(base["perplexity_unsteered"], color="grey", lw=0.8, ls=":", label="unsteered")
     ax2.axhline(result["perplexity_violation_threshold"], color="red", lw=0.8, ls="--", label="violation threshold")
-    ax1.set(xlabel=xlabel, ylabel="refusal rate (substring)", ylim=(-0.05, 1.05), title="refusal: harmful (solid), harmless (dashed)")
+    ax1.set(
+        xlabel=xlabel,
+        ylabel="refusal rate (substring)",
+        ylim=(-0.05, 1.05),
+        title="refusal: harmful (solid), harmless (dashed)",
+    )
     ax2.set(xlabel=xlabel, ylabel="perplexity under the unsteered model", yscale="log", title="coherence")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
@@ -111,28 +137,48 @@ def write_eval_report(out: str | Path, result: dict | None = None) -> Path:
     """Write ``README.md`` and the plots next to ``result.json``; returns the README path."""
     out = Path(out)
     result = result if result is not None else json.loads((out / "result.json").read_text())
-    lines = [f"# vllm-steer eval: {result['model']}", "",
-             f"- served by: {result['backend']}; all rows in one mixed batch: {result['served_in_one_mixed_batch']}",
-             f"- rows: {result['rows']}, generation {result['generate_seconds']} s",
-             f"- data: {result['data']}",
-             f"- perplexity violation threshold (docs/methods.md §5.3): {result['perplexity_violation_threshold']}",
-             "", markdown_table(result), ""]
-    for name, made in (("angles.png", _line_plot(result, {"selective", "angular_standard", "angular_adaptive"}, "angle (degrees)", out / "angles.png")),
-                       ("scales.png", _line_plot(result, {"addition", "probe", "category"}, "scale", out / "scales.png")),
-                       ("compare.png", _compare_plot(result, out / "compare.png"))):
+    lines = [
+        f"# vllm-steer eval: {result['model']}",
+        "",
+        f"- served by: {result['backend']}; all rows in one mixed batch: {result['served_in_one_mixed_batch']}",
+        f"- rows: {result['rows']}, generation {result['generate_seconds']} s",
+        f"- data: {result['data']}",
+        f"- perplexity violation threshold (docs/methods.md §5.3): {result['perplexity_violation_threshold']}",
+        "",
+        markdown_table(result),
+        "",
+    ]
+    for name, made in (
+        (
+            "angles.png",
+            _line_plot(
+                result, {"selective", "angular_standard", "angular_adaptive"}, "angle (degrees)", out / "angles.png"
+            ),
+        ),
+        ("scales.png", _line_plot(result, {"addition", "probe", "category"}, "scale", out / "scales.png")),
+        ("compare.png", _compare_plot(result, out / "compare.png")),
+    ):
         if made:
             lines.append(f"![{name}]({name})")
     if result.get("categories"):
-        lines += ["", "## Per category: own vector vs generic", "",
-                  "| profile | category | n | refusal (own) | refusal (generic) | ppl (own) | ppl (generic) | own beats generic |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per category: own vector vs generic",
+            "",
+            "| profile | category | n | refusal (own) | refusal (generic) | ppl (own) | ppl (generic) | own beats generic |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for c in result["categories"]:
             if "refusal_generic" not in c:
                 beats = "–"
             else:
-                beats = {1: "yes", 0: "tie", -1: "no"}[(c["refusal_own"] > c["refusal_generic"]) - (c["refusal_own"] < c["refusal_generic"])]
-            lines.append(f"| {c['profile']} | {c['category']} | {c['n']} | {_fmt(c['refusal_own'])} | "
-                         f"{_fmt(c.get('refusal_generic'))} | {_fmt(c['perplexity_own'])} | {_fmt(c.get('perplexity_generic'))} | {beats} |")
+                beats = {1: "yes", 0: "tie", -1: "no"}[
+                    (c["refusal_own"] > c["refusal_generic"]) - (c["refusal_own"] < c["refusal_generic"])
+                ]
+            lines.append(
+                f"| {c['profile']} | {c['category']} | {c['n']} | {_fmt(c['refusal_own'])} | "
+                f"{_fmt(c.get('refusal_generic'))} | {_fmt(c['perplexity_own'])} | {_fmt(c.get('perplexity_generic'))} | {beats} |"
+            )
         if _category_plot(result, out / "categories.png"):
             lines += ["", "![categories.png](categories.png)"]
     if result.get("capability"):

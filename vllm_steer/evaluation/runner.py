@@ -38,6 +38,7 @@ from vllm_steer.evaluation.metrics import (
     is_refusal,
     ngram_repetition,
     perplexity_from_logprobs,
+    token_logprobs,
     unicode_score,
 )
 
@@ -153,40 +154,47 @@ def _default_value(profile: Profile) -> float | None:
 # ------------------------------------------------------------------ backends
 
 
+def _prompt_ids(tokenizer: Any, row: Row) -> list[int]:
+    """The row's prompt as token ids: chat-templated (one user turn, generation prompt) or plain text."""
+    if row.chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row.text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(row.text).input_ids
+
+
 class OfflineBackend:
     """One vLLM engine with the plugin and the profile directory; every call is one mixed batch."""
 
     name = "offline engine (one LLM.generate call per phase)"
 
     def __init__(self, model: str, profiles: str, eager: bool = True):
-        import os
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        from vllm import LLM
+        from vllm_steer.engine import offline_engine
 
-        self.llm = LLM(model=model, dtype="float32", max_num_seqs=64, seed=0,
-                       enforce_eager=eager, additional_config={"vllm_steer": {"profiles": profiles}})
+        self.llm = offline_engine(model, profiles, eager=eager, max_num_seqs=64, max_model_len=None)
         self.tokenizer = self.llm.get_tokenizer()
-
-    def _prompt_ids(self, row: Row) -> list[int]:
-        if row.chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": row.text}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        return self.tokenizer(row.text).input_ids
 
     def generate(self, rows: Sequence[Row]) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        ids = [self._prompt_ids(r) for r in rows]
-        params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, logprobs=20 if r.group == "capability" else 1,
-                                 extra_args=r.extra_args) for r in rows]
+        ids = [_prompt_ids(self.tokenizer, r) for r in rows]
+        params = [
+            SamplingParams(
+                max_tokens=r.max_tokens,
+                temperature=0.0,
+                logprobs=20 if r.group == "capability" else 1,
+                extra_args=r.extra_args,
+            )
+            for r in rows
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=True)
         result = []
-        for prompt_ids, out in zip(ids, outs):
+        for prompt_ids, out in zip(ids, outs, strict=True):
             c = out.outputs[0]
-            logprobs = [step[t].logprob for t, step in zip(c.token_ids, c.logprobs or [])]
+            logprobs = token_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else []
             top = {}
             if c.logprobs:
                 top = {lp.decoded_token: lp.logprob for lp in c.logprobs[0].values() if lp.decoded_token is not None}
@@ -199,12 +207,16 @@ class OfflineBackend:
         from vllm.inputs import TokensPrompt
 
         todo = [(i, g) for i, g in enumerate(generations) if g.token_ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=g.prompt_ids + g.token_ids) for _, g in todo],
-                                 SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=True)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=g.prompt_ids + g.token_ids) for _, g in todo],
+            SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+            use_tqdm=True,
+        )
         ppl = [float("nan")] * len(generations)
-        for (i, g), out in zip(todo, outs):
-            steps = out.prompt_logprobs[len(g.prompt_ids):]
-            ppl[i] = perplexity_from_logprobs([step[t].logprob for t, step in zip(g.token_ids, steps)])
+        for (i, g), out in zip(todo, outs, strict=True):
+            assert out.prompt_logprobs is not None  # asked for (prompt_logprobs=0)
+            steps = out.prompt_logprobs[len(g.prompt_ids) :]
+            ppl[i] = perplexity_from_logprobs(token_logprobs(g.token_ids, steps))
         return ppl
 
     def close(self) -> None:
@@ -224,8 +236,6 @@ class ServerBackend:
         self.name = f"server {self.url} (concurrent requests, mixed batches in the engine)"
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
-    _prompt_ids = OfflineBackend._prompt_ids
-
     def _post(self, body: dict) -> dict:
         import httpx
 
@@ -243,9 +253,15 @@ class ServerBackend:
 
     def generate(self, rows: Sequence[Row]) -> list[Generation]:
         def one(row: Row) -> Generation:
-            ids = self._prompt_ids(row)
-            body = {"model": self.model, "prompt": ids, "max_tokens": row.max_tokens, "temperature": 0.0,
-                    "logprobs": 20 if row.group == "capability" else 1, "return_token_ids": True}
+            ids = _prompt_ids(self.tokenizer, row)
+            body = {
+                "model": self.model,
+                "prompt": ids,
+                "max_tokens": row.max_tokens,
+                "temperature": 0.0,
+                "logprobs": 20 if row.group == "capability" else 1,
+                "return_token_ids": True,
+            }
             if row.extra_args:
                 body["vllm_xargs"] = row.extra_args
             choice = self._post(body)["choices"][0]
@@ -259,11 +275,20 @@ class ServerBackend:
         def one(g: Generation) -> float:
             if not g.token_ids:
                 return float("nan")
-            body = {"model": self.model, "prompt": g.prompt_ids + g.token_ids, "max_tokens": 1, "temperature": 0.0,
-                    "prompt_logprobs": 0, "vllm_xargs": {"steer_profile": "none"}}
+            body = {
+                "model": self.model,
+                "prompt": g.prompt_ids + g.token_ids,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": 0,
+                "vllm_xargs": {"steer_profile": "none"},
+            }
             steps = self._post(body)["choices"][0].get("prompt_logprobs") or []
-            steps = steps[len(g.prompt_ids):]
-            return perplexity_from_logprobs([step[str(t)]["logprob"] for t, step in zip(g.token_ids, steps)])
+            steps = steps[len(g.prompt_ids) :]
+            # strict=False: a server that returns no prompt logprobs scores nan (empty), as before
+            return perplexity_from_logprobs(
+                [step[str(t)]["logprob"] for t, step in zip(g.token_ids, steps, strict=False)]
+            )
 
         return self._map(one, generations)
 
@@ -272,10 +297,13 @@ class ServerBackend:
 
 
 def _load_sets(cfg: EvalConfig) -> tuple[list[Prompt], list[Prompt]]:
-    harmful = load_prompts(cfg.harmful, cfg.data_dir)[cfg.offset:cfg.offset + cfg.n]
-    harmless = load_prompts(cfg.harmless, cfg.data_dir)[cfg.offset:cfg.offset + cfg.n]
+    harmful = load_prompts(cfg.harmful, cfg.data_dir)[cfg.offset : cfg.offset + cfg.n]
+    harmless = load_prompts(cfg.harmless, cfg.data_dir)[cfg.offset : cfg.offset + cfg.n]
     if not harmful or not harmless:
-        raise EvalError("offset", f"{cfg.offset} leaves no prompts (harmful {len(harmful)}, harmless {len(harmless)}); lower --offset")
+        raise EvalError(
+            "offset",
+            f"{cfg.offset} leaves no prompts (harmful {len(harmful)}, harmless {len(harmless)}); lower --offset",
+        )
     return harmful, harmless
 
 
@@ -283,9 +311,9 @@ def _category_prompts(cfg: EvalConfig, categories: Sequence[str]) -> dict[str, l
     rows = load_prompts(cfg.category_data, cfg.data_dir)
     by_cat: dict[str, list[str]] = {}
     for p in rows:
-        if p.category in categories:
+        if p.category is not None and p.category in categories:
             by_cat.setdefault(p.category, []).append(p.text)
-    return {c: texts[cfg.category_offset:cfg.category_offset + cfg.category_n] for c, texts in by_cat.items()}
+    return {c: texts[cfg.category_offset : cfg.category_offset + cfg.category_n] for c, texts in by_cat.items()}
 
 
 def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | None = None) -> dict:
@@ -317,24 +345,47 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
         from vllm_steer.evaluation.capability import format_mc_prompt, load_mc_sample
 
         mc_items = load_mc_sample()[: cfg.capability_n]
-        capability_points = [(None, None)] + [(profiles[t.profile_id], _default_value(profiles[t.profile_id])) for t in cfg.targets]
+        capability_points = [(None, None)] + [
+            (profiles[t.profile_id], _default_value(profiles[t.profile_id])) for t in cfg.targets
+        ]
         for ci, (profile, value) in enumerate(capability_points):
-            rows += [Row("capability", format_mc_prompt(item), _setting(profile, value), chat=False, max_tokens=1,
-                         meta={"point": ci, "item": k}) for k, item in enumerate(mc_items)]
+            rows += [
+                Row(
+                    "capability",
+                    format_mc_prompt(item),
+                    _setting(profile, value),
+                    chat=False,
+                    max_tokens=1,
+                    meta={"point": ci, "item": k},
+                )
+                for k, item in enumerate(mc_items)
+            ]
 
-    category_profiles = [profiles[t.profile_id] for t in cfg.targets
-                         if METHODS[profiles[t.profile_id].method].roles == "categories"]
+    category_profiles = [
+        profiles[t.profile_id] for t in cfg.targets if METHODS[profiles[t.profile_id].method].roles == "categories"
+    ]
     for profile in category_profiles:
         cats = [c for c in profile.spec.categories if c != "generic"]
         vectors = ("generic",) if "generic" in profile.spec.categories else ()
         for cat, texts in _category_prompts(cfg, cats).items():
             for vector in (cat, *vectors):
                 extra = _setting(profile, _default_value(profile), [vector])
-                rows += [Row("category", t, extra, max_tokens=cfg.max_tokens,
-                             meta={"profile": profile.id, "category": cat, "vector": vector}) for t in texts]
+                rows += [
+                    Row(
+                        "category",
+                        t,
+                        extra,
+                        max_tokens=cfg.max_tokens,
+                        meta={"profile": profile.id, "category": cat, "vector": vector},
+                    )
+                    for t in texts
+                ]
 
-    backend = backend or (ServerBackend(cfg.server, cfg.model, _env(cfg.api_key_env)) if cfg.server
-                          else OfflineBackend(cfg.model, cfg.profiles, cfg.eager))
+    backend = backend or (
+        ServerBackend(cfg.server, cfg.model, _env(cfg.api_key_env))
+        if cfg.server
+        else OfflineBackend(cfg.model, cfg.profiles, cfg.eager)
+    )
     say(f"generating {len(rows)} rows ({len(points)} settings) in one mixed batch via {backend.name}")
     t0 = time.time()
     gens = backend.generate(rows)
@@ -342,7 +393,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     _save_generations(cfg.out, rows, gens)  # kept before any scoring: a long run's generations are never lost
     say("scoring perplexity under the unsteered model")
     free_text = [i for i, r in enumerate(rows) if r.group != "capability"]  # scored and judged alike
-    ppl_unsteered = dict(zip(free_text, backend.score_unsteered([gens[i] for i in free_text])))
+    ppl_unsteered = dict(zip(free_text, backend.score_unsteered([gens[i] for i in free_text]), strict=True))
     if callable(getattr(backend, "close", None)):
         backend.close()
 
@@ -350,7 +401,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     for judge in judges:
         say(f"judging {len(free_text)} responses with {judge.name}")
         verdicts = judge.judge([(rows[i].text, gens[i].text) for i in free_text])
-        judge_results[judge.name] = dict(zip(free_text, verdicts))
+        judge_results[judge.name] = dict(zip(free_text, verdicts, strict=True))
 
     results: list[PointResult] = []
     for pi, (profile, value) in enumerate(points):
@@ -360,20 +411,26 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
         texts = [gens[i].text for i in idx]
         refusal_h = _mean([is_refusal(gens[i].text) for i in hi])
         point = PointResult(
-            profile=profile.id if profile else None, method=profile.method if profile else None, value=value,
-            n_harmful=len(hi), n_harmless=len(li), refusal_harmful=refusal_h, attack_success=1.0 - refusal_h,
+            profile=profile.id if profile else None,
+            method=profile.method if profile else None,
+            value=value,
+            n_harmful=len(hi),
+            n_harmless=len(li),
+            refusal_harmful=refusal_h,
+            attack_success=1.0 - refusal_h,
             refusal_harmless=_mean([is_refusal(gens[i].text) for i in li]),
             perplexity_unsteered=_mean([ppl_unsteered[i] for i in idx]),
             perplexity_steered=_mean([perplexity_from_logprobs(gens[i].logprobs) for i in idx]),
             unicode_contamination=1.0 - _mean([unicode_score(t) for t in texts]),
             compression_ratio=_mean([compression_ratio(t) for t in texts]),
             ngram_repetition=_mean([ngram_repetition(t) for t in texts]),
-            example_harmful=gens[hi[0]].text[:300] if hi else "", example_harmless=gens[li[0]].text[:300] if li else "",
+            example_harmful=gens[hi[0]].text[:300] if hi else "",
+            example_harmless=gens[li[0]].text[:300] if li else "",
         )
-        for name, verdicts in judge_results.items():
+        for name, by_row in judge_results.items():
             point.judges[name] = {
-                "harmful": asdict(JudgeSummary.from_verdicts([verdicts[i] for i in hi])),
-                "harmless": asdict(JudgeSummary.from_verdicts([verdicts[i] for i in li])),
+                "harmful": asdict(JudgeSummary.from_verdicts([by_row[i] for i in hi])),
+                "harmless": asdict(JudgeSummary.from_verdicts([by_row[i] for i in li])),
             }
         results.append(point)
 
@@ -382,8 +439,11 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
         from vllm_steer.evaluation.capability import score_from_logprobs
 
         for ci, (profile, value) in enumerate(capability_points):
-            got = [score_from_logprobs(mc_items[r.meta["item"]], gens[i].top)[1]
-                   for i, r in enumerate(rows) if r.group == "capability" and r.meta["point"] == ci]
+            got = [
+                score_from_logprobs(mc_items[r.meta["item"]], gens[i].top)[1]
+                for i, r in enumerate(rows)
+                if r.group == "capability" and r.meta["point"] == ci
+            ]
             key = "unsteered" if profile is None else (profile.id if value is None else f"{profile.id}@{value:g}")
             capability[key] = {"accuracy": _mean(got), "n": len(got)}
             for point in results:
@@ -392,11 +452,19 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
 
     categories = []
     for profile in category_profiles:
-        for cat in sorted({r.meta["category"] for r in rows if r.group == "category" and r.meta["profile"] == profile.id}):
+        for cat in sorted(
+            {r.meta["category"] for r in rows if r.group == "category" and r.meta["profile"] == profile.id}
+        ):
             entry = {"profile": profile.id, "category": cat, "scale": _default_value(profile)}
             for vector in (cat, "generic") if "generic" in profile.spec.categories else (cat,):
-                idx = [i for i, r in enumerate(rows) if r.group == "category" and r.meta["profile"] == profile.id
-                       and r.meta["category"] == cat and r.meta["vector"] == vector]
+                idx = [
+                    i
+                    for i, r in enumerate(rows)
+                    if r.group == "category"
+                    and r.meta["profile"] == profile.id
+                    and r.meta["category"] == cat
+                    and r.meta["vector"] == vector
+                ]
                 label = "own" if vector == cat else "generic"
                 entry[f"refusal_{label}"] = _mean([is_refusal(gens[i].text) for i in idx])
                 entry[f"perplexity_{label}"] = _mean([ppl_unsteered[i] for i in idx])
@@ -404,10 +472,20 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
             categories.append(entry)
 
     result = {
-        "model": cfg.model, "profiles_dir": cfg.profiles, "backend": backend.name,
-        "served_in_one_mixed_batch": not cfg.server, "rows": len(rows), "generate_seconds": round(generate_s, 1),
-        "data": {"harmful": cfg.harmful, "harmless": cfg.harmless, "n": cfg.n, "offset": cfg.offset,
-                 "max_tokens": cfg.max_tokens, "category_data": cfg.category_data},
+        "model": cfg.model,
+        "profiles_dir": cfg.profiles,
+        "backend": backend.name,
+        "served_in_one_mixed_batch": not cfg.server,
+        "rows": len(rows),
+        "generate_seconds": round(generate_s, 1),
+        "data": {
+            "harmful": cfg.harmful,
+            "harmless": cfg.harmless,
+            "n": cfg.n,
+            "offset": cfg.offset,
+            "max_tokens": cfg.max_tokens,
+            "category_data": cfg.category_data,
+        },
         "perplexity_violation_threshold": PERPLEXITY_VIOLATION,
         "judges": [j.name for j in judges],
         "points": [asdict(p) for p in results],
@@ -422,9 +500,20 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
 def _save_generations(out: Path, rows: Sequence[Row], gens: Sequence[Generation]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generations.jsonl", "w") as fh:
-        for row, gen in zip(rows, gens):
-            fh.write(json.dumps({"group": row.group, "prompt": row.text, "steering": row.extra_args, "meta": row.meta,
-                                 "text": gen.text, "tokens": len(gen.token_ids)}) + "\n")
+        for row, gen in zip(rows, gens, strict=True):
+            fh.write(
+                json.dumps(
+                    {
+                        "group": row.group,
+                        "prompt": row.text,
+                        "steering": row.extra_args,
+                        "meta": row.meta,
+                        "text": gen.text,
+                        "tokens": len(gen.token_ids),
+                    }
+                )
+                + "\n"
+            )
 
 
 def _finite(value: Any) -> Any:

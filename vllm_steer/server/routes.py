@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -19,7 +21,16 @@ from vllm_steer.server.middleware import ADMIN_PREFIX, SteeringPolicyMiddleware,
 from vllm_steer.server.state import ServingState, serving_state
 from vllm_steer.server.tenants import PolicyError, TenantsFileError, bearer_token
 
-__all__ = ["PROFILES_PATH", "attach", "list_profiles", "reload_profiles", "remove_profile", "admin_status"]
+__all__ = [
+    "PROFILES_PATH",
+    "Route",
+    "ROUTES",
+    "attach",
+    "list_profiles",
+    "reload_profiles",
+    "remove_profile",
+    "admin_status",
+]
 
 logger = logging.getLogger("vllm_steer.server.routes")
 
@@ -95,34 +106,28 @@ async def admin_status(request: Request) -> JSONResponse:
         return error_response(PolicyError(503, "server", f"engine replicas did not answer: {err}"))
 
 
+@dataclass(frozen=True)
+class Route:
+    """One steering route: where it is, what answers it, and how the OpenAPI page lists it."""
+
+    path: str
+    endpoint: Callable[[Request], Awaitable[JSONResponse]]
+    method: str
+    tag: str
+    summary: str
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(PROFILES_PATH, list_profiles, "GET", "vllm-steer", "Steering profiles the caller may use"),
+    Route(ADMIN_PREFIX + "/reload", reload_profiles, "POST", "vllm-steer admin", "Hot-reload the profile directory"),
+    Route(ADMIN_PREFIX + "/status", admin_status, "GET", "vllm-steer admin", "Profile versions and engine replicas"),
+    Route(ADMIN_PREFIX + "/profiles/{profile_id}", remove_profile, "DELETE", "vllm-steer admin", "Unload a profile"),
+)
+"""Every route :func:`attach` mounts, in order."""
+
+
 def attach(app: Any) -> None:
-    """Mount the routes and the middleware on a FastAPI app (vLLM's, from the endpoint plugin; Ray's ingress)."""
-    app.add_api_route(
-        PROFILES_PATH,
-        list_profiles,
-        methods=["GET"],
-        tags=["vllm-steer"],
-        summary="Steering profiles the caller may use",
-    )
-    app.add_api_route(
-        ADMIN_PREFIX + "/reload",
-        reload_profiles,
-        methods=["POST"],
-        tags=["vllm-steer admin"],
-        summary="Hot-reload the profile directory",
-    )
-    app.add_api_route(
-        ADMIN_PREFIX + "/status",
-        admin_status,
-        methods=["GET"],
-        tags=["vllm-steer admin"],
-        summary="Profile versions and engine replicas",
-    )
-    app.add_api_route(
-        ADMIN_PREFIX + "/profiles/{profile_id}",
-        remove_profile,
-        methods=["DELETE"],
-        tags=["vllm-steer admin"],
-        summary="Unload a profile",
-    )
+    """Mount :data:`ROUTES` and the middleware on a FastAPI app (vLLM's, from the endpoint plugin; Ray's ingress)."""
+    for route in ROUTES:
+        app.add_api_route(route.path, route.endpoint, methods=[route.method], tags=[route.tag], summary=route.summary)
     app.add_middleware(SteeringPolicyMiddleware)

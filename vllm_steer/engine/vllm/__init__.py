@@ -19,14 +19,26 @@ it in the API server, the engine core and every worker), one module per thing pa
 from __future__ import annotations
 
 from vllm_steer import __version__
-from vllm_steer.engine.vllm._common import (SUPPORTED_VLLM, check_vllm_version, logger, prefer_v1_runner,
-                                            share_vllm_log_handlers)
+from vllm_steer.engine.vllm._common import (
+    SUPPORTED_VLLM,
+    check_vllm_version,
+    logger,
+    prefer_v1_runner,
+    share_vllm_log_handlers,
+)
 from vllm_steer.engine.vllm._compile_cache import patch_config_hash
 from vllm_steer.engine.vllm._frontend import patch_input_processor
 from vllm_steer.engine.vllm._hooks import install_hooks
+from vllm_steer.engine.vllm._offline import offline_engine
 from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
-from vllm_steer.engine.vllm._rpc import (apply_reload, engine_status, engine_status_async, patch_worker_rpcs,
-                                         shutdown_engine, unload_profile)
+from vllm_steer.engine.vllm._rpc import (
+    apply_reload,
+    engine_status,
+    engine_status_async,
+    patch_worker_rpcs,
+    shutdown_engine,
+    unload_profile,
+)
 from vllm_steer.engine.vllm._runner import patch_model_runner
 from vllm_steer.engine.vllm._scheduler import patch_scheduler
 
@@ -43,6 +55,7 @@ __all__ = [
     "apply_reload",
     "unload_profile",
     "shutdown_engine",
+    "offline_engine",
 ]
 
 _registered = False

@@ -15,6 +15,7 @@ from vllm_steer.engine.vllm._profiles import profiles_for
 
 __all__ = ["patch_config_hash"]
 
+
 def _compile_salt(vllm_config: Any) -> str | None:
     try:
         config, profiles = profiles_for(vllm_config)
@@ -24,6 +25,7 @@ def _compile_salt(vllm_config: Any) -> str | None:
         return None
     return f"vllm-steer {__version__} sites=" + ",".join(str(s) for s in sites_for_profiles(profiles))
 
+
 def patch_config_hash() -> None:
     from vllm.config import VllmConfig
 
@@ -31,13 +33,13 @@ def patch_config_hash() -> None:
     if getattr(original, PATCHED_ATTR, False):
         return
 
-    @functools.wraps(original)
-    def compute_hash(self) -> str:
-        base = original(self)
+    def compute_hash(self: VllmConfig, include_version: bool = True) -> str:
+        base = original(self, include_version)
         salt = _compile_salt(self)
         if salt is None:
             return base
         return hashlib.sha256(f"{base}|{salt}".encode()).hexdigest()[: len(base)]
 
+    functools.update_wrapper(compute_hash, original)  # not @wraps: its result does not type as a method
     setattr(compute_hash, PATCHED_ATTR, True)
     VllmConfig.compute_hash = compute_hash

@@ -44,8 +44,9 @@ def install_hooks(model: torch.nn.Module, sites: list[Site], layout: DecoderLayo
         if placement.point == "input":
             if not placement.stream:  # pragma: no cover - no layout in the table has one
                 raise ValueError(f"hook kind {site.kind!r}: only the block's own input can be hooked before it runs")
-            handles.append(module.register_forward_pre_hook(_stream_input_hook(index, hidden_arg, residual_arg),
-                                                            with_kwargs=True))
+            handles.append(
+                module.register_forward_pre_hook(_stream_input_hook(index, hidden_arg, residual_arg), with_kwargs=True)
+            )
         elif placement.stream:
             handles.append(module.register_forward_hook(_stream_output_hook(index)))
         else:
@@ -78,8 +79,9 @@ def _stream_input_hook(site: int, hidden_arg: int | None, residual_arg: int | No
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         values = list(args)
         hidden = values[hidden_arg] if hidden_arg is not None and len(values) > hidden_arg else kwargs["hidden_states"]
-        residual = (values[residual_arg] if residual_arg is not None and len(values) > residual_arg
-                    else kwargs.get("residual"))
+        residual = (
+            values[residual_arg] if residual_arg is not None and len(values) > residual_arg else kwargs.get("residual")
+        )
         stream = hidden if residual is None else hidden + residual
         steered = hidden + _delta(stream, site)
         if hidden_arg is not None and len(values) > hidden_arg:

@@ -16,10 +16,12 @@ from vllm_steer.core.settings import SteerConfig
 
 __all__ = ["fingerprint_of", "profiles_key", "current_profiles", "profiles_for", "set_current", "FRONT_END_REQUESTS"]
 
+
 def fingerprint_of(vllm_config: Any) -> ModelFingerprint:
     """The served model's fingerprint: the one fingerprint function on the HF config vLLM resolved."""
     model_config = vllm_config.model_config
     return fingerprint_from_config(model_config.hf_config, text_config=model_config.hf_text_config)
+
 
 _CURRENT: dict[tuple[str, str], dict[str, Profile]] = {}
 """This process's current profiles per (directory, model); hot reload swaps the dict as a whole."""

@@ -11,15 +11,22 @@ from typing import Any
 from vllm_steer import __version__
 from vllm_steer.core.profile import Profile, load_profile_dir, profile_changes
 from vllm_steer.engine.vllm._common import logger
-from vllm_steer.engine.vllm._profiles import (FRONT_END_REQUESTS, fingerprint_of, profiles_for, profiles_key,
-                                              set_current)
+from vllm_steer.engine.vllm._profiles import FRONT_END_REQUESTS, fingerprint_of, profiles_for, profiles_key, set_current
 
-__all__ = ["patch_worker_rpcs", "engine_status", "engine_status_async", "apply_reload", "unload_profile", "shutdown_engine"]
+__all__ = [
+    "patch_worker_rpcs",
+    "engine_status",
+    "engine_status_async",
+    "apply_reload",
+    "unload_profile",
+    "shutdown_engine",
+]
+
 
 def patch_worker_rpcs() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
-    def vllm_steer_status(self) -> dict[str, Any]:
+    def vllm_steer_status(self: WorkerBase) -> dict[str, Any]:
         runner = getattr(self, "model_runner", None)
         runtime = getattr(runner, "_vllm_steer_runtime", None)
         return {
@@ -31,11 +38,13 @@ def patch_worker_rpcs() -> None:
             "slots_in_use": runtime.slots_in_use if runtime else 0,
             "steps_steered": runtime.steps_steered if runtime else 0,
             "fused_op": runtime.fused if runtime else None,
-            "fused_compiled_for": sorted({str(kind[0]).removeprefix("torch.") for kind in runtime.fused_kinds}) if runtime else [],
+            "fused_compiled_for": sorted({str(kind[0]).removeprefix("torch.") for kind in runtime.fused_kinds})
+            if runtime
+            else [],
             "fused_fallbacks": runtime.fused_fallbacks if runtime else 0,
         }
 
-    def vllm_steer_reload(self, expected: dict[str, str]) -> dict[str, Any]:
+    def vllm_steer_reload(self: WorkerBase, expected: dict[str, str]) -> dict[str, Any]:
         """Hot reload in this worker: load the profile directory again and make it current.
 
         ``expected`` maps each id to the digest the front end loaded; a mismatch means the files
@@ -43,7 +52,7 @@ def patch_worker_rpcs() -> None:
         """
         runner = getattr(self, "model_runner", None)
         runtime = getattr(runner, "_vllm_steer_runtime", None)
-        if runtime is None:
+        if runner is None or runtime is None:  # (no runner: no runtime either)
             raise RuntimeError("vllm-steer: this engine was started without profiles; nothing to reload")
         config = runner._vllm_steer_config
         loaded = load_profile_dir(config.profiles, fingerprint_of(runner.vllm_config))
@@ -53,13 +62,15 @@ def patch_worker_rpcs() -> None:
         runtime.add_profiles(loaded)
         return vllm_steer_status(self)
 
-    WorkerBase.vllm_steer_status = vllm_steer_status
-    WorkerBase.vllm_steer_reload = vllm_steer_reload
+    for rpc in (vllm_steer_status, vllm_steer_reload):  # new methods (collective_rpc calls them by name)
+        setattr(WorkerBase, rpc.__name__, rpc)
 
 
 def engine_status(llm: Any) -> list[dict[str, Any]]:
     """Readiness of every worker of an offline ``LLM`` (one dict per worker)."""
-    return llm.collective_rpc("vllm_steer_status")
+    statuses: list[dict[str, Any]] = llm.collective_rpc("vllm_steer_status")
+    return statuses
+
 
 def shutdown_engine(llm: Any) -> None:
     """Stop an offline ``LLM``'s engine core now, while the interpreter is whole.
@@ -73,8 +84,13 @@ def shutdown_engine(llm: Any) -> None:
     if client is not None and callable(getattr(client, "shutdown", None)):
         client.shutdown()
 
-async def apply_reload(engine_client: Any, *, expected: dict[str, str] | None = None,
-                       check: Callable[[dict[str, Profile]], None] | None = None) -> dict[str, Any]:
+
+async def apply_reload(
+    engine_client: Any,
+    *,
+    expected: dict[str, str] | None = None,
+    check: Callable[[dict[str, Profile]], None] | None = None,
+) -> dict[str, Any]:
     """Hot reload of one engine: re-read the profile directory, then workers first, then this front end.
 
     Nothing changes if the directory does not load (``ProfileError``), if ``check`` refuses the new set
@@ -99,8 +115,10 @@ async def apply_reload(engine_client: Any, *, expected: dict[str, str] | None = 
     logger.info("vllm-steer: profiles reloaded: %s", changes)
     return changes
 
-def unload_profile(vllm_config: Any, profile_id: str,
-                   check: Callable[[dict[str, Profile]], None] | None = None) -> dict[str, Any]:
+
+def unload_profile(
+    vllm_config: Any, profile_id: str, check: Callable[[dict[str, Profile]], None] | None = None
+) -> dict[str, Any]:
     """Stop admitting ``profile_id`` in this front end (until the next reload); admitted requests finish with it."""
     config, old = profiles_for(vllm_config)
     if profile_id not in old:
@@ -111,6 +129,7 @@ def unload_profile(vllm_config: Any, profile_id: str,
     set_current(profiles_key(config, vllm_config), new)
     logger.info("vllm-steer: profile %s unloaded (requests already admitted finish with it)", profile_id)
     return {"removed": [profile_id], "profiles": sorted(new)}
+
 
 async def engine_status_async(engine_client: Any) -> dict[str, Any]:
     """This engine's steering status: front-end profile versions and request count, every worker's runtime."""

@@ -11,17 +11,23 @@ per-step token map.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from vllm_steer import __version__
-from vllm_steer.core.request import SteeringRequestError, parse_steering, resolve_steering
+from vllm_steer.core.request import ResolvedSteering, SteeringRequestError, parse_steering, resolve_steering
 from vllm_steer.core.wire import DIGEST_KEY
 from vllm_steer.engine.runtime import SteeringRuntime, every_site, set_runtime, sites_for_profiles
 from vllm_steer.engine.vllm._common import PATCHED_ATTR, logger
 from vllm_steer.engine.vllm._hooks import install_hooks
 from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
 
+if TYPE_CHECKING:
+    import numpy as np
+    from vllm.v1.core.sched.output import SchedulerOutput
+
 __all__ = ["patch_model_runner"]
+
 
 def _install_on_runner(runner: Any) -> None:
     if getattr(runner, "_vllm_steer_runtime", None) is not None:
@@ -51,10 +57,15 @@ def _install_on_runner(runner: Any) -> None:
     set_runtime(runtime)
     logger.info(
         "vllm-steer %s: %d profiles, %d hook sites, %d slots, %d-token buffers",
-        __version__, len(profiles), len(sites), max_slots, runner.max_num_tokens,
+        __version__,
+        len(profiles),
+        len(sites),
+        max_slots,
+        runner.max_num_tokens,
     )
 
-def _resolve_in_worker(runtime: SteeringRuntime, req_id: str, sampling_params: Any):
+
+def _resolve_in_worker(runtime: SteeringRuntime, req_id: str, sampling_params: Any) -> ResolvedSteering | None:
     if sampling_params is None:
         return None
     try:
@@ -75,6 +86,7 @@ def _resolve_in_worker(runtime: SteeringRuntime, req_id: str, sampling_params: A
         # profiles). Serving it unsteered would be silent failure: stop instead.
         raise RuntimeError(f"vllm-steer: request {req_id} passed the front end but not the worker: {exc}") from exc
 
+
 def patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -91,12 +103,11 @@ def patch_model_runner() -> None:
         if original_load is None or getattr(original_load, PATCHED_ATTR, False):
             continue
 
-        def make_load(original):
+        def make_load(original: Callable[..., None]) -> Callable[..., None]:
             @functools.wraps(original)
-            def load_model(self, *args, **kwargs):
-                result = original(self, *args, **kwargs)
+            def load_model(self: GPUModelRunner, *args: Any, **kwargs: Any) -> None:
+                original(self, *args, **kwargs)
                 _install_on_runner(self)
-                return result
 
             setattr(load_model, PATCHED_ATTR, True)
             return load_model
@@ -107,8 +118,8 @@ def patch_model_runner() -> None:
     if not getattr(original_update, PATCHED_ATTR, False):
 
         @functools.wraps(original_update)
-        def _update_states(self, scheduler_output):
-            runtime = getattr(self, "_vllm_steer_runtime", None)
+        def _update_states(self: GPUModelRunner, scheduler_output: SchedulerOutput) -> Callable[..., Any] | None:
+            runtime: SteeringRuntime | None = getattr(self, "_vllm_steer_runtime", None)
             if runtime is not None:
                 for req_id in scheduler_output.finished_req_ids:
                     runtime.remove_request(req_id)
@@ -126,9 +137,15 @@ def patch_model_runner() -> None:
     if not getattr(original_prepare, PATCHED_ATTR, False):
 
         @functools.wraps(original_prepare)
-        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        def _prepare_inputs(
+            self: GPUModelRunner,
+            scheduler_output: SchedulerOutput,
+            num_scheduled_tokens: np.ndarray,
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:  # vLLM's own tuple, passed through
             result = original_prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-            runtime = getattr(self, "_vllm_steer_runtime", None)
+            runtime: SteeringRuntime | None = getattr(self, "_vllm_steer_runtime", None)
             if runtime is not None:
                 num_reqs = len(num_scheduled_tokens)
                 runtime.begin_step(self.input_batch.req_ids[:num_reqs], num_scheduled_tokens)
