@@ -17,8 +17,25 @@ BENCH = REPO / "benchmarks"
 
 def test_op_cost_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "op.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "op_cost.py"), "--tokens", "8", "--hidden", "64", "--slots", "4",
-                           "--reps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "op_cost.py"),
+            "--tokens",
+            "8",
+            "--hidden",
+            "64",
+            "--slots",
+            "4",
+            "--reps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["K"] for r in result["rows"]] == [1, 4]  # K capped at the slots allocated
@@ -28,8 +45,28 @@ def test_op_cost_runs_on_a_minimal_setting(tmp_path):
 
 def test_op_cost_fused_column(tmp_path):
     out = tmp_path / "op.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "op_cost.py"), "--tokens", "8", "--hidden", "64", "--slots", "2",
-                           "--ks", "1", "--reps", "2", "--fused", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "op_cost.py"),
+            "--tokens",
+            "8",
+            "--hidden",
+            "64",
+            "--slots",
+            "2",
+            "--ks",
+            "1",
+            "--reps",
+            "2",
+            "--fused",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["compiled_ms"] > 0 and row["compiled_vs_floor"] > 0 and "| compiled / floor |" in proc.stdout
@@ -38,8 +75,12 @@ def test_op_cost_fused_column(tmp_path):
 
 def test_step_overhead_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "step.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "step_overhead.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "step_overhead.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     scenarios = {r["scenario"] for r in result["rows"]}
@@ -53,8 +94,13 @@ def test_throughput_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "tp.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     record_engine_start("bench:throughput")
-    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "throughput.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     runs = result["runs"]["eager"]
@@ -70,26 +116,62 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
 
     from vllm_steer.server.tenants import hash_api_key
 
-    keys = {"strict": "load-strict-0123456789", "standard": "load-standard-0123456789", "research": "load-research-0123456789"}
+    keys = {
+        "strict": "load-strict-0123456789",
+        "standard": "load-standard-0123456789",
+        "research": "load-research-0123456789",
+    }
     tiers = {
         "strict": {"forced": {"profile": "tiny-selective", "angle": 120.0}},
-        "standard": {"default": {"profile": "tiny-addition", "scale": 3.0}, "allow_unsteered": False,
-                     "profiles": {"tiny-addition": {"scale": [-2.0, 3.0]}}},
+        "standard": {
+            "default": {"profile": "tiny-addition", "scale": 3.0},
+            "allow_unsteered": False,
+            "profiles": {"tiny-addition": {"scale": [-2.0, 3.0]}},
+        },
         "research": {"profiles": "*", "allow_unsteered": True},
     }
     tenants = tmp_path / "tenants.yaml"
-    tenants.write_text(yaml.safe_dump({"format_version": 1, "tiers": tiers, "tenants": [
-        {"name": f"load-{tier}", "tier": tier, "key_hash": hash_api_key(key)} for tier, key in keys.items()]}))
-    mix = [{"tier": "research", "key": keys["research"], "xargs": {"steer_profile": "none"}},
-           {"tier": "strict", "key": keys["strict"], "xargs": None},
-           {"tier": "standard", "key": keys["standard"], "xargs": None},
-           {"tier": "standard", "key": keys["standard"], "xargs": {"steer_profile": "tiny-addition", "steer_scale": -2.0}}]
+    tenants.write_text(
+        yaml.safe_dump(
+            {
+                "format_version": 1,
+                "tiers": tiers,
+                "tenants": [
+                    {"name": f"load-{tier}", "tier": tier, "key_hash": hash_api_key(key)} for tier, key in keys.items()
+                ],
+            }
+        )
+    )
+    mix = [
+        {"tier": "research", "key": keys["research"], "xargs": {"steer_profile": "none"}},
+        {"tier": "strict", "key": keys["strict"], "xargs": None},
+        {"tier": "standard", "key": keys["standard"], "xargs": None},
+        {"tier": "standard", "key": keys["standard"], "xargs": {"steer_profile": "tiny-addition", "steer_scale": -2.0}},
+    ]
     out = tmp_path / "load.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     record_engine_start("bench:load")
-    proc = subprocess.run([sys.executable, str(BENCH / "load.py"), "--smoke", "--model", str(tiny_root / "model"),
-                           "--profiles", str(tiny_root / "profiles"), "--tenants", str(tenants), "--mix", json.dumps(mix),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "load.py"),
+            "--smoke",
+            "--model",
+            str(tiny_root / "model"),
+            "--profiles",
+            str(tiny_root / "profiles"),
+            "--tenants",
+            str(tenants),
+            "--mix",
+            json.dumps(mix),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["sweeps"]) == {"mix", "unsteered"} and set(result["ratios"]) == {"1", "2"}
@@ -110,10 +192,28 @@ def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
     settings = {"unsteered": None, "selective": {"steer_profile": "tiny-selective", "steer_angle": 90.0}}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     record_engine_start("bench:batch1-latency")
-    proc = subprocess.run([sys.executable, str(BENCH / "batch1_latency.py"), "--model", str(tiny_root / "model"),
-                           "--profiles", str(tiny_root / "profiles"), "--settings", json.dumps(settings),
-                           "--reps", "2", "--max-tokens", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "batch1_latency.py"),
+            "--model",
+            str(tiny_root / "model"),
+            "--profiles",
+            str(tiny_root / "profiles"),
+            "--settings",
+            json.dumps(settings),
+            "--reps",
+            "2",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert [r["setting"] for r in result["rows"]] == ["unsteered", "selective"]
@@ -126,11 +226,18 @@ def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "overhead.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     record_engine_start("bench:plugin-overhead")
-    proc = subprocess.run([sys.executable, str(BENCH / "plugin_overhead.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "plugin_overhead.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert len(result["runs"]) == 2 and all(set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8-selective", "all:ablation", "mixed:8"}
-                                            for r in result["runs"])
+    assert len(result["runs"]) == 2 and all(
+        set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8-selective", "all:ablation", "mixed:8"}
+        for r in result["runs"]
+    )
     assert all(r[name]["tokens"] == 4 * 4 for r in result["runs"] for name in r)
     assert result["summary"]["plugin-idle"]["min_ratio"] > 0

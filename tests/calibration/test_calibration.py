@@ -49,7 +49,9 @@ def test_diff_of_means_recovers_a_planted_direction():
 def test_b1_is_the_candidate_with_highest_mean_cosine_and_b2_is_orthonormal():
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(32, generator=gen)
-    candidates = torch.stack([base + 0.3 * torch.randn(32, generator=gen) for _ in range(9)] + [torch.randn(32, generator=gen)])
+    candidates = torch.stack(
+        [base + 0.3 * torch.randn(32, generator=gen) for _ in range(9)] + [torch.randn(32, generator=gen)]
+    )
     k, b1 = select_b1(candidates)
     unit = candidates / candidates.norm(dim=1, keepdim=True)
     means = [(unit[i] @ unit.T).mean().item() for i in range(len(unit))]  # independent re-computation
@@ -118,32 +120,60 @@ def test_one_labelled_file_holds_both_classes_and_one_class_is_refused(tiny_root
     base = dict(model=str(tiny_root / "model"), method="addition", n=10, held_out=0.0, layers=[1])
     path = calibrate_profile(CalibrationConfig(out=tmp_path / "lab", harmful=str(labelled), harmless="labels", **base))
     assert load_profile(path).spec.calibration["sizes"]["harmless_train"] == 6
-    sys_path = calibrate_profile(CalibrationConfig(out=tmp_path / "sys", harmful=str(labelled), harmless="labels",
-                                                   contrast="system-prompt", **base))
+    sys_path = calibrate_profile(
+        CalibrationConfig(
+            out=tmp_path / "sys", harmful=str(labelled), harmless="labels", contrast="system-prompt", **base
+        )
+    )
     sys_spec = load_profile(sys_path).spec
-    assert sys_spec.calibration["contrast_kind"] == "system-prompt" and "system prompt" in sys_spec.calibration["contrast"]
+    assert (
+        sys_spec.calibration["contrast_kind"] == "system-prompt" and "system prompt" in sys_spec.calibration["contrast"]
+    )
     with pytest.raises(CalibrationError, match="contrast: unknown 'vibes'"):
-        calibrate_profile(CalibrationConfig(out=tmp_path / "v", harmful=str(labelled), harmless="labels", contrast="vibes", **base))
-    with pytest.raises(CalibrationError, match="harmful: .* has rows labelled harmless"):
-        calibrate_profile(CalibrationConfig(out=tmp_path / "x", harmful=str(labelled), harmless=str(DATA / "harmless.jsonl"), **base))
+        calibrate_profile(
+            CalibrationConfig(out=tmp_path / "v", harmful=str(labelled), harmless="labels", contrast="vibes", **base)
+        )
+    with pytest.raises(CalibrationError, match=r"harmful: .* has rows labelled harmless"):
+        calibrate_profile(
+            CalibrationConfig(out=tmp_path / "x", harmful=str(labelled), harmless=str(DATA / "harmless.jsonl"), **base)
+        )
     with pytest.raises(DatasetError, match="every row is labelled harmful"):
         calibrate_profile(CalibrationConfig(out=tmp_path / "y", harmful=str(one_class), harmless="labels", **base))
     with pytest.raises(CalibrationError, match=r"layers: \[9\] do not exist in model \(4 layers, 0\.\.3\)"):
-        calibrate_profile(CalibrationConfig(out=tmp_path / "z", harmful=str(labelled), harmless="labels",
-                                            **{**base, "layers": [1, 9]}))
+        calibrate_profile(
+            CalibrationConfig(
+                out=tmp_path / "z", harmful=str(labelled), harmless="labels", **{**base, "layers": [1, 9]}
+            )
+        )
 
 
-@pytest.mark.parametrize("method", ["selective", "angular_standard", "angular_adaptive", "ablation", "addition", "probe"])
+@pytest.mark.parametrize(
+    "method", ["selective", "angular_standard", "angular_adaptive", "ablation", "addition", "probe"]
+)
 def test_pipeline_writes_a_valid_profile(method, tiny_root, tmp_path):
     layers = [1, 2] if method == "selective" else None  # a random model need not have discriminative layers
-    cfg = CalibrationConfig(model=str(tiny_root / "model"), method=method, out=tmp_path / method,
-                            harmful=str(DATA / "harmful.csv"), harmless=str(DATA / "harmless.jsonl"),
-                            n=10, held_out=0.2, seed=0, batch_size=4, layers=layers)
+    cfg = CalibrationConfig(
+        model=str(tiny_root / "model"),
+        method=method,
+        out=tmp_path / method,
+        harmful=str(DATA / "harmful.csv"),
+        harmless=str(DATA / "harmless.jsonl"),
+        n=10,
+        held_out=0.2,
+        seed=0,
+        batch_size=4,
+        layers=layers,
+    )
     path = calibrate_profile(cfg)
     profile = load_profile(path)
     spec = profile.spec
     assert spec.method == method and spec.model.hidden_size == 128 and spec.model.num_layers == 4
-    assert spec.calibration["sizes"] == {"harmful_train": 8, "harmful_held_out": 2, "harmless_train": 8, "harmless_held_out": 2}
+    assert spec.calibration["sizes"] == {
+        "harmful_train": 8,
+        "harmful_held_out": 2,
+        "harmless_train": 8,
+        "harmless_held_out": 2,
+    }
     assert spec.calibration["split"] == {"held_out": 0.2, "seed": 0}
     if method in ("selective", "angular_standard", "angular_adaptive"):
         b1, b2 = profile.vectors[spec.layers[0]]["b1"], profile.vectors[spec.layers[0]]["b2"]
@@ -154,19 +184,36 @@ def test_pipeline_writes_a_valid_profile(method, tiny_root, tmp_path):
 
 
 def test_category_pipeline_has_one_vector_per_category_plus_generic(tiny_root, tmp_path):
-    cfg = CalibrationConfig(model=str(tiny_root / "model"), method="category", out=tmp_path / "cat",
-                            harmful=str(DATA / "catqa_small.csv"), harmless=str(DATA / "harmless.jsonl"),
-                            n=4, held_out=0.0, layers=[1, 2])
+    cfg = CalibrationConfig(
+        model=str(tiny_root / "model"),
+        method="category",
+        out=tmp_path / "cat",
+        harmful=str(DATA / "catqa_small.csv"),
+        harmless=str(DATA / "harmless.jsonl"),
+        n=4,
+        held_out=0.0,
+        layers=[1, 2],
+    )
     profile = load_profile(calibrate_profile(cfg))
     assert profile.spec.categories == ["Illegal Activity", "Malware Viruses", "Privacy Violation Activity", "generic"]
     assert set(profile.vectors[1]) == set(profile.spec.categories)
-    bad = CalibrationConfig(model=str(tiny_root / "model"), method="category", out=tmp_path / "bad",
-                            harmful=str(DATA / "catqa_small.csv"), harmless=str(DATA / "harmless.jsonl"),
-                            categories=["Not A Category"])
+    bad = CalibrationConfig(
+        model=str(tiny_root / "model"),
+        method="category",
+        out=tmp_path / "bad",
+        harmful=str(DATA / "catqa_small.csv"),
+        harmless=str(DATA / "harmless.jsonl"),
+        categories=["Not A Category"],
+    )
     with pytest.raises(CalibrationError, match="categories: unknown"):
         calibrate_profile(bad)
-    no_categories = CalibrationConfig(model=str(tiny_root / "model"), method="category", out=tmp_path / "bad2",
-                                      harmful=str(DATA / "harmful.csv"), harmless=str(DATA / "harmless.jsonl"))
+    no_categories = CalibrationConfig(
+        model=str(tiny_root / "model"),
+        method="category",
+        out=tmp_path / "bad2",
+        harmful=str(DATA / "harmful.csv"),
+        harmless=str(DATA / "harmless.jsonl"),
+    )
     with pytest.raises(CalibrationError, match="without a category"):
         calibrate_profile(no_categories)
 
@@ -181,10 +228,32 @@ def test_calibrate_cli_sweeps_the_angle_through_the_engine(tiny_root, tmp_path):
     out = tmp_path / "sel"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_PLUGINS", None)
-    cmd = [sys.executable, "-m", "vllm_steer.cli", "calibrate", str(tiny_root / "model"), "--method", "selective",
-           "--layers", "1,2", "--out", str(out), "--harmful", str(DATA / "harmful.csv"),
-           "--harmless", str(DATA / "harmless.jsonl"), "--n", "10", "--sweep", "0:360:90", "--sweep-n", "2",
-           "--max-tokens", "8", "--report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_steer.cli",
+        "calibrate",
+        str(tiny_root / "model"),
+        "--method",
+        "selective",
+        "--layers",
+        "1,2",
+        "--out",
+        str(out),
+        "--harmful",
+        str(DATA / "harmful.csv"),
+        "--harmless",
+        str(DATA / "harmless.jsonl"),
+        "--n",
+        "10",
+        "--sweep",
+        "0:360:90",
+        "--sweep-n",
+        "2",
+        "--max-tokens",
+        "8",
+        "--report",
+    ]
     record_engine_start("cli:calibrate-sweep")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,8 +29,13 @@ from vllm_steer.testing.tiny import TINY
 D, L = TINY.hidden_size, TINY.num_layers
 
 
-def _write_gguf(path: Path, tensors: dict[str, np.ndarray], hint: str = "llama", count: int | None = None,
-                arch: str = "controlvector") -> Path:
+def _write_gguf(
+    path: Path,
+    tensors: dict[str, np.ndarray],
+    hint: str = "llama",
+    count: int | None = None,
+    arch: str = "controlvector",
+) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -92,6 +97,7 @@ def test_direction_n_is_added_to_the_output_of_decoder_layer_n(tiny_root, tmp_pa
     def record(index):  # what decoder layer `index` receives = the residual stream after layer index-1
         def hook(module, args, kwargs):
             seen[index] = (args[0] if args else kwargs["hidden_states"]).clone()
+
         return hook
 
     handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in (1, 2)]
@@ -116,8 +122,9 @@ def test_gguf_import_refuses_what_would_silently_misbehave(tmp_path):
     assert sorted(subset.vectors) == [2]
     with pytest.raises(VectorImportError, match=r"layers: \[3\] have no vector in the file"):
         read_gguf_control_vector(tmp_path / "two.gguf", TINY, layers=[3])
-    shifted = read_gguf_control_vector(_write_gguf(tmp_path / "hs.gguf", {"direction.1": _vec(1), "direction.4": _vec(4)}),
-                                       TINY, layer_offset=-1)
+    shifted = read_gguf_control_vector(
+        _write_gguf(tmp_path / "hs.gguf", {"direction.1": _vec(1), "direction.4": _vec(4)}), TINY, layer_offset=-1
+    )
     assert sorted(shifted.vectors) == [0, 3]
     with pytest.raises(VectorImportError, match=r"direction\.4: maps to layer 4, outside the model's layers 0\.\.3"):
         read_gguf_control_vector(_write_gguf(tmp_path / "deep.gguf", {"direction.4": _vec(4)}), TINY)
@@ -131,7 +138,9 @@ def test_gguf_import_refuses_what_would_silently_misbehave(tmp_path):
     with pytest.raises(VectorImportError, match=r"direction\.2: has NaN or inf"):
         read_gguf_control_vector(_write_gguf(tmp_path / "nan.gguf", {"direction.2": np.full(D, np.nan)}), TINY)
     with pytest.raises(VectorImportError, match=r"general\.architecture: is 'llama'"):
-        read_gguf_control_vector(_write_gguf(tmp_path / "model.gguf", {"token_embd.weight": _vec(1)}, arch="llama"), TINY)
+        read_gguf_control_vector(
+            _write_gguf(tmp_path / "model.gguf", {"token_embd.weight": _vec(1)}, arch="llama"), TINY
+        )
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(VectorImportError, match="file: not a readable GGUF"):
         read_gguf_control_vector(tmp_path / "junk.gguf", TINY)
@@ -185,7 +194,9 @@ def test_sae_rows_become_one_unit_direction(tmp_path):
     save_np({"W_dec": w[:, :64].copy()}, str(tmp_path / "narrow.safetensors"))
     with pytest.raises(VectorImportError, match=r"W_dec: has shape \(32, 64\), expected \[n_features, 128\]"):
         read_sae_features(tmp_path / "narrow.safetensors", TINY, [1], layer=2)
-    spec, vectors = profile_from_vectors(read_sae_features(tmp_path / "sae.safetensors", TINY, [5], 2), TINY, "atom", "probe")
+    spec, vectors = profile_from_vectors(
+        read_sae_features(tmp_path / "sae.safetensors", TINY, [5], 2), TINY, "atom", "probe"
+    )
     assert spec.method == "probe" and abs(float(vectors[2]["vector"].norm()) - 1) < 1e-6
 
 
@@ -209,7 +220,9 @@ def test_import_and_export_commands(tiny_root, tmp_path):
     model = str(tiny_root / "model")
     assert model_fingerprint(model) == TINY.model_copy(update={"name": "model"})
     gguf_file = _write_gguf(tmp_path / "cv.gguf", {"direction.1": _vec(1), "direction.2": _vec(2)})
-    res = runner.invoke(app, ["import", model, str(gguf_file), "--id", "cv", "--out", str(tmp_path / "cv"), "--scale", "0.5"])
+    res = runner.invoke(
+        app, ["import", model, str(gguf_file), "--id", "cv", "--out", str(tmp_path / "cv"), "--scale", "0.5"]
+    )
     assert res.exit_code == 0, res.output
     assert load_profile(tmp_path / "cv").spec.layers == [1, 2]
     res = runner.invoke(app, ["export", str(tmp_path / "cv"), "--out", str(tmp_path / "again.gguf")])
@@ -220,7 +233,11 @@ def test_import_and_export_commands(tiny_root, tmp_path):
     bad = _write_gguf(tmp_path / "wide.gguf", {"direction.1": _vec(1, 576)})
     res = runner.invoke(app, ["import", model, str(bad), "--id", "x", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "hidden_size is 128" in res.output and not (tmp_path / "x").exists()
-    res = runner.invoke(app, ["import", model, str(tmp_path / "cv.gguf"), "--id", "Bad Id!", "--out", str(tmp_path / "y")])
+    res = runner.invoke(
+        app, ["import", model, str(tmp_path / "cv.gguf"), "--id", "Bad Id!", "--out", str(tmp_path / "y")]
+    )
     assert res.exit_code == 1 and "id" in res.output
-    res = runner.invoke(app, ["export", str(tiny_root / "profiles" / "tiny-selective"), "--out", str(tmp_path / "s.gguf")])
+    res = runner.invoke(
+        app, ["export", str(tiny_root / "profiles" / "tiny-selective"), "--out", str(tmp_path / "s.gguf")]
+    )
     assert res.exit_code == 1 and "not a constant addition" in res.output

@@ -32,20 +32,20 @@ pytestmark = pytest.mark.engine
 
 def _assert_matches_reference(result, prompt_ids, hf_reference, *, steered_only=True):
     mismatches = []
-    for row, (ids, setting) in zip(result["phases"][0], mixed_rows(prompt_ids)):
+    for row, (ids, setting) in zip(result["phases"][0], mixed_rows(prompt_ids), strict=True):
         if steered_only and setting is None:
             continue
         ref = hf_reference(ids, setting)
         if row["tokens"] != ref["tokens"]:
             mismatches.append((setting, row["tokens"], ref["tokens"]))
             continue
-        assert max(abs(a - b) for a, b in zip(row["logprobs"], ref["logprobs"])) < 2e-3, setting
+        assert max(abs(a - b) for a, b in zip(row["logprobs"], ref["logprobs"], strict=True)) < 2e-3, setting
     assert not mismatches, f"{len(mismatches)} steered rows differ from the HF reference: {mismatches[:3]}"
 
 
 def _assert_unsteered_bit_equal(result, baseline, prompt_ids):
     checked = 0
-    for row, base, (_, setting) in zip(result["phases"][0], baseline["phases"][0], mixed_rows(prompt_ids)):
+    for row, base, (_, setting) in zip(result["phases"][0], baseline["phases"][0], mixed_rows(prompt_ids), strict=True):
         if setting is None:
             assert row["tokens"] == base["tokens"]
             assert row["logprobs"] == base["logprobs"], "unsteered logprobs must be bit-identical"
@@ -77,7 +77,7 @@ def test_eager_steered_rows_match_hf_reference(eager_on, prompt_ids, hf_referenc
 
 
 def test_unsteered_rows_match_hf_reference_too(eager_off, prompt_ids, hf_reference):
-    for row, (ids, setting) in zip(eager_off["phases"][0], mixed_rows(prompt_ids)):
+    for row, (ids, setting) in zip(eager_off["phases"][0], mixed_rows(prompt_ids), strict=True):
         if setting is None:
             assert row["tokens"] == hf_reference(ids, None)["tokens"]
 
@@ -101,7 +101,7 @@ def test_prefix_cache_never_shares_kv_across_steering(eager_on, prompt_ids, hf_r
 
 def test_bad_requests_get_a_clear_error_and_the_engine_keeps_serving(eager_on, prompt_ids, hf_reference):
     assert len(eager_on["bad"]) == len(BAD_REQUESTS)
-    for (bad, field), outcome in zip(BAD_REQUESTS, eager_on["bad"]):
+    for (bad, field), outcome in zip(BAD_REQUESTS, eager_on["bad"], strict=True):
         assert outcome["accepted"] is False, f"{bad} was accepted"
         assert outcome["parameter"] == field, (bad, outcome)
         assert field in outcome["message"], outcome["message"]
@@ -132,9 +132,9 @@ def test_fused_op_inside_the_compiled_engine(compiled_on_fused, compiled_on, com
 
 
 def test_compiled_equals_eager(compiled_on, eager_on):
-    for a, b in zip(compiled_on["phases"][0], eager_on["phases"][0]):
+    for a, b in zip(compiled_on["phases"][0], eager_on["phases"][0], strict=True):
         assert a["tokens"] == b["tokens"]
-        assert all(math.isclose(x, y, abs_tol=2e-3) for x, y in zip(a["logprobs"], b["logprobs"]))
+        assert all(math.isclose(x, y, abs_tol=2e-3) for x, y in zip(a["logprobs"], b["logprobs"], strict=True))
 
 
 def test_compile_cache_keeps_plugin_and_plain_graphs_apart(compiled_on, compiled_off, compile_cache):
@@ -153,7 +153,9 @@ def test_broken_profile_dir_refuses_to_start(tiny_root, prompt_ids, tmp_path_fac
     shutil.copytree(tiny_root / "profiles" / "tiny-selective", broken / "tiny-selective")
     (broken / "tiny-selective" / "tensors.safetensors").write_bytes(b"not a safetensors file")
     spec = {
-        "model": str(tiny_root / "model"), "profiles": str(broken), "eager": True,
+        "model": str(tiny_root / "model"),
+        "profiles": str(broken),
+        "eager": True,
         "phases": [[{"prompt_token_ids": prompt_ids[0], "extra_args": {"steer_profile": "tiny-selective"}}]],
     }
     workdir = tmp_path_factory.mktemp("broken_run")
@@ -188,22 +190,36 @@ def test_default_model_mixed_batch_matches_hf_reference(tmp_path_factory):
 
     model_dir = ensure_default_model()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True) for p in REAL_PROMPTS]
+    ids = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        for p in REAL_PROMPTS
+    ]
     ids = [list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x) for x in ids]
     requests = [{"prompt_token_ids": i, "extra_args": s, "max_tokens": 16} for i in ids for s in REAL_SETTINGS]
-    spec = {"model": str(model_dir), "profiles": REPO_PROFILES, "eager": True, "max_model_len": 1024, "phases": [requests]}
+    spec = {
+        "model": str(model_dir),
+        "profiles": REPO_PROFILES,
+        "eager": True,
+        "max_model_len": 1024,
+        "phases": [requests],
+    }
     result = run_engine(spec, tmp_path_factory.mktemp("smollm2"), plugin=True, key="default-model-demo-profiles")
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     profiles = load_profile_dir(REPO_PROFILES)
     outputs = {}
-    for req, row in zip(requests, result["phases"][0]):
+    for req, row in zip(requests, result["phases"][0], strict=True):
         request = parse_steering(req["extra_args"])
         resolved = resolve_steering(request, profiles) if request else None
         with torch.no_grad(), steered(model, profiles[resolved.profile_id] if resolved else None, resolved):
-            out = model.generate(torch.tensor([req["prompt_token_ids"]]), max_new_tokens=16, min_new_tokens=16,
-                                 do_sample=False, pad_token_id=tok.eos_token_id)
-        ref = out[0, len(req["prompt_token_ids"]):].tolist()
+            out = model.generate(
+                torch.tensor([req["prompt_token_ids"]]),
+                max_new_tokens=16,
+                min_new_tokens=16,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
+        ref = out[0, len(req["prompt_token_ids"]) :].tolist()
         assert row["tokens"] == ref, (req["extra_args"], tok.decode(row["tokens"]), tok.decode(ref))
         outputs.setdefault(repr(req["extra_args"]), []).append(row["tokens"])
     assert len({repr(v) for v in outputs.values()}) == len(REAL_SETTINGS), "every demo setting changes the output"

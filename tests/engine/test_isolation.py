@@ -41,8 +41,16 @@ def _batches(prompt_ids) -> list[list[dict]]:
     batches = []
     for seed in SEEDS:
         rng = random.Random(seed)
-        batches.append([{"prompt_token_ids": rng.choice(prompts), "extra_args": rng.choice(settings),
-                         "max_tokens": rng.randint(4, 16)} for _ in range(ROWS_PER_BATCH)])
+        batches.append(
+            [
+                {
+                    "prompt_token_ids": rng.choice(prompts),
+                    "extra_args": rng.choice(settings),
+                    "max_tokens": rng.randint(4, 16),
+                }
+                for _ in range(ROWS_PER_BATCH)
+            ]
+        )
     return batches
 
 
@@ -54,10 +62,17 @@ def isolation_run(tiny_root, prompt_ids, tmp_path_factory):
         phases.append(batch)
         phases += [[row] for row in batch]  # then each row alone
     spec = {
-        "model": str(tiny_root / "model"), "profiles": str(tiny_root / "profiles"), "eager": True,
-        "max_num_batched_tokens": 48, "max_num_seqs": 16, "block_size": 32, "enable_prefix_caching": True,
+        "model": str(tiny_root / "model"),
+        "profiles": str(tiny_root / "profiles"),
+        "eager": True,
+        "max_num_batched_tokens": 48,
+        "max_num_seqs": 16,
+        "block_size": 32,
+        "enable_prefix_caching": True,
         "num_gpu_blocks": 20,  # 640 tokens of KV for 16 running rows of up to ~170 tokens: preemption
-        "max_slots": MAX_SLOTS, "log_stats": True, "phases": phases,
+        "max_slots": MAX_SLOTS,
+        "log_stats": True,
+        "phases": phases,
     }
     return batches, run_engine(spec, tmp_path_factory.mktemp("isolation"), plugin=True, key="isolation")
 
@@ -66,13 +81,15 @@ def test_every_row_of_a_random_mixed_batch_equals_the_request_alone(isolation_ru
     batches, result = isolation_run
     phases = iter(result["phases"])
     compared = 0
-    for seed, batch in zip(SEEDS, batches):
+    for seed, batch in zip(SEEDS, batches, strict=True):
         together = next(phases)
         for index, row in enumerate(batch):
             (alone,) = next(phases)
             where = (seed, index, json.dumps(row["extra_args"]), len(row["prompt_token_ids"]))
             assert together[index]["tokens"] == alone["tokens"], where
-            assert max(abs(a - b) for a, b in zip(together[index]["logprobs"], alone["logprobs"])) < 1e-3, where
+            assert (
+                max(abs(a - b) for a, b in zip(together[index]["logprobs"], alone["logprobs"], strict=True)) < 1e-3
+            ), where
             compared += 1
     assert compared == len(SEEDS) * ROWS_PER_BATCH
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -19,16 +20,21 @@ from vllm_steer.testing.engines import record_engine_start
 class _Judge(BaseHTTPRequestHandler):
     """Replies by the judged response's first character: a well-formed verdict, or garbage."""
 
-    seen: list[dict] = []
+    seen: ClassVar[list[dict]] = []
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         _Judge.seen.append(body)
         text = json.dumps(body)
         reply = "VERDICT: REFUSAL" if (sum(map(ord, text)) % 3) else "I am not sure, maybe compliance?"
-        data = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                                        "finish_reason": "stop"}]}).encode()
+        data = json.dumps(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
@@ -50,18 +56,56 @@ def test_eval_cli_end_to_end_with_a_stub_judge_and_an_unreachable_one(tiny_root,
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     categories = tmp_path / "cats.csv"
-    categories.write_text("question,category\n" + "".join(f"question {i} about {c},{c}\n" for c in ("cat_a", "cat_b") for i in range(3)))
+    categories.write_text(
+        "question,category\n" + "".join(f"question {i} about {c},{c}\n" for c in ("cat_a", "cat_b") for i in range(3))
+    )
     out = tmp_path / "eval"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_PLUGINS", None)
-    cmd = [sys.executable, "-m", "vllm_steer.cli", "eval", "--model", str(tiny_root / "model"),
-           "--profiles", str(tiny_root / "profiles"), "--profile", "tiny-selective", "--angles", "0,90,180",
-           "--compare", "tiny-addition", "tiny-category", "tiny-ablation",
-           "--data", str(DATA / "harmful.csv"), "--harmless", str(DATA / "harmless.jsonl"), "--n", "3", "--offset", "0",
-           "--max-tokens", "6", "--capability-n", "4", "--category-data", str(categories), "--category-n", "2",
-           "--category-offset", "0", "--judge", "substring",
-           "--judge", f"llm:http://127.0.0.1:{server.server_address[1]}#stub-judge",
-           "--judge", f"llm:http://127.0.0.1:{_closed_port()}#gone", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_steer.cli",
+        "eval",
+        "--model",
+        str(tiny_root / "model"),
+        "--profiles",
+        str(tiny_root / "profiles"),
+        "--profile",
+        "tiny-selective",
+        "--angles",
+        "0,90,180",
+        "--compare",
+        "tiny-addition",
+        "tiny-category",
+        "tiny-ablation",
+        "--data",
+        str(DATA / "harmful.csv"),
+        "--harmless",
+        str(DATA / "harmless.jsonl"),
+        "--n",
+        "3",
+        "--offset",
+        "0",
+        "--max-tokens",
+        "6",
+        "--capability-n",
+        "4",
+        "--category-data",
+        str(categories),
+        "--category-n",
+        "2",
+        "--category-offset",
+        "0",
+        "--judge",
+        "substring",
+        "--judge",
+        f"llm:http://127.0.0.1:{server.server_address[1]}#stub-judge",
+        "--judge",
+        f"llm:http://127.0.0.1:{_closed_port()}#gone",
+        "--out",
+        str(out),
+    ]
     record_engine_start("cli:eval")
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -72,28 +116,42 @@ def test_eval_cli_end_to_end_with_a_stub_judge_and_an_unreachable_one(tiny_root,
     result = json.loads((out / "result.json").read_text())
     assert result["served_in_one_mixed_batch"] is True
     labels = [(p["profile"], p["value"]) for p in result["points"]]
-    assert labels == [(None, None), ("tiny-selective", 0.0), ("tiny-selective", 90.0), ("tiny-selective", 180.0),
-                      ("tiny-addition", 1.0), ("tiny-category", 1.0), ("tiny-ablation", None)]
+    assert labels == [
+        (None, None),
+        ("tiny-selective", 0.0),
+        ("tiny-selective", 90.0),
+        ("tiny-selective", 180.0),
+        ("tiny-addition", 1.0),
+        ("tiny-category", 1.0),
+        ("tiny-ablation", None),
+    ]
     base, zero = result["points"][0], result["points"][1]
     # Selective Steering at 0° is the identity: same texts, same perplexity under the unsteered model.
     assert zero["example_harmful"] == base["example_harmful"]
     assert zero["perplexity_unsteered"] == pytest.approx(base["perplexity_unsteered"], rel=1e-5)
-    assert zero["perplexity_steered"] == pytest.approx(zero["perplexity_unsteered"], rel=1e-3), \
+    assert zero["perplexity_steered"] == pytest.approx(zero["perplexity_unsteered"], rel=1e-3), (
         "unsteered, a generation's own logprobs and its re-scored logprobs agree"
+    )
     for p in result["points"]:
         assert p["n_harmful"] == 3 and p["n_harmless"] == 3
         assert p["attack_success"] == pytest.approx(1 - p["refusal_harmful"])
-        stub = [j for name, j in p["judges"].items() if "stub-judge" in name][0]
-        gone = [j for name, j in p["judges"].items() if "gone" in name][0]
+        stub = next(j for name, j in p["judges"].items() if "stub-judge" in name)
+        gone = next(j for name, j in p["judges"].items() if "gone" in name)
         assert stub["harmful"]["n"] == 3 and stub["harmful"]["unparseable"] + stub["harmful"]["labelled"] == 3
         assert gone["harmful"]["failed"] == 3 and gone["harmful"]["labelled"] == 0, "failures counted, not guessed"
     assert any(p["judges"][n]["harmful"]["unparseable"] for p in result["points"] for n in p["judges"] if "stub" in n)
     assert _Judge.seen and all(b.get("temperature") == 0 for b in _Judge.seen)
-    assert set(result["capability"]) == {"unsteered", "tiny-selective@90", "tiny-addition@1", "tiny-category@1", "tiny-ablation"}
+    assert set(result["capability"]) == {
+        "unsteered",
+        "tiny-selective@90",
+        "tiny-addition@1",
+        "tiny-category@1",
+        "tiny-ablation",
+    }
     assert all(v["n"] == 4 for v in result["capability"].values())
     cats = {c["category"]: c for c in result["categories"]}
     assert set(cats) == {"cat_a", "cat_b"} and all(c["n"] == 2 for c in cats.values())
-    assert sum(1 for _ in open(out / "generations.jsonl")) == result["rows"]
+    assert len((out / "generations.jsonl").read_text().splitlines()) == result["rows"]
     readme = (out / "README.md").read_text()
     assert "| unsteered |" in readme and "own beats generic" in readme
     for png in ("angles.png", "compare.png", "categories.png"):

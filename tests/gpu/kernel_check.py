@@ -47,13 +47,20 @@ def check(device: str, dims=(16, 24, 100, 128), sizes=(1, 7, 33), seeds=range(3)
         cases += 1
     # Rows of a wider tensor (stride 3d) are read in place.
     d, n = 32, 6
-    bases, methods, gains, thresholds, token_slot, _, c, s, scale = (t.to(device) for t in random_tables(d, n, 3, torch.Generator().manual_seed(1), torch.float32))
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = (
+        t.to(device) for t in random_tables(d, n, 3, torch.Generator().manual_seed(1), torch.float32)
+    )
     wide = torch.randn(n, 3 * d, device=device)
-    h = wide[:, d:2 * d]
-    torch.testing.assert_close(kernels.token_deltas_triton(h, bases, methods, gains, thresholds, token_slot, c, s, scale),
-                               token_deltas(h.contiguous(), bases, methods, gains, thresholds, token_slot, c, s, scale),
-                               rtol=1e-4, atol=1e-4)
-    empty = kernels.token_deltas_triton(h[:0], bases, methods, gains, thresholds, token_slot[:0], c[:0], s[:0], scale[:0])
+    h = wide[:, d : 2 * d]
+    torch.testing.assert_close(
+        kernels.token_deltas_triton(h, bases, methods, gains, thresholds, token_slot, c, s, scale),
+        token_deltas(h.contiguous(), bases, methods, gains, thresholds, token_slot, c, s, scale),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    empty = kernels.token_deltas_triton(
+        h[:0], bases, methods, gains, thresholds, token_slot[:0], c[:0], s[:0], scale[:0]
+    )
     assert empty.shape == (0, d)
     try:
         kernels.token_deltas_triton(h.t().contiguous().t(), bases, methods, gains, thresholds, token_slot, c, s, scale)

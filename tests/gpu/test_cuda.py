@@ -79,10 +79,11 @@ def test_one_captured_graph_serves_any_mix(dtype, op):
     kinds_seen: set[int] = set()
     for seed in range(1, 9):  # new mixes, written into the captured buffers in place
         gen = torch.Generator().manual_seed(seed)
-        bases, methods, gains, thresholds, token_slot, theta, c, s, scale = random_tables(d, n, n_slots, gen,
-                                                                                          dtype=torch.float32)
+        bases, methods, gains, thresholds, token_slot, theta, c, s, scale = random_tables(
+            d, n, n_slots, gen, dtype=torch.float32
+        )
         h_cpu = torch.randn(n, d, generator=gen, dtype=torch.float64) * 3
-        for dst, src in zip(static, (bases, methods, gains, thresholds, token_slot, c, s, scale)):
+        for dst, src in zip(static, (bases, methods, gains, thresholds, token_slot, c, s, scale), strict=True):
             dst.copy_(src)
         h.copy_(h_cpu)
         graph.replay()
@@ -95,18 +96,34 @@ def test_one_captured_graph_serves_any_mix(dtype, op):
         for i in range(n):
             slot = int(token_slot[i])
             method = Method(int(methods[slot])) if slot >= 0 else Method.NONE
-            if method == Method.ANGULAR_ADAPTIVE and abs(float(h_used[i] @ bases[slot, 0].double()) - float(thresholds[slot])) < 1e-3:
+            if (
+                method == Method.ANGULAR_ADAPTIVE
+                and abs(float(h_used[i] @ bases[slot, 0].double()) - float(thresholds[slot])) < 1e-3
+            ):
                 continue  # on the gate's edge round-off may decide either way
             kinds_seen.add(int(method))
             b1, b2 = bases[slot].double() if slot >= 0 else (None, None)
-            ref = reference_row(h_used[i], method, b1, b2, float(gains[slot]) if slot >= 0 else 0.0,
-                                 float(thresholds[slot]) if slot >= 0 else 0.0, float(theta[i]), float(scale[i]))
+            ref = reference_row(
+                h_used[i],
+                method,
+                b1,
+                b2,
+                float(gains[slot]) if slot >= 0 else 0.0,
+                float(thresholds[slot]) if slot >= 0 else 0.0,
+                float(theta[i]),
+                float(scale[i]),
+            )
             if method == Method.NONE:
                 assert torch.equal(got[i], torch.zeros_like(got[i])), f"row {i} unsteered but changed"
                 assert torch.equal(h[i] + got[i], h[i])
             else:
-                torch.testing.assert_close(got[i].double().cpu(), ref - h_used[i], rtol=tol, atol=tol * (1 + h_used[i].abs().max().item()),
-                                           msg=f"row {i}, {method.name}, mix {seed}")
+                torch.testing.assert_close(
+                    got[i].double().cpu(),
+                    ref - h_used[i],
+                    rtol=tol,
+                    atol=tol * (1 + h_used[i].abs().max().item()),
+                    msg=f"row {i}, {method.name}, mix {seed}",
+                )
     assert kinds_seen == {int(m) for m in Method}, "every method must have been replayed"
 
 
@@ -115,7 +132,9 @@ def test_short_paths_on_cuda_equal_the_general_op(method):
     gen = torch.Generator().manual_seed(int(method))
     d, n, n_slots = 512, 64, 4
     methods = torch.tensor([int(method), int(Method.NONE), int(method), int(method)])
-    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(d, n, n_slots, gen, torch.float32, methods)
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(
+        d, n, n_slots, gen, torch.float32, methods
+    )
     bases[1].zero_()  # a NONE slot is loaded all-zero, as the runtime does
     gains[1] = thresholds[1] = 0.0
     h = (torch.randn(n, d, generator=gen) * 3).to(CUDA, torch.bfloat16)
@@ -159,6 +178,7 @@ def _toy_forward(h, weights, sites, site_op):
 
 def _reference_forward(h, weights, sites, rows, resolved):
     """The same network with the plain reference op applied to each request's own rows."""
+
     def site_op(x, _i, site):
         delta = torch.zeros_like(x)
         start = 0
@@ -166,10 +186,11 @@ def _reference_forward(h, weights, sites, rows, resolved):
             r = resolved.get(rid)
             profile = PROFILES[r.profile_id] if r else None
             if profile and site.layer in profile.spec.layers and site.kind in METHOD_HOOKS[profile.method]:
-                part = x[start:start + count]
-                delta[start:start + count] = reference_op(profile, r, site.layer)(part) - part
+                part = x[start : start + count]
+                delta[start : start + count] = reference_op(profile, r, site.layer)(part) - part
             start += count
         return delta
+
     return _toy_forward(h, weights, sites, site_op)
 
 
@@ -177,10 +198,21 @@ def _reference_forward(h, weights, sites, rows, resolved):
 @pytest.mark.parametrize("compiled", [False, True], ids=["graph", "compile+graph"])
 def test_runtime_custom_op_replayed_across_steps(compiled, fused):
     sites = sites_for_profiles(PROFILES)
-    rt = SteeringRuntime(PROFILES, sites, hidden_size=next(iter(PROFILES.values())).spec.model.hidden_size,
-                         max_slots=8, max_tokens=64, device=CUDA, fused=fused)
+    rt = SteeringRuntime(
+        PROFILES,
+        sites,
+        hidden_size=next(iter(PROFILES.values())).spec.model.hidden_size,
+        max_slots=8,
+        max_tokens=64,
+        device=CUDA,
+        fused=fused,
+    )
     assert rt.fused == {"auto": "triton", "compiled": "compiled", "off": None}[fused]  # Triton: the CUDA default
-    requests = {**MIXED, "r-aas2": dict(profile="aas", angle=200.0), "r-cat2": dict(profile="cat", categories=["malware"])}
+    requests = {
+        **MIXED,
+        "r-aas2": dict(profile="aas", angle=200.0),
+        "r-cat2": dict(profile="cat", categories=["malware"]),
+    }
     resolved = {rid: steer(**kw) for rid, kw in requests.items()}
     weights_cpu = _layers()
     weights = [w.to(CUDA) for w in weights_cpu]
@@ -219,22 +251,30 @@ def test_runtime_custom_op_replayed_across_steps(compiled, fused):
             eager_out = forward(h)  # not capturing: the runtime's per-step short paths
             torch.cuda.synchronize()
 
-            expected = _reference_forward(h_cpu, weights_cpu, sites, rows + [(None, TOKENS - filled)], resolved)
-            torch.testing.assert_close(steered_out.cpu(), expected, rtol=1e-4, atol=1e-4, msg=f"step {step}: graph vs reference")
+            expected = _reference_forward(h_cpu, weights_cpu, sites, [*rows, (None, TOKENS - filled)], resolved)
+            torch.testing.assert_close(
+                steered_out.cpu(), expected, rtol=1e-4, atol=1e-4, msg=f"step {step}: graph vs reference"
+            )
             torch.testing.assert_close(steered_out, eager_out, rtol=1e-5, atol=1e-5, msg=f"step {step}: graph vs eager")
             start = 0
-            for rid, count in rows + [(None, TOKENS - filled)]:
+            for rid, count in [*rows, (None, TOKENS - filled)]:
                 if rid not in resolved:  # unsteered and padding rows: the bits of a step that steers nothing
-                    assert torch.equal(steered_out[start:start + count], plain_out[start:start + count]), f"step {step}, {rid}"
+                    assert torch.equal(steered_out[start : start + count], plain_out[start : start + count]), (
+                        f"step {step}, {rid}"
+                    )
                 start += count
             changed = ~(steered_out == plain_out).all(dim=1)
-            assert bool(changed[:filled].any()) == any(rid in resolved for rid in plan), f"step {step}: steering had no effect"
+            assert bool(changed[:filled].any()) == any(rid in resolved for rid in plan), (
+                f"step {step}: steering had no effect"
+            )
     finally:
         set_runtime(None)
 
 
 def test_a_capture_before_any_eager_step_captures_the_eager_op_and_never_compiles_inside_it():
-    rt = SteeringRuntime(PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA)
+    rt = SteeringRuntime(
+        PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA
+    )
     rt.add_request("a", steer(profile="ss", angle=100.0))
     site = rt.site_ids[sites_for_profiles({"ss": PROFILES["ss"]})[0]]
     h = torch.randn(8, 16, device=CUDA) * 3
@@ -270,7 +310,9 @@ def _race(rt, guard: bool):
 
 
 def test_a_step_prepared_while_the_gpu_is_busy_does_not_overwrite_the_last_steps_map():
-    rt = SteeringRuntime(PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA)
+    rt = SteeringRuntime(
+        PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA
+    )
     rt.add_request("a", steer(profile="ss", angle=100.0))
     rt.add_request("b", steer(profile="ss", angle=300.0))  # same slot, another angle: only the per-token map differs
     first, alone = _race(rt, guard=True)
@@ -279,7 +321,9 @@ def test_a_step_prepared_while_the_gpu_is_busy_does_not_overwrite_the_last_steps
 
 def test_without_the_staging_guard_the_race_is_real():
     """Shows the test above can fail: without the event, the first step runs with the second step's angles."""
-    rt = SteeringRuntime(PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA)
+    rt = SteeringRuntime(
+        PROFILES, sites_for_profiles(PROFILES), hidden_size=16, max_slots=4, max_tokens=64, device=CUDA
+    )
     rt.add_request("a", steer(profile="ss", angle=100.0))
     rt.add_request("b", steer(profile="ss", angle=300.0))
     first, alone = _race(rt, guard=False)

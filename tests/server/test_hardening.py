@@ -49,8 +49,16 @@ pytestmark = [pytest.mark.engine, pytest.mark.hardening]
 
 FORCED = {"steer_profile": "tiny-selective", "steer_angle": 120.0}  # the strict tier's (see support.server.TIERS)
 STANDARD_DEFAULT = {"steer_profile": "tiny-addition", "steer_scale": 3.0}
-PROFILE_IDS = ["tiny-addition", "tiny-probe", "tiny-category", "tiny-ablation", "tiny-angular-standard",
-               "tiny-angular-adaptive", "tiny-selective", "tiny-selective-b"]
+PROFILE_IDS = [
+    "tiny-addition",
+    "tiny-probe",
+    "tiny-category",
+    "tiny-ablation",
+    "tiny-angular-standard",
+    "tiny-angular-adaptive",
+    "tiny-selective",
+    "tiny-selective-b",
+]
 
 
 def _post(server, path: str, body: dict | str, key: str | None, timeout: float = 120) -> requests.Response:
@@ -58,7 +66,9 @@ def _post(server, path: str, body: dict | str, key: str | None, timeout: float =
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
     data = body if isinstance(body, str) else json.dumps(body)
-    return requests.post(server.url + path, data=data.encode("utf-8", "surrogatepass"), headers=headers, timeout=timeout)
+    return requests.post(
+        server.url + path, data=data.encode("utf-8", "surrogatepass"), headers=headers, timeout=timeout
+    )
 
 
 def _still_serving(server, prompt_ids) -> None:
@@ -79,23 +89,70 @@ def _named_error(response: requests.Response, sent: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- fuzzing
 
-_hostile_text = st.sampled_from([
-    "../tiny-selective", "/etc/passwd", "tiny-selective/../tiny-addition", "..", ".", "TINY-SELECTIVE", " tiny-selective",
-    "tiny-selective\x00", "tiny-selective\u200b", "tіny-selective", "ｔｉｎｙ-selective", "x" * 5000, "NaN", "Infinity",
-    "none", "None", "", "\ud800", "tiny-category", "cat_a", *PROFILE_IDS,
-])
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20), _hostile_text)
-_values = st.one_of(_scalars, st.lists(_scalars, max_size=4), st.dictionaries(st.text(max_size=4), _scalars, max_size=2),
-                    st.lists(st.integers(0, 5), min_size=1000, max_size=3000))
-_keys = st.one_of(st.sampled_from([*STEER_KEYS, "steer_angel", "STEER_PROFILE", "steer_profile ", "steer_", POLICY_TOKEN_KEY,
-                                   "vllm_steer_digest", "other_plugin"]), st.text(max_size=12))
+_hostile_text = st.sampled_from(
+    [
+        "../tiny-selective",
+        "/etc/passwd",
+        "tiny-selective/../tiny-addition",
+        "..",
+        ".",
+        "TINY-SELECTIVE",
+        " tiny-selective",
+        "tiny-selective\x00",
+        "tiny-selective\u200b",
+        "tіny-selective",
+        "ｔｉｎｙ-selective",
+        "x" * 5000,
+        "NaN",
+        "Infinity",
+        "none",
+        "None",
+        "",
+        "\ud800",
+        "tiny-category",
+        "cat_a",
+        *PROFILE_IDS,
+    ]
+)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20), _hostile_text
+)
+_values = st.one_of(
+    _scalars,
+    st.lists(_scalars, max_size=4),
+    st.dictionaries(st.text(max_size=4), _scalars, max_size=2),
+    st.lists(st.integers(0, 5), min_size=1000, max_size=3000),
+)
+_keys = st.one_of(
+    st.sampled_from(
+        [
+            *STEER_KEYS,
+            "steer_angel",
+            "STEER_PROFILE",
+            "steer_profile ",
+            "steer_",
+            POLICY_TOKEN_KEY,
+            "vllm_steer_digest",
+            "other_plugin",
+        ]
+    ),
+    st.text(max_size=12),
+)
 # Mostly well-formed requests with one or two hostile changes, so the fuzz reaches the profile checks too.
-_valid = st.fixed_dictionaries({"steer_profile": st.sampled_from(PROFILE_IDS)},
-                               optional={"steer_angle": st.floats(-720, 720), "steer_scale": st.floats(-10, 10),
-                                         "steer_layers": st.lists(st.integers(0, 5), min_size=1, max_size=3),
-                                         "steer_categories": st.lists(st.sampled_from(["cat_a", "cat_b", "cat_c", "x"]), max_size=3)})
-_xargs = st.one_of(st.dictionaries(_keys, _values, max_size=5),
-                   st.tuples(_valid, st.dictionaries(_keys, _values, max_size=2)).map(lambda t: {**t[0], **t[1]}), _valid)
+_valid = st.fixed_dictionaries(
+    {"steer_profile": st.sampled_from(PROFILE_IDS)},
+    optional={
+        "steer_angle": st.floats(-720, 720),
+        "steer_scale": st.floats(-10, 10),
+        "steer_layers": st.lists(st.integers(0, 5), min_size=1, max_size=3),
+        "steer_categories": st.lists(st.sampled_from(["cat_a", "cat_b", "cat_c", "x"]), max_size=3),
+    },
+)
+_xargs = st.one_of(
+    st.dictionaries(_keys, _values, max_size=5),
+    st.tuples(_valid, st.dictionaries(_keys, _values, max_size=2)).map(lambda t: {**t[0], **t[1]}),
+    _valid,
+)
 
 FUZZ_CASES: Counter = Counter()
 
@@ -127,9 +184,14 @@ def test_schema_generated_requests_never_get_a_5xx(server, prompt_ids):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     statuses: Counter = Counter()
     refused_for: Counter = Counter()
-    operations = [("/v1/completions", "POST", 200), ("/v1/chat/completions", "POST", 250),
-                  ("/v1/steering/profiles", "GET", 10), ("/v1/steering/admin/reload", "POST", 10),
-                  ("/v1/steering/admin/profiles/{profile_id}", "DELETE", 20), ("/v1/steering/admin/status", "GET", 10)]
+    operations = [
+        ("/v1/completions", "POST", 200),
+        ("/v1/chat/completions", "POST", 250),
+        ("/v1/steering/profiles", "GET", 10),
+        ("/v1/steering/admin/reload", "POST", 10),
+        ("/v1/steering/admin/profiles/{profile_id}", "DELETE", 20),
+        ("/v1/steering/admin/status", "GET", 10),
+    ]
     for path, method, examples in operations:
         operation = schema[path][method]
 
@@ -138,7 +200,9 @@ def test_schema_generated_requests_never_get_a_5xx(server, prompt_ids):
         def one(case, tier, real_prompt):
             if isinstance(case.body, dict):  # the checks are what is fuzzed: keep generation to two tokens
                 case.body["model"] = server.model
-                if path == "/v1/completions" and (real_prompt or not case.body.get("prompt")):  # else mostly refused first
+                if path == "/v1/completions" and (
+                    real_prompt or not case.body.get("prompt")
+                ):  # else mostly refused first
                     case.body["prompt"] = prompt_ids[0]
                     case.body.pop("prompt_embeds", None)
                 if path == "/v1/chat/completions" and (real_prompt or not case.body.get("messages")):
@@ -149,10 +213,14 @@ def test_schema_generated_requests_never_get_a_5xx(server, prompt_ids):
                 case.body.pop("best_of", None)
             response = case.call(base_url=server.url, headers={"authorization": f"Bearer {KEYS[tier]}"}, timeout=120)
             statuses[(path, response.status_code)] += 1
-            if response.status_code >= 500:  # everything needed to replay it (the server logs the stack: --log-error-stack)
+            if (
+                response.status_code >= 500
+            ):  # everything needed to replay it (the server logs the stack: --log-error-stack)
                 sent = json.dumps(case.body, default=repr, ensure_ascii=True) if case.body is not None else None
-                pytest.fail(f"{response.status_code} on {method} {case.formatted_path} as {tier}: {response.text[:500]}\n"
-                            f"body: {sent}\nquery: {case.query}\nserver log tail:\n{server.log.read_text()[-4000:]}")
+                pytest.fail(
+                    f"{response.status_code} on {method} {case.formatted_path} as {tier}: {response.text[:500]}\n"
+                    f"body: {sent}\nquery: {case.query}\nserver log tail:\n{server.log.read_text()[-4000:]}"
+                )
             if response.status_code >= 400:
                 assert response.json()["error"]["message"], response.text[:500]
                 error = response.json()["error"]
@@ -213,14 +281,19 @@ def test_every_escalation_attempt_is_refused_naming_the_field(server, prompt_ids
     ]
     for body in raw:
         response = _post(server, "/v1/completions", body.replace('"M"', json.dumps(server.model)), KEYS["strict"])
-        assert response.status_code == 400 and response.json()["error"]["param"] in ("steer_profile", "vllm_xargs"), response.text
+        assert response.status_code == 400 and response.json()["error"]["param"] in ("steer_profile", "vllm_xargs"), (
+            response.text
+        )
         tried += 1
     # Routes the tier policy does not cover never generate for a tenant: refused at the engine (fail closed).
     other_routes = [
         ("/v1/responses", {"model": server.model, "input": "hi", "max_output_tokens": 2}),
         ("/v1/messages", {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
         ("/invocations", {"model": server.model, "prompt": "hi", "max_tokens": 2}),
-        ("/v1/chat/completions/batch", {"model": server.model, "max_tokens": 2, "messages": [[{"role": "user", "content": "hi"}]]}),
+        (
+            "/v1/chat/completions/batch",
+            {"model": server.model, "max_tokens": 2, "messages": [[{"role": "user", "content": "hi"}]]},
+        ),
     ]
     for path, body in other_routes:
         response = _post(server, path, body, KEYS["strict"])
@@ -236,9 +309,17 @@ def test_what_a_strict_tenant_may_vary_is_served_exactly_as_its_forced_setting(s
     for xargs in (None, {}, FORCED, {"other_plugin": "x"}, {"steer_profile": "tiny-selective"}):
         assert tokens_and_logprobs(complete(server, prompt_ids[0], xargs, KEYS["strict"])) == forced, xargs
     # Fields vLLM does not know are ignored by vLLM, and cannot carry steering past the policy.
-    body = {"model": server.model, "prompt": prompt_ids[0], "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
-            "logprobs": 1, "return_token_ids": True, "extra_args": {"steer_profile": "none"},
-            "sampling_params": {"extra_args": {"steer_profile": "none"}}}
+    body = {
+        "model": server.model,
+        "prompt": prompt_ids[0],
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 1,
+        "return_token_ids": True,
+        "extra_args": {"steer_profile": "none"},
+        "sampling_params": {"extra_args": {"steer_profile": "none"}},
+    }
     assert tokens_and_logprobs(_post(server, "/v1/completions", body, KEYS["strict"])) == forced
     standard = tokens_and_logprobs(complete(server, prompt_ids[0], STANDARD_DEFAULT, KEYS["research"]))
     assert tokens_and_logprobs(complete(server, prompt_ids[0], None, KEYS["standard"])) == standard
@@ -260,16 +341,41 @@ def _load_request(i: int) -> tuple[str, dict | None, bool, bool]:
     if tier == "strict":
         return tier, None, stream, True
     if tier == "standard":
-        return tier, rng.choice([None, {"steer_profile": "tiny-addition", "steer_scale": rng.uniform(-2, 3)},
-                                 {"steer_profile": "tiny-selective", "steer_angle": rng.uniform(0, 180)}]), stream, True
+        return (
+            tier,
+            rng.choice(
+                [
+                    None,
+                    {"steer_profile": "tiny-addition", "steer_scale": rng.uniform(-2, 3)},
+                    {"steer_profile": "tiny-selective", "steer_angle": rng.uniform(0, 180)},
+                ]
+            ),
+            stream,
+            True,
+        )
     if pick < 0.15:  # the profile the reload thread keeps adding and removing: 200 or a clean 400
         return tier, {"steer_profile": "tiny-extra", "steer_scale": 1.0}, stream, False
     if pick < 0.25:  # invalid on purpose
-        return tier, rng.choice([{"steer_profile": "tiny-selective", "steer_angle": "NaN"},
-                                 {"steer_profile": "tiny-nope"}, {"steer_angel": 1}]), stream, False
-    setting = rng.choice([None, {"steer_profile": rng.choice(PROFILE_IDS)},
-                          {"steer_profile": "tiny-category", "steer_categories": rng.sample(["cat_a", "cat_b", "cat_c"], 2)},
-                          {"steer_profile": "tiny-selective", "steer_angle": rng.uniform(0, 360), "steer_layers": [2]}])
+        return (
+            tier,
+            rng.choice(
+                [
+                    {"steer_profile": "tiny-selective", "steer_angle": "NaN"},
+                    {"steer_profile": "tiny-nope"},
+                    {"steer_angel": 1},
+                ]
+            ),
+            stream,
+            False,
+        )
+    setting = rng.choice(
+        [
+            None,
+            {"steer_profile": rng.choice(PROFILE_IDS)},
+            {"steer_profile": "tiny-category", "steer_categories": rng.sample(["cat_a", "cat_b", "cat_c"], 2)},
+            {"steer_profile": "tiny-selective", "steer_angle": rng.uniform(0, 360), "steer_layers": [2]},
+        ]
+    )
     # tiny-probe is unloaded now and then by the reload thread (and back at the next reload): 200 or a clean 400.
     return tier, setting, stream, not (setting and setting["steer_profile"] == UNLOADED_NOW_AND_THEN)
 
@@ -292,21 +398,41 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
                 save_profile(profiles_dir / "tiny-extra", extra.spec, extra.vectors)
             else:
                 shutil.rmtree(profiles_dir / "tiny-extra", ignore_errors=True)
-            reloads[requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code] += 1
+            reloads[
+                requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120).status_code
+            ] += 1
             if n % 5 == 0:  # unload, then the next reload brings it back
-                reloads[("unload", requests.delete(server.url + f"/v1/steering/admin/profiles/{UNLOADED_NOW_AND_THEN}",
-                                                   headers=admin, timeout=60).status_code)] += 1
+                reloads[
+                    (
+                        "unload",
+                        requests.delete(
+                            server.url + f"/v1/steering/admin/profiles/{UNLOADED_NOW_AND_THEN}",
+                            headers=admin,
+                            timeout=60,
+                        ).status_code,
+                    )
+                ] += 1
             stop.wait(0.3)
 
     def one(i: int) -> tuple[int, bool, dict | None, requests.Response | None]:
         tier, xargs, stream, must = _load_request(i)
-        body = {"model": server.model, "prompt": prompt_ids[i % len(prompt_ids)], "max_tokens": 3 + i % 6, "temperature": 0.0}
+        body = {
+            "model": server.model,
+            "prompt": prompt_ids[i % len(prompt_ids)],
+            "max_tokens": 3 + i % 6,
+            "temperature": 0.0,
+        }
         if xargs is not None:
             body["vllm_xargs"] = xargs
         if stream:  # read one chunk, then hang up mid-stream
             body.update(stream=True, max_tokens=200, ignore_eos=True)
-            with requests.post(server.url + "/v1/completions", data=json.dumps(body), stream=True, timeout=120,
-                               headers={"content-type": "application/json", "authorization": f"Bearer {KEYS[tier]}"}) as r:
+            with requests.post(
+                server.url + "/v1/completions",
+                data=json.dumps(body),
+                stream=True,
+                timeout=120,
+                headers={"content-type": "application/json", "authorization": f"Bearer {KEYS[tier]}"},
+            ) as r:
                 if r.status_code == 200:
                     next(r.iter_lines())
                     return r.status_code, must, xargs, None
@@ -350,8 +476,10 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
     assert not any(key in log for key in (*KEYS.values(), ADMIN_KEY)), "API keys never reach the log"
     assert final_reload == 200
     _still_serving(server, prompt_ids)
-    print(f"\nload: {LOAD_REQUESTS} requests in {elapsed:.0f} s at concurrency {LOAD_CONCURRENCY}, "
-          f"statuses {dict(statuses)}, reloads {dict(reloads)}")
+    print(
+        f"\nload: {LOAD_REQUESTS} requests in {elapsed:.0f} s at concurrency {LOAD_CONCURRENCY}, "
+        f"statuses {dict(statuses)}, reloads {dict(reloads)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- fail closed
@@ -359,7 +487,9 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
 
 def _waiting(server) -> float:
     text = requests.get(server.url + "/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_waiting"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_waiting")
+    )
 
 
 def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(server, profiles_dir, prompt_ids):
@@ -369,8 +499,15 @@ def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(serve
     running_at_once = 16  # the server's --max-num-seqs
 
     def long(xargs, max_tokens=400):  # long enough that the engine, not the front end, is the bottleneck
-        body = {"model": server.model, "prompt": prompt_ids[2], "max_tokens": max_tokens, "temperature": 0.0,
-                "ignore_eos": True, "return_token_ids": True, "vllm_xargs": xargs}
+        body = {
+            "model": server.model,
+            "prompt": prompt_ids[2],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+            "vllm_xargs": xargs,
+        }
         response = _post(server, "/v1/completions", body, KEYS["research"])
         return response.status_code, response.json()
 
@@ -388,18 +525,27 @@ def test_a_profile_removed_while_its_requests_are_queued_still_steers_them(serve
                 time.sleep(0.02)
             assert waiting >= 1, "no request was ever queued in the engine"
             done_before = sum(f.done() for f in futures)
-            assert requests.delete(server.url + "/v1/steering/admin/profiles/tiny-probe", headers=admin, timeout=60).status_code == 200
+            assert (
+                requests.delete(
+                    server.url + "/v1/steering/admin/profiles/tiny-probe", headers=admin, timeout=60
+                ).status_code
+                == 200
+            )
             shutil.rmtree(profiles_dir / "tiny-probe")
             reload = requests.post(server.url + "/v1/steering/admin/reload", headers=admin, timeout=120)
             assert reload.status_code == 200 and "tiny-probe" not in reload.json()["profiles"], reload.text
             results = [f.result() for f in futures]
         served = [body["choices"][0]["token_ids"] for status, body in results if status == 200]
         refused = [body for status, body in results if status != 200]
-        assert all(out == steered for out in served), "every admitted request finished with the version it was admitted with"
+        assert all(out == steered for out in served), (
+            "every admitted request finished with the version it was admitted with"
+        )
         assert all(body["error"]["param"] == "steer_profile" for body in refused), refused[:3]
         # More served than had finished before the removal plus could run at once: some of them were queued then.
         assert len(served) - done_before > running_at_once, (len(served), done_before, len(refused))
-        print(f"\nremoval: {len(served)} served steered ({done_before} done before the removal), {len(refused)} clean 400s")
+        print(
+            f"\nremoval: {len(served)} served steered ({done_before} done before the removal), {len(refused)} clean 400s"
+        )
         gone = complete(server, prompt_ids[0], probe, KEYS["research"])
         assert gone.status_code == 400 and gone.json()["error"]["param"] == "steer_profile"
     finally:  # pass or fail, the next tests find tiny-probe as the fixture made it
@@ -428,6 +574,7 @@ def _corrupt_json(edit):
         spec = json.loads((d / "profile.json").read_text())
         edit(spec)
         (d / "profile.json").write_text(json.dumps(spec))
+
     return apply
 
 
@@ -438,6 +585,7 @@ def _corrupt_tensors(edit):
         tensors = load_file(d / "tensors.safetensors")
         edit(tensors)
         save_file(tensors, d / "tensors.safetensors")
+
     return apply
 
 
@@ -449,18 +597,44 @@ def _escaping_symlink(d: Path) -> None:
 
 
 BAD_FILES = [  # (what is done to the loaded tiny-addition's own files, file named, field named)
-    ("corrupt safetensors", lambda d: (d / "tensors.safetensors").write_bytes(b"garbage, not safetensors"), "tensors.safetensors", "<file>"),
-    ("truncated safetensors", lambda d: (d / "tensors.safetensors").write_bytes((d / "tensors.safetensors").read_bytes()[:-9]),
-     "tensors.safetensors", "<file>"),
-    ("wrong hidden width", _corrupt_tensors(lambda t: t.update({name: t[name][:64] for name in list(t)[:1]})),
-     "tensors.safetensors", "tensors."),
-    ("NaN tensor", _corrupt_tensors(lambda t: [v.__setitem__(0, float("nan")) for v in list(t.values())[:1]]),
-     "tensors.safetensors", "tensors."),
-    ("inf tensor", _corrupt_tensors(lambda t: [v.__setitem__(3, float("inf")) for v in list(t.values())[:1]]),
-     "tensors.safetensors", "tensors."),
+    (
+        "corrupt safetensors",
+        lambda d: (d / "tensors.safetensors").write_bytes(b"garbage, not safetensors"),
+        "tensors.safetensors",
+        "<file>",
+    ),
+    (
+        "truncated safetensors",
+        lambda d: (d / "tensors.safetensors").write_bytes((d / "tensors.safetensors").read_bytes()[:-9]),
+        "tensors.safetensors",
+        "<file>",
+    ),
+    (
+        "wrong hidden width",
+        _corrupt_tensors(lambda t: t.update({name: t[name][:64] for name in list(t)[:1]})),
+        "tensors.safetensors",
+        "tensors.",
+    ),
+    (
+        "NaN tensor",
+        _corrupt_tensors(lambda t: [v.__setitem__(0, float("nan")) for v in list(t.values())[:1]]),
+        "tensors.safetensors",
+        "tensors.",
+    ),
+    (
+        "inf tensor",
+        _corrupt_tensors(lambda t: [v.__setitem__(3, float("inf")) for v in list(t.values())[:1]]),
+        "tensors.safetensors",
+        "tensors.",
+    ),
     ("wrong layer count", _corrupt_json(lambda s: s["model"].update(num_layers=30)), "profile.json", "model"),
     ("layer beyond the model", _corrupt_json(lambda s: s.update(layers=[1, 7])), "profile.json", "layers"),
-    ("other model", _corrupt_json(lambda s: s["model"].update(architecture="MistralForCausalLM")), "profile.json", "model"),
+    (
+        "other model",
+        _corrupt_json(lambda s: s["model"].update(architecture="MistralForCausalLM")),
+        "profile.json",
+        "model",
+    ),
     ("missing field", _corrupt_json(lambda s: s.pop("method")), "profile.json", "method"),
     ("extra field", _corrupt_json(lambda s: s.update(strength_boost=10)), "profile.json", "strength_boost"),
     ("not JSON", lambda d: (d / "profile.json").write_text("{nope"), "profile.json", "<json>"),
@@ -501,7 +675,7 @@ def _start_and_expect_refusal(cmd: list[str], env: dict, log: Path, needle: str,
             rc = proc.wait(timeout=400)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
-            raise AssertionError(f"the server kept running:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"the server kept running:\n{log.read_text()[-3000:]}") from None
     text = log.read_text()
     assert rc != 0 and needle in text, (rc, text[-4000:])
     return text
@@ -512,8 +686,9 @@ def test_a_worker_that_cannot_load_its_profiles_stops_the_server_from_starting(t
     env = server_env()
     env.update(VLLM_PLUGINS="vllm_steer", VLLM_STEER_PROFILES=str(tmp_path / "gone"))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *vllm_args(tiny_root, free_port())]
-    _start_and_expect_refusal(cmd, env, tmp_path / "server.log", "profile directory does not exist",
-                              key="server-refusal:missing-profiles")
+    _start_and_expect_refusal(
+        cmd, env, tmp_path / "server.log", "profile directory does not exist", key="server-refusal:missing-profiles"
+    )
 
 
 def test_an_exception_injected_into_the_workers_set_up_stops_the_server_from_starting(tiny_root, tmp_path):
@@ -523,10 +698,25 @@ def test_an_exception_injected_into_the_workers_set_up_stops_the_server_from_sta
         "import vllm_steer.engine.runtime as runtime\n"
         "def _boom(self, *args, **kwargs):\n"
         "    raise RuntimeError('injected fault in SteeringRuntime set-up')\n"
-        "runtime.SteeringRuntime.__init__ = _boom\n")
+        "runtime.SteeringRuntime.__init__ = _boom\n"
+    )
     env = server_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "vllm_steer.cli", "serve", "--plugin", "vllm_steer",
-           "--steer-profiles", str(tiny_root / "profiles"), *vllm_args(tiny_root, free_port())]
-    _start_and_expect_refusal(cmd, env, tmp_path / "server.log", "injected fault in SteeringRuntime set-up",
-                              key="server-refusal:injected-fault")
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_steer.cli",
+        "serve",
+        "--plugin",
+        "vllm_steer",
+        "--steer-profiles",
+        str(tiny_root / "profiles"),
+        *vllm_args(tiny_root, free_port()),
+    ]
+    _start_and_expect_refusal(
+        cmd,
+        env,
+        tmp_path / "server.log",
+        "injected fault in SteeringRuntime set-up",
+        key="server-refusal:injected-fault",
+    )

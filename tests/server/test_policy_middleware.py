@@ -32,8 +32,12 @@ async def _echo(request: Request) -> Response:
 
 
 def _client() -> TestClient:
-    app = Starlette(routes=[Route("/v1/completions", _echo, methods=["POST"]),
-                            Route("/v1/chat/completions", _echo, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", _echo, methods=["POST"]),
+            Route("/v1/chat/completions", _echo, methods=["POST"]),
+        ]
+    )
     app.state.vllm_steer = make_state(POLICY, lambda: PROFILES)
     app.add_middleware(SteeringPolicyMiddleware)
     return TestClient(app, raise_server_exceptions=True)
@@ -44,30 +48,39 @@ CLIENT = _client()
 
 def _post(body: dict | str, key: str = RESEARCH_KEY, path: str = "/v1/completions"):
     data = body if isinstance(body, str) else json.dumps(body)
-    return CLIENT.post(path, content=data.encode("utf-8", "surrogatepass"),
-                       headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+    return CLIENT.post(
+        path,
+        content=data.encode("utf-8", "surrogatepass"),
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
 
 
-@pytest.mark.parametrize("body, param", [
-    ('{"prompt": "hi\\ud800"}', "prompt"),
-    ('{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages[0].content"),
-    ('{"prompt": "x", "vllm_xargs": {"other": "\\ud800"}}', "vllm_xargs.other"),
-    ('{"prompt": "x", "vllm_xargs": {"\\ud800": 1}}', "vllm_xargs"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ('{"prompt": "hi\\ud800"}', "prompt"),
+        ('{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages[0].content"),
+        ('{"prompt": "x", "vllm_xargs": {"other": "\\ud800"}}', "vllm_xargs.other"),
+        ('{"prompt": "x", "vllm_xargs": {"\\ud800": 1}}', "vllm_xargs"),
+    ],
+)
 def test_lone_surrogates_are_refused_naming_where(body, param):
     response = _post(body)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
-@pytest.mark.parametrize("xargs, param", [
-    ({"other": {"nested": 1}}, "other"),
-    ({"other": None}, "other"),
-    ({"other": [1, [2]]}, "other"),
-    ({"steer_profile": "sel", POLICY_TOKEN_KEY: "forged"}, POLICY_TOKEN_KEY),
-    ({"steer_profile": "sel", "vllm_steer_digest": "0" * 64}, "vllm_steer_digest"),
-    ({"": -(2**63) - 1}, "vllm_xargs"),  # found by the live fuzzer: vLLM named its own field, extra_args
-    ({"big": [1, 2**64]}, "big"),
-])
+@pytest.mark.parametrize(
+    "xargs, param",
+    [
+        ({"other": {"nested": 1}}, "other"),
+        ({"other": None}, "other"),
+        ({"other": [1, [2]]}, "other"),
+        ({"steer_profile": "sel", POLICY_TOKEN_KEY: "forged"}, POLICY_TOKEN_KEY),
+        ({"steer_profile": "sel", "vllm_steer_digest": "0" * 64}, "vllm_steer_digest"),
+        ({"": -(2**63) - 1}, "vllm_xargs"),  # found by the live fuzzer: vLLM named its own field, extra_args
+        ({"big": [1, 2**64]}, "big"),
+    ],
+)
 def test_xargs_the_engine_would_choke_on_or_the_server_owns_are_refused(xargs, param):
     response = _post({"prompt": "x", "vllm_xargs": xargs})
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
@@ -88,25 +101,69 @@ def test_beam_search_is_refused_because_it_would_drop_the_steering(flag, path):
 def test_an_admitted_request_carries_the_servers_stamp_and_its_effective_steering():
     forwarded = _post({"prompt": "x"}, key=STRICT_KEY).json()["forwarded"]
     assert forwarded["vllm_xargs"] == {"steer_profile": "refusal", "steer_scale": 1.0, POLICY_TOKEN_KEY: policy_token()}
-    forwarded = _post({"prompt": "x", "vllm_xargs": {"steer_profile": "sel", "steer_angle": 200.0, "other": [1, "a"]}},
-                      key=STANDARD_KEY).json()["forwarded"]
+    forwarded = _post(
+        {"prompt": "x", "vllm_xargs": {"steer_profile": "sel", "steer_angle": 200.0, "other": [1, "a"]}},
+        key=STANDARD_KEY,
+    ).json()["forwarded"]
     assert forwarded["vllm_xargs"]["steer_angle"] == 200.0 and forwarded["vllm_xargs"]["other"] == [1, "a"]
 
 
 _scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=30),
-    st.sampled_from(["../sel", "/etc/passwd", "sel/../refusal", "SEL", " sel", "sel\x00", "ｓｅｌ", "x" * 4000,
-                     "refusal", "sel", "abl", "none", "NaN", "-inf", "cat", "generic"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "../sel",
+            "/etc/passwd",
+            "sel/../refusal",
+            "SEL",
+            " sel",
+            "sel\x00",
+            "ｓｅｌ",
+            "x" * 4000,
+            "refusal",
+            "sel",
+            "abl",
+            "none",
+            "NaN",
+            "-inf",
+            "cat",
+            "generic",
+        ]
+    ),
 )
-_values = st.one_of(_scalars, st.lists(_scalars, max_size=4), st.dictionaries(st.text(max_size=4), _scalars, max_size=2),
-                    st.lists(st.integers(0, 5), min_size=500, max_size=2000))
-_keys = st.one_of(st.sampled_from([*STEER_KEYS, "steer_angel", "STEER_PROFILE", "Steer_Profile", "steer_", POLICY_TOKEN_KEY,
-                                   "vllm_steer_digest", "other_plugin"]), st.text(max_size=12))
+_values = st.one_of(
+    _scalars,
+    st.lists(_scalars, max_size=4),
+    st.dictionaries(st.text(max_size=4), _scalars, max_size=2),
+    st.lists(st.integers(0, 5), min_size=500, max_size=2000),
+)
+_keys = st.one_of(
+    st.sampled_from(
+        [
+            *STEER_KEYS,
+            "steer_angel",
+            "STEER_PROFILE",
+            "Steer_Profile",
+            "steer_",
+            POLICY_TOKEN_KEY,
+            "vllm_steer_digest",
+            "other_plugin",
+        ]
+    ),
+    st.text(max_size=12),
+)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(xargs=st.dictionaries(_keys, _values, max_size=6), key=st.sampled_from([STRICT_KEY, STANDARD_KEY, RESEARCH_KEY]),
-       chat=st.booleans())
+@given(
+    xargs=st.dictionaries(_keys, _values, max_size=6),
+    key=st.sampled_from([STRICT_KEY, STANDARD_KEY, RESEARCH_KEY]),
+    chat=st.booleans(),
+)
 def test_hostile_xargs_get_a_named_4xx_or_pass_with_the_tiers_effective_steering(xargs, key, chat):
     path = "/v1/chat/completions" if chat else "/v1/completions"
     response = _post({"prompt": "x", "vllm_xargs": xargs}, key=key, path=path)
@@ -122,4 +179,8 @@ def test_hostile_xargs_get_a_named_4xx_or_pass_with_the_tiers_effective_steering
     assert 400 <= response.status_code < 500, response.text
     error = response.json()["error"]
     assert error["param"] and error["message"], error
-    assert error["param"] in xargs or error["param"] in (*STEER_KEYS, "vllm_xargs") or error["param"].startswith("vllm_xargs"), error
+    assert (
+        error["param"] in xargs
+        or error["param"] in (*STEER_KEYS, "vllm_xargs")
+        or error["param"].startswith("vllm_xargs")
+    ), error

@@ -53,12 +53,15 @@ class RayApp:
             env.pop(key, None)
         cmd = [sys.executable, "-m", "vllm_steer.cli", "serve-ray", str(config), "--num-cpus", "8"]
         record_engine_start("ray-two-replicas")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_for_replicas(2, timeout=900)
 
     def replicas(self) -> list[dict] | None:
         try:
-            r = requests.get(self.url + "/v1/steering/admin/status", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+            r = requests.get(
+                self.url + "/v1/steering/admin/status", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
+            )
         except requests.RequestException:
             return None
         return r.json()["replicas"] if r.status_code == 200 else None
@@ -83,34 +86,60 @@ class RayApp:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
     def complete(self, ids: list[int], xargs: dict | None, key: str, max_tokens: int = MAX_TOKENS) -> requests.Response:
-        body = {"model": MODEL_ID, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "logprobs": 1, "return_token_ids": True}
+        body = {
+            "model": MODEL_ID,
+            "prompt": ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "logprobs": 1,
+            "return_token_ids": True,
+        }
         if xargs is not None:
             body["vllm_xargs"] = xargs
-        return requests.post(self.url + "/v1/completions", json=body, timeout=300,
-                             headers={"authorization": f"Bearer {key}"})
+        return requests.post(
+            self.url + "/v1/completions", json=body, timeout=300, headers={"authorization": f"Bearer {key}"}
+        )
 
 
 @pytest.fixture(scope="module")
 def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("ray")
     config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [{
-            "name": "vllm-steer", "route_prefix": "/", "import_path": "vllm_steer.server.ray_app:build_app",
-            "args": {
-                "model": str(tiny_root / "model"), "model_id": MODEL_ID, "profiles": str(profiles_dir),
-                "tenants": str(tenants_file), "accelerator": "cpu",
-                "autoscaling": {"min_replicas": 2, "max_replicas": 2},
-                "engine_kwargs": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512, "max_num_seqs": 16,
-                                  "block_size": 32, "seed": 0},
-                "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-                "health_check_period_s": 2, "health_check_timeout_s": 30,
-            },
-        }],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "127.0.0.1", "port": free_port()},
+                "applications": [
+                    {
+                        "name": "vllm-steer",
+                        "route_prefix": "/",
+                        "import_path": "vllm_steer.server.ray_app:build_app",
+                        "args": {
+                            "model": str(tiny_root / "model"),
+                            "model_id": MODEL_ID,
+                            "profiles": str(profiles_dir),
+                            "tenants": str(tenants_file),
+                            "accelerator": "cpu",
+                            "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                            "engine_kwargs": {
+                                "dtype": "float32",
+                                "enforce_eager": True,
+                                "max_model_len": 512,
+                                "max_num_seqs": 16,
+                                "block_size": 32,
+                                "seed": 0,
+                            },
+                            "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                            "health_check_period_s": 2,
+                            "health_check_timeout_s": 30,
+                        },
+                    }
+                ],
+            }
+        )
+    )
     app = RayApp(config, work / "serve-ray.log")
     yield app
     app.stop()
@@ -122,11 +151,11 @@ def test_mixed_tenants_spread_over_both_replicas_and_match_the_single_engine(ray
     jobs = [(tier, sent, index, ids) for ids in prompt_ids for tier, sent, index in ADMITTED] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: ray_app.complete(job[3], job[1], KEYS[job[0]]), jobs))
-    for (tier, sent, index, ids), response in zip(jobs, responses):
+    for (tier, sent, index, ids), response in zip(jobs, responses, strict=True):
         got = tokens_and_logprobs(response)
         want = offline[(tuple(ids), json.dumps(SETTINGS[index]))]
         assert got["tokens"] == want["tokens"], (tier, sent, SETTINGS[index])
-        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) < 2e-3, (tier, sent)
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) < 2e-3, (tier, sent)
     served = {r["replica"]: r["requests"] - before.get(r["replica"], 0) for r in ray_app.replicas()}
     assert len(served) == 2 and all(n > 0 for n in served.values()), f"both replicas must serve some: {served}"
     assert sum(served.values()) == len(jobs)
@@ -143,13 +172,19 @@ def test_tiers_hold_through_the_ray_path(ray_app, prompt_ids):
     assert ray_app.complete(prompt_ids[0], None, "not-a-key").status_code == 401
     assert ray_app.complete(prompt_ids[0], None, ADMIN_KEY).status_code == 401, "an admin key is not a tenant key"
     assert requests.get(ray_app.url + "/v1/models", timeout=30).status_code == 401
-    listing = requests.get(ray_app.url + "/v1/steering/profiles", headers={"authorization": f"Bearer {KEYS['strict']}"}, timeout=30)
+    listing = requests.get(
+        ray_app.url + "/v1/steering/profiles", headers={"authorization": f"Bearer {KEYS['strict']}"}, timeout=30
+    )
     assert [p["id"] for p in listing.json()["data"]] == ["tiny-selective"]
-    status = requests.get(ray_app.url + "/v1/steering/admin/status", headers={"authorization": f"Bearer {KEYS['research']}"}, timeout=30)
+    status = requests.get(
+        ray_app.url + "/v1/steering/admin/status", headers={"authorization": f"Bearer {KEYS['research']}"}, timeout=30
+    )
     assert status.status_code == 403
     # The strict tier's forced profile applies whatever the client leaves out.
     forced = tokens_and_logprobs(ray_app.complete(prompt_ids[0], None, KEYS["strict"]))
-    same = tokens_and_logprobs(ray_app.complete(prompt_ids[0], {"steer_profile": "tiny-selective", "steer_angle": 120.0}, KEYS["research"]))
+    same = tokens_and_logprobs(
+        ray_app.complete(prompt_ids[0], {"steer_profile": "tiny-selective", "steer_angle": 120.0}, KEYS["research"])
+    )
     assert forced == same
 
 
@@ -166,7 +201,9 @@ def test_hot_reload_reaches_every_replica(ray_app, profiles_dir, prompt_ids):
     before = tokens_and_logprobs(ray_app.complete(prompt_ids[0], add, KEYS["research"]))
     new = random_profile("tiny-addition", "addition", TINY, [1, 2], seed=123, vector_norm=8.0)
     save_profile(profiles_dir / "tiny-addition", new.spec, new.vectors)
-    response = requests.post(ray_app.url + "/v1/steering/admin/reload", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=300)
+    response = requests.post(
+        ray_app.url + "/v1/steering/admin/reload", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=300
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["replaced"] == ["tiny-addition"] and len(body["replicas"]) == 2
@@ -208,13 +245,19 @@ def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_silently_lost(r
         assert len(choice["token_ids"]) == long_tokens and choice["finish_reason"] == "length", "no silent truncation"
         completed += 1
     assert completed + failed == len(jobs) and completed > 0, (completed, failed)
-    print(f"replica killed mid-load: {completed} completed in full, {failed} got an error, 0 lost "
-          f"({sorted({getattr(o, 'status_code', type(o).__name__) for o in outcomes}, key=str)})")
+    print(
+        f"replica killed mid-load: {completed} completed in full, {failed} got an error, 0 lost "
+        f"({sorted({getattr(o, 'status_code', type(o).__name__) for o in outcomes}, key=str)})"
+    )
 
     # Ray replaces the dead replica; afterwards every request succeeds and is served as before.
     replicas = ray_app.wait_for_replicas(2, timeout=600, exclude={victim["replica"]})
     assert victim["pid"] not in {r["pid"] for r in replicas}
-    after = [ray_app.complete(ids, s, key) for ids in prompt_ids for key, s, _ in [(KEYS["strict"], None, 9), (KEYS["research"], None, 0)]]
-    for response, (ids, index) in zip(after, [(ids, i) for ids in prompt_ids for i in (9, 0)]):
+    after = [
+        ray_app.complete(ids, s, key)
+        for ids in prompt_ids
+        for key, s, _ in [(KEYS["strict"], None, 9), (KEYS["research"], None, 0)]
+    ]
+    for response, (ids, index) in zip(after, [(ids, i) for ids in prompt_ids for i in (9, 0)], strict=True):
         got = tokens_and_logprobs(response)
         assert got["tokens"] == offline[(tuple(ids), json.dumps(SETTINGS[index]))]["tokens"]

@@ -20,7 +20,11 @@ RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 def _serve_schema(raw: dict):
     from ray.serve.schema import ServeDeploySchema
 
-    return ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    return (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(raw)
+    )
 
 
 def test_serve_yaml_parses_into_rays_schema_and_our_args():
@@ -58,14 +62,17 @@ def test_kuberay_manifest_has_what_kuberay_requires():
     assert args.tenants, "a production manifest must enforce tiers"
 
 
-@pytest.mark.parametrize("raw, field", [
-    ({}, "profiles"),
-    ({"profiles": "p", "replicas": 2}, "replicas"),
-    ({"profiles": "p", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling"),
-    ({"profiles": "p", "accelerator": "tpu"}, "accelerator"),
-    ({"profiles": "p", "max_slots": 0}, "max_slots"),
-    ({"profiles": "p", "autoscaling": {"max_replicas": "many"}}, "autoscaling.max_replicas"),
-])
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({}, "profiles"),
+        ({"profiles": "p", "replicas": 2}, "replicas"),
+        ({"profiles": "p", "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "autoscaling"),
+        ({"profiles": "p", "accelerator": "tpu"}, "accelerator"),
+        ({"profiles": "p", "max_slots": 0}, "max_slots"),
+        ({"profiles": "p", "autoscaling": {"max_replicas": "many"}}, "autoscaling.max_replicas"),
+    ],
+)
 def test_bad_args_name_the_field(raw, field):
     with pytest.raises(RayAppArgsError) as err:
         RayAppArgs.parse(raw)
@@ -96,9 +103,17 @@ def ray_session(monkeypatch):
 
 def test_builder_wires_the_plugin_into_every_replica(tiny_root, monkeypatch, ray_session):
     monkeypatch.setenv(POLICY_SECRET_ENV, "s3cret")
-    app = build_app({"model": str(tiny_root / "model"), "model_id": "tiny", "profiles": str(tiny_root / "profiles"),
-                     "accelerator": "cpu", "autoscaling": {"min_replicas": 2, "max_replicas": 3},
-                     "engine_kwargs": {"enforce_eager": True}, "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    app = build_app(
+        {
+            "model": str(tiny_root / "model"),
+            "model_id": "tiny",
+            "profiles": str(tiny_root / "profiles"),
+            "accelerator": "cpu",
+            "autoscaling": {"min_replicas": 2, "max_replicas": 3},
+            "engine_kwargs": {"enforce_eager": True},
+            "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        }
+    )
     ingress = app._bound_deployment
     assert ingress.name == "SteerIngress"
     assert ingress.ray_actor_options["runtime_env"]["env_vars"][POLICY_SECRET_ENV] == "s3cret"
@@ -109,4 +124,6 @@ def test_builder_wires_the_plugin_into_every_replica(tiny_root, monkeypatch, ray
     assert env["VLLM_STEER_PROFILES"] == str(tiny_root / "profiles") and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert deployment._deployment_config.autoscaling_config.min_replicas == 2
     assert deployment._deployment_config.autoscaling_config.max_replicas == 3
-    assert deployment.func_or_class.__name__.endswith("SteerLLMServer") or "SteerLLMServer" in repr(deployment.func_or_class)
+    assert deployment.func_or_class.__name__.endswith("SteerLLMServer") or "SteerLLMServer" in repr(
+        deployment.func_or_class
+    )

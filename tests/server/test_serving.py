@@ -38,20 +38,29 @@ from vllm_steer.testing.tiny import TINY
 
 pytestmark = pytest.mark.engine
 
+
 def test_three_tenants_concurrently_get_their_effective_steering(server, eager_on, prompt_ids, tiny_root):
     offline = offline_rows(eager_on, prompt_ids)
     jobs = [(tier, sent, index, ids) for ids in prompt_ids for tier, sent, index in ADMITTED]
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(lambda job: complete(server, job[3], job[1], KEYS[job[0]]), jobs))
-    for (tier, sent, index, ids), response in zip(jobs, responses):
+    for (tier, sent, index, ids), response in zip(jobs, responses, strict=True):
         got = tokens_and_logprobs(response)
         want = offline[(tuple(ids), json.dumps(SETTINGS[index]))]
         assert got["tokens"] == want["tokens"], (tier, sent, SETTINGS[index])
-        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"])) < 2e-3, (tier, sent)
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)) < 2e-3, (tier, sent)
     # The research tier's layer override is served too (a subset of the profile's layers steers differently).
-    full = tokens_and_logprobs(complete(server, prompt_ids[0], {"steer_profile": "tiny-selective", "steer_angle": 120.0}, KEYS["research"]))
-    part = tokens_and_logprobs(complete(server, prompt_ids[0], {"steer_profile": "tiny-selective", "steer_angle": 120.0,
-                                                                    "steer_layers": [2]}, KEYS["research"]))
+    full = tokens_and_logprobs(
+        complete(server, prompt_ids[0], {"steer_profile": "tiny-selective", "steer_angle": 120.0}, KEYS["research"])
+    )
+    part = tokens_and_logprobs(
+        complete(
+            server,
+            prompt_ids[0],
+            {"steer_profile": "tiny-selective", "steer_angle": 120.0, "steer_layers": [2]},
+            KEYS["research"],
+        )
+    )
     assert full["logprobs"] != part["logprobs"]
 
 
@@ -67,8 +76,15 @@ def test_refusals_name_the_field_and_the_server_keeps_serving(server, prompt_ids
         ("not-a-key", base, 401, "authorization"),
         (KEYS["research"], {**base, "steer_profile": "tiny-selective"}, 400, "steer_profile"),
         (KEYS["research"], {**base, "vllm_xargs": ["tiny-selective"]}, 400, "vllm_xargs"),
-        (KEYS["research"], '{"model": "m", "prompt": "x", "vllm_xargs": {"steer_profile": "tiny-ablation"}, '
-                           '"vllm_xargs": {"steer_profile": "none"}}', 400, "vllm_xargs"),
+        (
+            KEYS["research"],
+            (
+                '{"model": "m", "prompt": "x", "vllm_xargs": {"steer_profile": "tiny-ablation"}, '
+                '"vllm_xargs": {"steer_profile": "none"}}'
+            ),
+            400,
+            "vllm_xargs",
+        ),
         (KEYS["research"], "{not json", 400, "body"),
     ]
     for key, body, status, param in raw:
@@ -76,23 +92,35 @@ def test_refusals_name_the_field_and_the_server_keeps_serving(server, prompt_ids
         assert response.status_code == status, (body, response.text)
         assert response.json()["error"]["param"] == param
     assert requests.get(server.url + "/v1/models", timeout=30).status_code == 401
-    assert requests.get(server.url + "/v1/models", headers={"authorization": f"Bearer {KEYS['strict']}"}, timeout=30).status_code == 200
-    chat = server.post("/v1/chat/completions", {"model": server.model, "max_tokens": 4,
-                                                "messages": [{"role": "user", "content": "hi"}]}, KEYS["strict"])
+    assert (
+        requests.get(
+            server.url + "/v1/models", headers={"authorization": f"Bearer {KEYS['strict']}"}, timeout=30
+        ).status_code
+        == 200
+    )
+    chat = server.post(
+        "/v1/chat/completions",
+        {"model": server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        KEYS["strict"],
+    )
     assert chat.status_code == 200, chat.text
     assert complete(server, prompt_ids[0], None, KEYS["standard"]).status_code == 200
 
 
 def test_profiles_route_shows_each_tier_its_own_view(server):
     def ids(tier):
-        r = requests.get(server.url + "/v1/steering/profiles", headers={"authorization": f"Bearer {KEYS[tier]}"}, timeout=30)
+        r = requests.get(
+            server.url + "/v1/steering/profiles", headers={"authorization": f"Bearer {KEYS[tier]}"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         return {p["id"]: p for p in r.json()["data"]}
 
     strict, standard, research = ids("strict"), ids("standard"), ids("research")
     assert list(strict) == ["tiny-selective"] and strict["tiny-selective"]["forced"] is True
     assert set(standard) == {"tiny-addition", "tiny-selective"}
-    assert standard["tiny-addition"]["scale"] == {"min": -2.0, "max": 3.0} and standard["tiny-addition"]["default"] is True
+    assert (
+        standard["tiny-addition"]["scale"] == {"min": -2.0, "max": 3.0} and standard["tiny-addition"]["default"] is True
+    )
     assert len(research) == 8
     assert requests.get(server.url + "/v1/steering/profiles", timeout=30).status_code == 401
 
@@ -117,11 +145,22 @@ def test_metrics_count_steered_requests_and_rejections_without_secrets(server, p
     over = complete(server, prompt_ids[0], {"steer_profile": "tiny-addition", "steer_scale": 3.5}, KEYS["standard"])
     assert over.status_code == 403
     secret_prompt = "zebra-unicorn-prompt-text-7731"
-    chat = server.post("/v1/chat/completions", {"model": server.model, "max_tokens": 2,
-                                                "messages": [{"role": "user", "content": secret_prompt}]}, KEYS["standard"])
+    chat = server.post(
+        "/v1/chat/completions",
+        {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": secret_prompt}]},
+        KEYS["standard"],
+    )
     assert chat.status_code == 200
-    refused = server.post("/v1/completions", {"model": server.model, "prompt": secret_prompt, "max_tokens": 2,
-                                              "vllm_xargs": {"steer_profile": "tiny-ablation"}}, KEYS["standard"])
+    refused = server.post(
+        "/v1/completions",
+        {
+            "model": server.model,
+            "prompt": secret_prompt,
+            "max_tokens": 2,
+            "vllm_xargs": {"steer_profile": "tiny-ablation"},
+        },
+        KEYS["standard"],
+    )
     assert refused.status_code == 403
     text, after = _steer_counters(server)
 
@@ -144,11 +183,24 @@ def test_metrics_count_steered_requests_and_rejections_without_secrets(server, p
 
 
 def _stream_tokens(server: Server, ids: list[int], xargs: dict, key: str, on_first_chunk) -> list[int]:
-    body = {"model": server.model, "prompt": ids, "max_tokens": 300, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True, "vllm_xargs": xargs}
+    body = {
+        "model": server.model,
+        "prompt": ids,
+        "max_tokens": 300,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "vllm_xargs": xargs,
+    }
     tokens: list[int] = []
-    with requests.post(server.url + "/v1/completions", data=json.dumps(body), stream=True, timeout=300,
-                       headers={"content-type": "application/json", "authorization": f"Bearer {key}"}) as response:
+    with requests.post(
+        server.url + "/v1/completions",
+        data=json.dumps(body),
+        stream=True,
+        timeout=300,
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    ) as response:
         assert response.status_code == 200, response.text
         for line in response.iter_lines():
             if not line.startswith(b"data: {"):
@@ -241,15 +293,22 @@ def test_hot_reload_is_admin_only_validated_first_and_changes_only_new_requests(
     assert replica["requests"] > 0 and replica["workers"][0]["hooked"] is True
 
 
-def test_a_server_without_the_policy_refuses_instead_of_serving_unchecked(tiny_root, tenants_file, tmp_path_factory, prompt_ids):
+def test_a_server_without_the_policy_refuses_instead_of_serving_unchecked(
+    tiny_root, tenants_file, tmp_path_factory, prompt_ids
+):
     """Tenants configured but the endpoint plugin not allowlisted (plain `python -m vllm...api_server`): fail closed."""
     port = free_port()
     env = server_env()
     env.update(VLLM_STEER_PROFILES=str(tiny_root / "profiles"), VLLM_STEER_TENANTS=str(tenants_file))
     args = vllm_args(tiny_root, port)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", *args]
-    srv = Server(cmd, env, tmp_path_factory.mktemp("unguarded") / "server.log", str(tiny_root / "model"),
-                 key="server-without-policy")
+    srv = Server(
+        cmd,
+        env,
+        tmp_path_factory.mktemp("unguarded") / "server.log",
+        str(tiny_root / "model"),
+        key="server-without-policy",
+    )
     try:
         for xargs in (None, {"steer_profile": "none"}, {"steer_profile": "tiny-selective", "steer_angle": 0.0}):
             response = complete(srv, prompt_ids[0], xargs, KEYS["research"])
@@ -266,9 +325,20 @@ def test_eval_through_the_server_matches_the_offline_engine(server, tmp_path, mo
     from vllm_steer.evaluation.runner import EvalConfig, EvalTarget, Row, ServerBackend, run_eval
 
     monkeypatch.setenv("EVAL_KEY", KEYS["research"])
-    cfg = EvalConfig(model=server.model, profiles=str(server.profiles), targets=[EvalTarget("tiny-selective", (0.0, 120.0))],
-                     out=tmp_path / "eval", harmful=str(DATA / "harmful.csv"), harmless=str(DATA / "harmless.jsonl"),
-                     n=2, offset=0, max_tokens=5, capability_n=3, server=server.url, api_key_env="EVAL_KEY")
+    cfg = EvalConfig(
+        model=server.model,
+        profiles=str(server.profiles),
+        targets=[EvalTarget("tiny-selective", (0.0, 120.0))],
+        out=tmp_path / "eval",
+        harmful=str(DATA / "harmful.csv"),
+        harmless=str(DATA / "harmless.jsonl"),
+        n=2,
+        offset=0,
+        max_tokens=5,
+        capability_n=3,
+        server=server.url,
+        api_key_env="EVAL_KEY",
+    )
     result = run_eval(cfg)
     assert result["served_in_one_mixed_batch"] is False and "server" in result["backend"]
     base, zero, steered = result["points"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -204,10 +205,8 @@ def test_every_tenant_is_compared(monkeypatch, key):
         return real(a, b)
 
     monkeypatch.setattr(keys_module.hmac, "compare_digest", counting)
-    try:
+    with contextlib.suppress(PolicyError):
         POLICY.authenticate(key)
-    except PolicyError:
-        pass
     assert len(calls) == len(KEYS)
 
 
@@ -568,9 +567,8 @@ def test_concurrency_limit_is_429_until_a_slot_is_released():
 def test_context_manager_releases_on_error_and_tenants_are_counted_separately():
     policy = TenantPolicy.from_mapping(tenants_config())
     tenant = policy.authenticate(KEYS["beta-standard"])
-    with pytest.raises(RuntimeError):
-        with policy.acquire(tenant):
-            raise RuntimeError("request failed")
+    with pytest.raises(RuntimeError), policy.acquire(tenant):
+        raise RuntimeError("request failed")
     assert policy.in_flight(tenant) == 0
     research = policy.authenticate(KEYS["gamma-research"])
     slots = [policy.acquire(research) for _ in range(10)]  # no limit on that tier
@@ -684,8 +682,14 @@ def test_reprs_and_errors_never_show_keys_or_hashes():
 
     model = TenantsFile.model_validate(tenants_config())
     texts = [
-        repr(POLICY), str(POLICY), repr(STRICT), str(STANDARD), repr(POLICY.tenants), repr(model.tenants[0]),
-        str(model.tenants), repr(POLICY._credentials),
+        repr(POLICY),
+        str(POLICY),
+        repr(STRICT),
+        str(STANDARD),
+        repr(POLICY.tenants),
+        repr(model.tenants[0]),
+        str(model.tenants),
+        repr(POLICY._credentials),
     ]
     for key in (None, "wrong", KEYS["acme-strict"] + "x"):
         try:
@@ -716,8 +720,11 @@ def test_openai_error_shape(status, kind):
 def test_admin_keys_are_separate_from_tenant_keys():
     from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError, hash_api_key
 
-    base = {"format_version": 1, "tiers": {"open": {"profiles": "*"}},
-            "tenants": [{"name": "t", "tier": "open", "key_hash": hash_api_key("tenant-key")}]}
+    base = {
+        "format_version": 1,
+        "tiers": {"open": {"profiles": "*"}},
+        "tenants": [{"name": "t", "tier": "open", "key_hash": hash_api_key("tenant-key")}],
+    }
     no_admins = TenantPolicy.from_mapping(base)
     with pytest.raises(PolicyError) as err:
         no_admins.authenticate_admin("tenant-key")
@@ -731,7 +738,11 @@ def test_admin_keys_are_separate_from_tenant_keys():
     with pytest.raises(PolicyError):
         policy.authenticate("admin-key")  # an admin key is not a tenant
     same = hash_api_key("tenant-key", salt=b"0123456789abcdef")
-    clash = {**base, "tenants": [{"name": "t", "tier": "open", "key_hash": same}], "admins": [{"name": "ops", "key_hash": same}]}
-    with pytest.raises(TenantsFileError, match="admins.0.key_hash"):
+    clash = {
+        **base,
+        "tenants": [{"name": "t", "tier": "open", "key_hash": same}],
+        "admins": [{"name": "ops", "key_hash": same}],
+    }
+    with pytest.raises(TenantsFileError, match=r"admins\.0\.key_hash"):
         TenantPolicy.from_mapping(clash)
     assert "admin-key" not in repr(policy)

@@ -21,8 +21,13 @@ def test_kernel_equals_the_torch_op_in_the_interpreter():
     pytest.importorskip("triton")
     path = [str(REPO), os.environ.get("PYTHONPATH", "")]  # the package, installed or not (kernel_check finds support/)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(path)}
-    proc = subprocess.run([sys.executable, str(TESTS / "gpu" / "kernel_check.py"), "cpu"], capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "gpu" / "kernel_check.py"), "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "108 cases passed" in proc.stdout
 
@@ -53,7 +58,9 @@ def test_the_fused_op_setting_is_validated_naming_the_field(monkeypatch):
 def test_the_triton_op_leaves_what_the_kernel_does_not_take_to_the_torch_op():
     """float64 keeps its precision and a column-strided h its layout: the torch op serves them (no error
     inside an engine step), here on the CPU, where no kernel could run."""
-    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(16, 5, 2, torch.Generator().manual_seed(0), torch.float32)
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(
+        16, 5, 2, torch.Generator().manual_seed(0), torch.float32
+    )
     for h in (torch.randn(5, 16, dtype=torch.float64), torch.randn(16, 5).t()):
         args = (h, bases, methods, gains, thresholds, token_slot, c, s, scale)
         assert torch.equal(TritonOp().run(args), token_deltas(*args))

@@ -194,7 +194,7 @@ def test_aas_gates_on_b1_projection(d, seed, theta, tau):
 
 
 def test_aas_default_threshold_is_zero():
-    gen, b1, b2, h = _setup(8, 3, 32)
+    _gen, b1, b2, h = _setup(8, 3, 32)
     x = h @ b1
     out = ops.angular_adaptive(h, b1, b2, 45.0)
     assert torch.equal(out[x <= 0], h[x <= 0])
@@ -311,8 +311,14 @@ def test_token_deltas_match_reference_loop(d, seed, n, n_slots):
             expected = h[i]
         else:
             expected = reference_row(
-                h[i], Method(int(methods[slot])), bases[slot, 0], bases[slot, 1],
-                float(gains[slot]), float(thresholds[slot]), float(theta[i]), float(scale[i]),
+                h[i],
+                Method(int(methods[slot])),
+                bases[slot, 0],
+                bases[slot, 1],
+                float(gains[slot]),
+                float(thresholds[slot]),
+                float(theta[i]),
+                float(scale[i]),
             )
         # ops.ablate divides by ‖r‖ + 1e-8 ([RD]); the batched op uses the unit b1 as is.
         tol = 1e-7 if slot >= 0 and int(methods[slot]) == Method.ABLATE else 1e-10
@@ -338,9 +344,19 @@ def test_token_deltas_float32_tables_close_to_float64_reference(seed, n, n_slots
     assert out.dtype == torch.float32
     for i in range(n):
         slot = int(token_slot[i])
-        expected = h[i] if slot < 0 else reference_row(
-            h[i], Method(int(methods[slot])), bases[slot, 0], bases[slot, 1],
-            float(gains[slot]), float(thresholds[slot]), float(theta[i]), float(scale[i]),
+        expected = (
+            h[i]
+            if slot < 0
+            else reference_row(
+                h[i],
+                Method(int(methods[slot])),
+                bases[slot, 0],
+                bases[slot, 1],
+                float(gains[slot]),
+                float(thresholds[slot]),
+                float(theta[i]),
+                float(scale[i]),
+            )
         )
         _close(out[i].double(), expected, tol=1e-5, scale=1.0 + float(expected.abs().max()) + float(h[i].abs().max()))
 
@@ -418,7 +434,9 @@ def test_single_method_path_equals_the_general_op(seed, n, n_slots, method, dtyp
     d = 24
     gen = _gen(seed)
     methods = torch.where(torch.rand(n_slots, generator=gen) < 0.25, int(Method.NONE), int(method)).to(torch.int64)
-    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(d, n, n_slots, gen, torch.float32, methods)
+    bases, methods, gains, thresholds, token_slot, _, c, s, scale = random_tables(
+        d, n, n_slots, gen, torch.float32, methods
+    )
     none = methods == Method.NONE
     bases[none] = 0.0
     gains[none] = 0.0
@@ -431,15 +449,24 @@ def test_single_method_path_equals_the_general_op(seed, n, n_slots, method, dtyp
     short = ops.single_method_deltas(Method(method), h, bases, gains, thresholds, token_slot, c, s, scale)
     assert short.dtype == dtype and short.shape == h.shape
     tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
-    torch.testing.assert_close(short.double(), general.double(), rtol=tol, atol=tol * (1 + float(h.double().abs().max())))
+    torch.testing.assert_close(
+        short.double(), general.double(), rtol=tol, atol=tol * (1 + float(h.double().abs().max()))
+    )
     untouched = (token_slot < 0) | none[token_slot.clamp(min=0)]
     assert torch.equal((h + short)[untouched].view(torch.uint8), h[untouched].view(torch.uint8))
 
 
 def test_single_method_path_refuses_methods_it_has_no_path_for():
     h = torch.zeros(2, 4)
-    tables = (torch.zeros(1, 2, 4), torch.zeros(1), torch.zeros(1), torch.zeros(2, dtype=torch.int64), torch.ones(2),
-              torch.zeros(2), torch.zeros(2))
+    tables = (
+        torch.zeros(1, 2, 4),
+        torch.zeros(1),
+        torch.zeros(1),
+        torch.zeros(2, dtype=torch.int64),
+        torch.ones(2),
+        torch.zeros(2),
+        torch.zeros(2),
+    )
     with pytest.raises(ValueError, match="NONE"):
         ops.single_method_deltas(Method.NONE, h, *tables)
 

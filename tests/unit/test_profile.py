@@ -94,7 +94,9 @@ def test_round_trip_directory(tmp_path):
 
 
 def test_profile_changes_names_added_removed_and_replaced_by_digest():
-    keep, old_b, new_b = (random_profile(pid, "selective", FP, [1], seed=seed) for pid, seed in (("a", 1), ("b", 2), ("b", 3)))
+    keep, old_b, new_b = (
+        random_profile(pid, "selective", FP, [1], seed=seed) for pid, seed in (("a", 1), ("b", 2), ("b", 3))
+    )
     gone, fresh = random_profile("c", "addition", FP, [1], seed=4), random_profile("d", "addition", FP, [1], seed=5)
     changes = profile_changes({"a": keep, "b": old_b, "c": gone}, {"a": keep, "b": new_b, "d": fresh})
     assert changes == {"added": ["d"], "removed": ["c"], "replaced": ["b"], "profiles": ["a", "b", "d"]}

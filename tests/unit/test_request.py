@@ -336,8 +336,14 @@ def test_steer_layers_picks_a_subset_of_the_profile_layers():
     same = resolve_steering(parse_steering({"steer_profile": "sel", "steer_layers": [1, 2, 3]}), profiles)
     assert same == whole, "naming every layer is the same as not overriding"
     assert resolve_steering(parse_steering({"steer_profile": "sel", "steer_layers": 2}), profiles).layers == (2,)
-    for bad, message in (([0], r"\[0\] are not layers"), ([1, 1], "must not repeat"), ([], "at least 1"),
-                         (["1"], "valid integer"), ([True], "valid integer"), ([-1], "greater than or equal")):
+    for bad, message in (
+        ([0], r"\[0\] are not layers"),
+        ([1, 1], "must not repeat"),
+        ([], "at least 1"),
+        (["1"], "valid integer"),
+        ([True], "valid integer"),
+        ([-1], "greater than or equal"),
+    ):
         with pytest.raises(SteeringRequestError, match=message) as err:
             resolve_steering(parse_steering({"steer_profile": "sel", "steer_layers": bad}), profiles)
         assert err.value.field == "steer_layers"
@@ -350,7 +356,9 @@ def test_admission_key_normalizes_the_request_spelling():
     one = admission_key({"steer_profile": "p", "steer_categories": ["b", "a"], stamp: "d"}, stamp)
     two = admission_key({"steer_profile": "p", "steer_categories": ["a", "b"], "steer_scale": 2.0, stamp: "d"}, stamp)
     assert one == two == ("p", "d", ("a", "b"), None), "angle and scale travel per token: not part of the slot"
-    assert admission_key({"steer_profile": "p", stamp: "other"}, stamp) != admission_key({"steer_profile": "p", stamp: "d"}, stamp)
+    assert admission_key({"steer_profile": "p", stamp: "other"}, stamp) != admission_key(
+        {"steer_profile": "p", stamp: "d"}, stamp
+    )
     assert admission_key({"steer_profile": "p", "steer_layers": [3, 1]}, stamp)[3] == (1, 3)
     assert admission_key(None, stamp) is None and admission_key({"other_plugin": 1}, stamp) is None
     assert admission_key({"steer_angle": 3}, stamp)[0] == "unparsed"

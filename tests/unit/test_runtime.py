@@ -45,14 +45,17 @@ def no_global_runtime():
 
 
 def test_sites_for_profiles():
-    assert SITES == sorted(set(SITES))
+    assert sorted(set(SITES)) == SITES
     expected = {
         Site(layer, kind) for p in PROFILES.values() for layer in p.spec.layers for kind in METHOD_HOOKS[p.method]
     }
     assert set(SITES) == expected
     only_ss = sites_for_profiles({"ss": PROFILES["ss"]})
     assert only_ss == [
-        Site(1, "input_norm"), Site(1, "post_attn_norm"), Site(2, "input_norm"), Site(2, "post_attn_norm")
+        Site(1, "input_norm"),
+        Site(1, "post_attn_norm"),
+        Site(2, "input_norm"),
+        Site(2, "post_attn_norm"),
     ]
     assert str(Site(2, "mlp_output")) == "layers.2.mlp_output"
 
@@ -202,7 +205,7 @@ def _mixed_runtime(fused=None):
 def _expected_delta(h, site: Site, order, counts, resolved):
     expected = torch.zeros_like(h)
     start = 0
-    for rid, n in zip(order, counts):
+    for rid, n in zip(order, counts, strict=True):
         rows = slice(start, start + n)
         start += n
         if rid not in resolved:
@@ -238,7 +241,7 @@ def test_fused_op_compiles_once_per_kind_for_every_site_and_token_count(context)
     """Once compiled (N dynamic), no site, step size or mix recompiles: inside a
     CUDA-graph capture a compile would break it. (That steps steering nothing compile it too, as vLLM's
     warm-up before a capture does, is a CUDA matter: tests/gpu/test_cuda.py.)"""
-    rt, resolved, order, counts = _mixed_runtime(fused=True)
+    rt, _resolved, _order, _counts = _mixed_runtime(fused=True)
     site = rt.site_ids[Site(1, "input_norm")]  # selective and standard angular share it
     with context():
         rt.begin_step(["plain"], [5])
@@ -255,14 +258,27 @@ def test_fused_op_compiles_once_per_kind_for_every_site_and_token_count(context)
                 rt.begin_step(["r-ss", "r-sas"], [n_tokens - n_tokens // 2, n_tokens // 2])
                 for site in range(len(rt.sites)):
                     h = torch.randn(n_tokens, D)
-                    torch.testing.assert_close(rt.delta(h, site), token_deltas(h, rt.bases[site], rt.methods[site], rt.gains[site],
-                                               rt.thresholds[site], rt.token_slot[:n_tokens], rt.token_cos[:n_tokens],
-                                               rt.token_sin[:n_tokens], rt.token_scale[:n_tokens]), rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(
+                        rt.delta(h, site),
+                        token_deltas(
+                            h,
+                            rt.bases[site],
+                            rt.methods[site],
+                            rt.gains[site],
+                            rt.thresholds[site],
+                            rt.token_slot[:n_tokens],
+                            rt.token_cos[:n_tokens],
+                            rt.token_sin[:n_tokens],
+                            rt.token_scale[:n_tokens],
+                        ),
+                        rtol=1e-5,
+                        atol=1e-5,
+                    )
         assert calls, "the sites both methods share must have run the fused op"
 
 
 def test_inside_a_capture_the_fused_op_never_compiles_and_falls_back_to_the_eager_op(monkeypatch):
-    rt, resolved, order, counts = _mixed_runtime(fused=True)
+    rt, _resolved, _order, counts = _mixed_runtime(fused=True)
     site = rt.site_ids[Site(2, "input_norm")]
     h = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(9)) * 3
     expected = rt.delta(h, site)  # outside a capture: compiles for this kind
@@ -273,9 +289,20 @@ def test_inside_a_capture_the_fused_op_never_compiles_and_falls_back_to_the_eage
         low = h.to(torch.bfloat16)  # a kind never compiled: must not compile here
         got = rt.delta(low, site)
     assert rt.fused_fallbacks == 1
-    assert got.dtype == torch.bfloat16 and torch.equal(got, token_deltas(low, rt.bases[site], rt.methods[site], rt.gains[site],
-                                                                      rt.thresholds[site], rt.token_slot[:len(h)], rt.token_cos[:len(h)],
-                                                                      rt.token_sin[:len(h)], rt.token_scale[:len(h)]))
+    assert got.dtype == torch.bfloat16 and torch.equal(
+        got,
+        token_deltas(
+            low,
+            rt.bases[site],
+            rt.methods[site],
+            rt.gains[site],
+            rt.thresholds[site],
+            rt.token_slot[: len(h)],
+            rt.token_cos[: len(h)],
+            rt.token_sin[: len(h)],
+            rt.token_scale[: len(h)],
+        ),
+    )
 
 
 def test_delta_sees_both_sides_of_the_adaptive_gate():
@@ -310,14 +337,30 @@ def test_delta_low_precision(dtype):
     assert torch.equal((h + got)[:2], h[:2])
 
 
-@pytest.mark.parametrize("requests, method", [
-    ({"r1": dict(profile="ss", angle=100.0), "r2": dict(profile="ss-b", angle=60.0), "r3": dict(profile="ss", angle=300.0)}, "ROTATE"),
-    ({"r1": dict(profile="add", scale=2.0), "r2": dict(profile="probe", scale=-1.5),
-      "r3": dict(profile="cat", categories=["fraud", "violence"], scale=1.0)}, "ADD"),
-    ({"r1": dict(profile="abl")}, "ABLATE"),
-    ({"r1": dict(profile="sas", angle=30.0), "r2": dict(profile="sas", angle=250.0)}, "ANGULAR_STANDARD"),
-    ({"r1": dict(profile="aas", angle=35.0), "r2": dict(profile="aas", angle=200.0)}, "ANGULAR_ADAPTIVE"),
-])
+@pytest.mark.parametrize(
+    "requests, method",
+    [
+        (
+            {
+                "r1": dict(profile="ss", angle=100.0),
+                "r2": dict(profile="ss-b", angle=60.0),
+                "r3": dict(profile="ss", angle=300.0),
+            },
+            "ROTATE",
+        ),
+        (
+            {
+                "r1": dict(profile="add", scale=2.0),
+                "r2": dict(profile="probe", scale=-1.5),
+                "r3": dict(profile="cat", categories=["fraud", "violence"], scale=1.0),
+            },
+            "ADD",
+        ),
+        ({"r1": dict(profile="abl")}, "ABLATE"),
+        ({"r1": dict(profile="sas", angle=30.0), "r2": dict(profile="sas", angle=250.0)}, "ANGULAR_STANDARD"),
+        ({"r1": dict(profile="aas", angle=35.0), "r2": dict(profile="aas", angle=200.0)}, "ANGULAR_ADAPTIVE"),
+    ],
+)
 def test_sites_steered_by_one_method_take_the_short_path_with_the_same_result(requests, method):
     """Where every slot steering a site this step shares a method, the runtime runs the short op; its
     corrections equal the general op's on the same tables and the reference ops; unsteered rows stay 0."""
@@ -333,8 +376,17 @@ def test_sites_steered_by_one_method_take_the_short_path_with_the_same_result(re
     assert short_sites and all(rt._site_method[i].name == method for i in short_sites)
     for i in short_sites:
         got = rt.delta(h, i)
-        general = runtime_mod.token_deltas(h, rt.bases[i], rt.methods[i], rt.gains[i], rt.thresholds[i],
-                                           rt.token_slot[:n], rt.token_cos[:n], rt.token_sin[:n], rt.token_scale[:n])
+        general = runtime_mod.token_deltas(
+            h,
+            rt.bases[i],
+            rt.methods[i],
+            rt.gains[i],
+            rt.thresholds[i],
+            rt.token_slot[:n],
+            rt.token_cos[:n],
+            rt.token_sin[:n],
+            rt.token_scale[:n],
+        )
         torch.testing.assert_close(got, general, rtol=1e-5, atol=2e-5)
         expected, _ = _expected_delta(h, rt.sites[i], order, counts, resolved)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)

@@ -89,7 +89,9 @@ def main(spec_path: str, out_path: str) -> None:
 
     result["phases"] = [_outputs(llm, phase) for phase in spec.get("phases", [])]
     if spec.get("log_stats"):
-        result["counters"] = {m.name: m.value for m in llm.get_metrics() if type(m).__name__ == "Counter"}
+        result["counters"] = {
+            m.name: getattr(m, "value", None) for m in llm.get_metrics() if type(m).__name__ == "Counter"
+        }
 
     result["bad"] = []
     for bad in spec.get("bad_requests", []):

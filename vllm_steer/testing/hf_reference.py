@@ -27,8 +27,9 @@ def reference_op(profile: Profile, steering: ResolvedSteering, layer: int) -> Ca
     """The plain-formula op of ``profile`` at ``layer`` (computed in float32, returned in the input dtype)."""
     tensors = profile.vectors[layer]
     formula = METHODS[profile.method].reference
-    setting = Setting(angle=steering.angle, scale=steering.scale, threshold=profile.spec.threshold,
-                      categories=steering.categories)
+    setting = Setting(
+        angle=steering.angle, scale=steering.scale, threshold=profile.spec.threshold, categories=steering.categories
+    )
 
     def apply(h: torch.Tensor) -> torch.Tensor:
         return formula(h.float(), tensors, setting).to(h.dtype)
@@ -59,8 +60,12 @@ def _on_input(fn: Callable[[torch.Tensor], torch.Tensor], hidden_arg: int | None
 
 
 @contextlib.contextmanager
-def steered(model: torch.nn.Module, profile: Profile | None, steering: ResolvedSteering | None,
-            layout: DecoderLayout | None = None) -> Iterator[None]:
+def steered(
+    model: torch.nn.Module,
+    profile: Profile | None,
+    steering: ResolvedSteering | None,
+    layout: DecoderLayout | None = None,
+) -> Iterator[None]:
     """Install ``profile``'s hooks with ``steering``'s angle/scale for the duration of the block.
 
     ``layout`` is the model's HF module tree (default: the layout table's entry for its architecture).

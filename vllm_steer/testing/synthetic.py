@@ -67,8 +67,10 @@ def random_profile(
         model=model,
         layers=layers,
         tensors=tensors,
-        defaults={"angle": angle if entry.parameter == "angle" else None,
-                  "scale": scale if entry.parameter == "scale" else None},
+        defaults={
+            "angle": angle if entry.parameter == "angle" else None,
+            "scale": scale if entry.parameter == "scale" else None,
+        },
         allowed={name: bounds if entry.parameter == name else None for name, bounds in _ALLOWED.items()},
         categories=list(categories) if entry.roles == "categories" else [],
     )

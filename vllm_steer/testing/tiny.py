@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from vllm_steer.testing.synthetic import random_profile
 TINY = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=128, num_layers=4)
 
 # One profile per method; ablation runs on every layer as in docs/methods.md §3.5.
-TINY_PROFILES = {
+TINY_PROFILES: dict[str, dict[str, Any]] = {
     "tiny-addition": dict(method="addition", layers=[1, 2]),
     "tiny-probe": dict(method="probe", layers=[2], scale=4.0),
     "tiny-category": dict(method="category", layers=[1, 2]),
