@@ -296,9 +296,23 @@ class ServerBackend:
 # ------------------------------------------------------------------ the run
 
 
+def _one_class(field: str, source: str, prompts: list[Prompt], *, harmful: bool) -> list[Prompt]:
+    """Refuse a labelled set holding rows of the other class (``xstest`` has both): they would be scored as this one."""
+    other = [p for p in prompts if p.harmful is (not harmful)]
+    if other:
+        kind = "harmless" if harmful else "harmful"
+        raise EvalError(
+            field,
+            f"{source!r} has {len(other)} rows labelled {kind}; pass a set of one class "
+            "(e.g. xstest-unsafe as harmful prompts, xstest-safe as harmless ones)",
+        )
+    return prompts
+
+
 def _load_sets(cfg: EvalConfig) -> tuple[list[Prompt], list[Prompt]]:
-    harmful = load_prompts(cfg.harmful, cfg.data_dir)[cfg.offset : cfg.offset + cfg.n]
-    harmless = load_prompts(cfg.harmless, cfg.data_dir)[cfg.offset : cfg.offset + cfg.n]
+    harmful = _one_class("harmful", cfg.harmful, load_prompts(cfg.harmful, cfg.data_dir), harmful=True)
+    harmless = _one_class("harmless", cfg.harmless, load_prompts(cfg.harmless, cfg.data_dir), harmful=False)
+    harmful, harmless = harmful[cfg.offset : cfg.offset + cfg.n], harmless[cfg.offset : cfg.offset + cfg.n]
     if not harmful or not harmless:
         raise EvalError(
             "offset",
