@@ -28,6 +28,7 @@ from support.server import (
     ADMITTED,
     KEYS,
     REFUSED,
+    completion_body,
     free_port,
     offline_rows,
     restore_profiles,
@@ -86,17 +87,7 @@ class RayApp:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
     def complete(self, ids: list[int], xargs: dict | None, key: str, max_tokens: int = MAX_TOKENS) -> requests.Response:
-        body = {
-            "model": MODEL_ID,
-            "prompt": ids,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "logprobs": 1,
-            "return_token_ids": True,
-        }
-        if xargs is not None:
-            body["vllm_xargs"] = xargs
+        body = completion_body(MODEL_ID, ids, xargs, max_tokens)
         return requests.post(
             self.url + "/v1/completions", json=body, timeout=300, headers={"authorization": f"Bearer {key}"}
         )

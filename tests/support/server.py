@@ -137,11 +137,12 @@ def vllm_args(tiny_root: Path, port: int) -> list[str]:
     ]
 
 
-def complete(server: Server, ids: list[int], xargs: dict | None, key: str | None) -> requests.Response:
+def completion_body(model: str, ids: list[int], xargs: dict | None, max_tokens: int = MAX_TOKENS) -> dict:
+    """A greedy ``/v1/completions`` body on token ids, with logprobs and token ids back (comparable to the offline rows)."""
     body = {
-        "model": server.model,
+        "model": model,
         "prompt": ids,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 0.0,
         "ignore_eos": True,
         "logprobs": 1,
@@ -149,7 +150,11 @@ def complete(server: Server, ids: list[int], xargs: dict | None, key: str | None
     }
     if xargs is not None:
         body["vllm_xargs"] = xargs
-    return server.post("/v1/completions", body, key)
+    return body
+
+
+def complete(server: Server, ids: list[int], xargs: dict | None, key: str | None) -> requests.Response:
+    return server.post("/v1/completions", completion_body(server.model, ids, xargs), key)
 
 
 def offline_rows(eager_on: dict, prompt_ids) -> dict:
