@@ -31,9 +31,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vllm_steer.core.errors import SteerError
-from vllm_steer.core.request import is_steering_key
-from vllm_steer.core.wire import POLICY_TOKEN_KEY, RESERVED_XARGS_PREFIX, policy_token
+from vllm_steer.core.wire import POLICY_TOKEN_KEY, policy_token
+from vllm_steer.server.body import MAX_BODY_BYTES, BadBody, parse_body, read_body
 from vllm_steer.server.metrics import UsageMeter, count_admitted, count_rejection
 from vllm_steer.server.state import serving_state
 from vllm_steer.server.tenants import PolicyError, bearer_token
@@ -55,64 +54,12 @@ GUARDED_PREFIX = "/v1"
 """With a tenants file, every route under it needs a tenant's key."""
 ADMIN_PREFIX = "/v1/steering/admin"
 """The admin routes check admin keys themselves (:mod:`vllm_steer.server.routes`)."""
-MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def error_response(err: PolicyError) -> JSONResponse:
     """The OpenAI-shaped error response for a refusal, counted in ``vllm_steer_rejections``."""
     count_rejection(err.status, err.field)
     return JSONResponse(err.to_openai(), status_code=err.status)
-
-
-class _BadBody(SteerError):
-    """A body no tier could admit (400, never logged as a policy decision)."""
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _BadBody(key, "appears twice in the JSON object; send each field once")
-        seen[key] = value
-    return seen
-
-
-def _parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except _BadBody:  # a duplicate key, named
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _BadBody("body", f"not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise _BadBody("body", "must be a JSON object")
-    broken = _first_broken_text(body, "")
-    if broken is not None:  # JSON's \ud800 escapes decode to text no engine can encode: vLLM answered 500
-        raise _BadBody(broken or "body", "is not valid Unicode text (it contains a lone surrogate escape)")
-    stray = sorted(k for k in body if is_steering_key(k))
-    if stray:
-        raise _BadBody(stray[0], "steering fields go inside vllm_xargs (extra_body={'vllm_xargs': {...}})")
-    xargs = body.get("vllm_xargs")
-    if xargs is not None and not isinstance(xargs, dict):
-        raise _BadBody("vllm_xargs", f"must be an object, got {type(xargs).__name__}")
-    for key, value in (xargs or {}).items():
-        if key.startswith(RESERVED_XARGS_PREFIX):
-            raise _BadBody(key, "is reserved for the server; remove it")
-        if not _flat_value(value):
-            raise _BadBody(
-                key or "vllm_xargs", f"vllm_xargs[{key!r}]: values must be a string, a number or a list of those"
-            )
-        if not all(
-            _INT_MIN <= v <= _INT_MAX
-            for v in (value if isinstance(value, list) else [value])
-            if isinstance(v, int) and not isinstance(v, bool)
-        ):
-            # vLLM refuses these too, but names its internal field (extra_args), which the client never sent.
-            raise _BadBody(key or "vllm_xargs", f"vllm_xargs[{key!r}]: integers must be between -2**63 and 2**64 - 1")
-    return body
-
-
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 
 
 def _pydantic_true(value: Any) -> bool:
@@ -122,55 +69,6 @@ def _pydantic_true(value: Any) -> bool:
     if isinstance(value, (int, float)):
         return value == 1
     return isinstance(value, str) and value.strip().lower() in {"1", "true", "t", "yes", "y", "on"}
-
-
-def _flat_value(value: Any) -> bool:
-    """What vLLM's ``vllm_xargs`` schema admits: a string or number, or a list of them."""
-    scalar = (str, int, float)
-    return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
-
-
-def _first_broken_text(value: Any, path: str) -> str | None:
-    """The dotted path of the first key or string that cannot be encoded as UTF-8, if any."""
-    if isinstance(value, str):
-        return None if _encodable(value) else path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else key
-            if not _encodable(key):
-                return path or "body"
-            found = _first_broken_text(item, where)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _first_broken_text(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionAbortedError
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _BadBody("body", f"larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -212,12 +110,12 @@ class SteeringPolicyMiddleware:
             return await self.app(scope, receive, send)
 
         try:
-            raw = await _read_body(receive)
-            body = _parse_body(raw)
+            raw = await read_body(receive)
+            body = parse_body(raw)
             effective = state.policy.decide(tenant, body.get("vllm_xargs"), state.profiles())
         except ConnectionAbortedError:
             return None
-        except _BadBody as bad:
+        except BadBody as bad:
             return await error_response(PolicyError(400, bad.field, bad.message))(scope, receive, send)
         except PolicyError as err:
             logger.info(
