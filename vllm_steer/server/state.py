@@ -27,9 +27,21 @@ class ServingState:
     admin: Any = None
     """Hot-reload operations (``async reload()``, ``async remove(id)``, ``async status()``), supplied by the
     endpoint plugin (:mod:`vllm_steer.server.plugin`) or the Ray ingress (:mod:`vllm_steer.server.ray_app`)."""
+    base_models: tuple[str, ...] = ()
+    """The names the base model is served under (``--served-model-name``); any other ``model`` names an
+    adapter (LoRA). Empty: unknown (the check is skipped)."""
+    max_body_bytes: int | None = None
+    """The largest request body the front door reads; ``None``: :data:`vllm_steer.server.body.MAX_BODY_BYTES`."""
 
 
-def make_state(policy: TenantPolicy, profiles: Callable[[], Mapping[str, Profile]], admin: Any = None) -> ServingState:
+def make_state(
+    policy: TenantPolicy,
+    profiles: Callable[[], Mapping[str, Profile]],
+    admin: Any = None,
+    *,
+    base_models: tuple[str, ...] = (),
+    max_body_bytes: int | None = None,
+) -> ServingState:
     """The state for ``app.state.vllm_steer``; logs loudly in single-tenant mode."""
     if policy.single_tenant:
         tenants = SteerConfig.option("tenants")
@@ -45,7 +57,14 @@ def make_state(policy: TenantPolicy, profiles: Callable[[], Mapping[str, Profile
             len(policy.tenants),
             ", ".join(sorted(policy.tiers)),
         )
-    return ServingState(policy=policy, profiles=profiles, stamp=not policy.single_tenant, admin=admin)
+    return ServingState(
+        policy=policy,
+        profiles=profiles,
+        stamp=not policy.single_tenant,
+        admin=admin,
+        base_models=base_models,
+        max_body_bytes=max_body_bytes,
+    )
 
 
 def serving_state(app: Any) -> ServingState | None:
