@@ -9,8 +9,9 @@ then the next C, so slow drift on a shared box hits both alike):
 2. ``unsteered`` — every request the research key with ``steer_profile: "none"``: the baseline.
 
 Each level sends ``--requests`` requests (or stops starting new ones after ``--duration`` seconds,
-whichever first) from C concurrent clients; every request streams ``/v1/completions`` (or chat with
-``--api chat``) with ``stream_options.include_usage``, ``ignore_eos`` and greedy sampling. Per request:
+whichever first) from C concurrent clients; every request streams ``/v1/chat/completions`` (or raw
+``/v1/completions`` with ``--api completions``, for tiers that permit the ``completions`` control: the
+example tiers' strict and standard tenants do not) with ``stream_options.include_usage``, ``ignore_eos`` and greedy sampling. Per request:
 TTFT (first chunk with content), TPOT ((e2e - TTFT) / (output tokens - 1)), end-to-end latency, output
 tokens (from the final usage chunk), status. Per level: p50/p99 of each, requests/s, output tokens/s,
 errors by status (any 5xx or in-stream error is flagged loudly); per C the ratios mix / unsteered of
@@ -503,7 +504,12 @@ def main() -> int:
         "--server-args", default="", help="more vLLM arguments for the started server (one shell-quoted string)"
     )
     ap.add_argument("--startup-timeout", type=float, default=900)
-    ap.add_argument("--api", choices=("completions", "chat"), default="completions")
+    ap.add_argument(
+        "--api",
+        choices=("completions", "chat"),
+        default="chat",
+        help="chat (default; every tier may chat) or raw completions (the tier must permit the `completions` control)",
+    )
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per level")
     ap.add_argument("--duration", type=float, default=180, help="seconds per level after which no new request starts")

@@ -222,8 +222,15 @@ def serve(
     steer_profiles: str | None = typer.Option(None),
     steer_max_slots: int | None = typer.Option(None),
     steer_tenants: str | None = typer.Option(None),
+    steer_audit_log: str | None = typer.Option(None),
+    steer_audit_prompts: bool | None = typer.Option(None, "--steer-audit-prompts/--no-steer-audit-prompts"),
     steer_hook_all_sites: bool | None = typer.Option(None, "--steer-hook-all-sites/--no-steer-hook-all-sites"),
     steer_fused_op: str | None = typer.Option(None, metavar="[auto|off|triton|compiled]"),
+    steer_max_body_bytes: int | None = typer.Option(None),
+    steer_allow_admin_options: bool | None = typer.Option(
+        None, "--steer-allow-admin-options/--no-steer-allow-admin-options"
+    ),
+    steer_public_metrics: bool | None = typer.Option(None, "--steer-public-metrics/--no-steer-public-metrics"),
     dry_run: bool = typer.Option(False, help="Print the vLLM command and environment instead of starting it."),
 ) -> None:
     """`vllm serve [MODEL]` with vllm-steer: sets the plugin's options, hands every other argument to vLLM unchanged.

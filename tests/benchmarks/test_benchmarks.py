@@ -122,11 +122,13 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
         "research": "load-research-0123456789",
     }
     tiers = {
-        "strict": {"forced": {"profile": "tiny-selective", "angle": 120.0}},
+        # raw prompts (the `completions` control) so the load test counts exact prompt tokens
+        "strict": {"forced": {"profile": "tiny-selective", "angle": 120.0}, "allow_controls": ["completions"]},
         "standard": {
             "default": {"profile": "tiny-addition", "scale": 3.0},
             "allow_unsteered": False,
             "profiles": {"tiny-addition": {"scale": [-2.0, 3.0]}},
+            "allow_controls": ["completions"],
         },
         "research": {"profiles": "*", "allow_unsteered": True},
     }
@@ -162,6 +164,8 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
             str(tiny_root / "profiles"),
             "--tenants",
             str(tenants),
+            "--api",
+            "completions",
             "--mix",
             json.dumps(mix),
             "--out",

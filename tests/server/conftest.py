@@ -48,6 +48,7 @@ def profiles_dir(tiny_root, tmp_path_factory) -> Path:
 def server(request, tiny_root, tenants_file, profiles_dir, tmp_path_factory):
     """The README's command: vllm-steer serve MODEL --plugin vllm_steer --steer-profiles ... --steer-tenants ..."""
     port = free_port()
+    audit_log = tmp_path_factory.mktemp("audit") / "audit.jsonl"
     cmd = [
         sys.executable,
         "-m",
@@ -59,7 +60,11 @@ def server(request, tiny_root, tenants_file, profiles_dir, tmp_path_factory):
         str(profiles_dir),
         "--steer-tenants",
         str(tenants_file),
+        "--steer-audit-log",
+        str(audit_log),
         *vllm_args(tiny_root, port),
+        "--enable-log-requests",
+        "--enable-prompt-tokens-details",
     ]
     module = request.module.__name__.rpartition(".")[2]
     srv = Server(
@@ -70,5 +75,6 @@ def server(request, tiny_root, tenants_file, profiles_dir, tmp_path_factory):
         profiles_dir,
         key=f"server-tiers:{module}",
     )
+    srv.audit_log = audit_log
     yield srv
     srv.stop()

@@ -7,6 +7,7 @@ effective steering and the policy stamp — never a 5xx, never the client's own 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -18,17 +19,28 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from support.tenants import KEYS, POLICY, PROFILES
+from support.tenants import KEYS, PROFILES, tenants_config
 from vllm_steer.core.request import STEER_KEYS
-from vllm_steer.core.wire import POLICY_TOKEN_KEY, policy_token
+from vllm_steer.core.wire import POLICY_TOKEN_KEY, TENANT_KEY, verify_stamp, without_reserved
 from vllm_steer.server.middleware import SteeringPolicyMiddleware
 from vllm_steer.server.state import make_state
+from vllm_steer.server.tenants import TenantPolicy
 
 STRICT_KEY, STANDARD_KEY, RESEARCH_KEY = KEYS.values()
+KEY_TENANTS = {key: name for name, key in KEYS.items()}
 
 
 async def _echo(request: Request) -> Response:
     return Response(b'{"forwarded": ' + await request.body() + b"}", media_type="application/json")
+
+
+def _policy() -> TenantPolicy:
+    """The support tiers, with raw prompts (the ``completions`` control) for strict and standard too: these
+    tests are about the steering that reaches the engine (test_controls.py tests the controls)."""
+    config = copy.deepcopy(tenants_config())
+    for tier in ("strict", "standard"):
+        config["tiers"][tier]["allow_controls"] = ["completions"]
+    return TenantPolicy.from_mapping(config)
 
 
 def _client() -> TestClient:
@@ -38,7 +50,7 @@ def _client() -> TestClient:
             Route("/v1/chat/completions", _echo, methods=["POST"]),
         ]
     )
-    app.state.vllm_steer = make_state(POLICY, lambda: PROFILES)
+    app.state.vllm_steer = make_state(_policy(), lambda: PROFILES)
     app.add_middleware(SteeringPolicyMiddleware)
     return TestClient(app, raise_server_exceptions=True)
 
@@ -100,7 +112,9 @@ def test_beam_search_is_refused_because_it_would_drop_the_steering(flag, path):
 
 def test_an_admitted_request_carries_the_servers_stamp_and_its_effective_steering():
     forwarded = _post({"prompt": "x"}, key=STRICT_KEY).json()["forwarded"]
-    assert forwarded["vllm_xargs"] == {"steer_profile": "refusal", "steer_scale": 1.0, POLICY_TOKEN_KEY: policy_token()}
+    assert verify_stamp(forwarded["vllm_xargs"]) == "acme-strict", "stamped for the tenant it was admitted for"
+    assert without_reserved(forwarded["vllm_xargs"]) == {"steer_profile": "refusal", "steer_scale": 1.0}
+    assert set(forwarded["vllm_xargs"]) - {"steer_profile", "steer_scale"} == {POLICY_TOKEN_KEY, TENANT_KEY}
     forwarded = _post(
         {"prompt": "x", "vllm_xargs": {"steer_profile": "sel", "steer_angle": 200.0, "other": [1, "a"]}},
         key=STANDARD_KEY,
@@ -169,7 +183,8 @@ def test_hostile_xargs_get_a_named_4xx_or_pass_with_the_tiers_effective_steering
     response = _post({"prompt": "x", "vllm_xargs": xargs}, key=key, path=path)
     if response.status_code == 200:
         forwarded = response.json()["forwarded"]["vllm_xargs"]
-        assert forwarded.pop(POLICY_TOKEN_KEY) == policy_token()
+        assert verify_stamp(forwarded) in KEY_TENANTS[key]
+        forwarded = without_reserved(forwarded)
         steer = {k: v for k, v in forwarded.items() if k.startswith("steer_")}
         if key == STRICT_KEY:
             assert steer == {"steer_profile": "refusal", "steer_scale": 1.0}, "the strict tier is always forced"

@@ -20,17 +20,26 @@ import requests
 from support.mixed_batch import MAX_TOKENS, mixed_rows
 from vllm_steer.testing.engines import record_engine_start
 
-KEYS = {"strict": "key-strict-0123456789", "standard": "key-standard-0123456789", "research": "key-research-0123456789"}
+KEYS = {
+    "strict": "key-strict-0123456789",
+    "standard": "key-standard-0123456789",
+    "research": "key-research-0123456789",
+    "locked": "key-locked-0123456789",
+}
 ADMIN_KEY = "key-admin-0123456789"
 TIERS = {
-    "strict": {"forced": {"profile": "tiny-selective", "angle": 120.0}},
+    # strict and standard keep raw prompts (the `completions` control) so that their rows can be compared
+    # token for token with the offline engine's; `locked` is strict as the tenants file defaults it
+    "strict": {"forced": {"profile": "tiny-selective", "angle": 120.0}, "allow_controls": ["completions"]},
     "standard": {
         "default": {"profile": "tiny-addition", "scale": 3.0},
         "allow_unsteered": False,
         "profiles": {"tiny-addition": {"scale": [-2.0, 3.0]}, "tiny-selective": {"angle": [0.0, 180.0]}},
         "max_concurrent_steered": 64,
+        "allow_controls": ["completions", "n"],
     },
     "research": {"profiles": "*", "allow_unsteered": True, "allow_layers_override": True},
+    "locked": {"forced": {"profile": "tiny-selective", "angle": 120.0}},
 }
 # (tier, what the client sends, the SETTINGS row it must be served as)
 ADMITTED = [

@@ -13,9 +13,9 @@ from vllm_steer.core.request import (
     ResolvedSteering,
     SteeringRequest,
     SteeringRequestError,
+    cache_salt,
     parse_steering,
     resolve_steering,
-    steering_cache_salt,
 )
 from vllm_steer.testing.synthetic import random_profile
 
@@ -239,7 +239,7 @@ def test_category_order_does_not_matter():
     a = _resolve({"steer_profile": "cat", "steer_categories": ["violence", "fraud"]})
     b = _resolve({"steer_profile": "cat", "steer_categories": ["fraud", "violence"]})
     assert a == b and a.slot_key == b.slot_key
-    assert steering_cache_salt(a, None) == steering_cache_salt(b, None)
+    assert cache_salt(a, None) == cache_salt(b, None)
 
 
 def test_slot_key_ignores_angle_and_scale():
@@ -258,15 +258,15 @@ def test_cos_sin(angle):
     assert math.isclose(s, math.sin(math.radians(angle)), abs_tol=1e-12)
 
 
-# ----------------------------------------------------------------- steering_cache_salt
+# ----------------------------------------------------------------- cache_salt
 
 
 def test_salt_is_stable_for_equal_inputs():
     a = _resolve({"steer_profile": "ss", "steer_angle": 30.0})
     b = _resolve({"steer_profile": "ss", "steer_angle": 30.0})
-    assert steering_cache_salt(a, None) == steering_cache_salt(b, None)
-    assert steering_cache_salt(a, "client") == steering_cache_salt(b, "client")
-    assert steering_cache_salt(a, None).startswith("vllm-steer:")
+    assert cache_salt(a, None) == cache_salt(b, None)
+    assert cache_salt(a, "client") == cache_salt(b, "client")
+    assert cache_salt(a, None).startswith("vllm-steer:")
 
 
 def test_salt_distinguishes_every_setting():
@@ -284,10 +284,33 @@ def test_salt_distinguishes_every_setting():
         {"steer_profile": "abl"},
     ]
     resolved = [_resolve(extra) for extra in settings_]
-    salts = [steering_cache_salt(r, None) for r in resolved]
+    salts = [cache_salt(r, None) for r in resolved]
     assert len(set(salts)) == len(salts)
-    client = {steering_cache_salt(resolved[0], c) for c in (None, "", "a", "b")}
+    client = {cache_salt(resolved[0], c) for c in (None, "", "a", "b")}
     assert len(client) == 4
+
+
+def test_salt_is_bound_to_the_tenant_and_keyed():
+    """Under tiers every request is salted per tenant; a client's salt never passes through as is."""
+    a = _resolve({"steer_profile": "ss", "steer_angle": 30.0})
+    assert cache_salt(a, None, "acme") != cache_salt(a, None, "beta")
+    assert cache_salt(None, None, "acme") != cache_salt(None, None, "beta")
+    assert cache_salt(None, None, None) is None, "unsteered, no tenant, no client salt: vLLM's shared cache"
+    derived = cache_salt(a, None, "acme")
+    # the poisoning attempt: an unsteered request that sends the strict tier's derived salt as its own
+    assert cache_salt(None, derived, "research") != derived
+    assert cache_salt(None, derived, None) != derived
+    assert cache_salt(a, None, "acme") != cache_salt(None, None, "acme"), "steered and unsteered never share"
+
+
+def test_salt_needs_the_server_secret(monkeypatch):
+    from vllm_steer.core.wire import POLICY_SECRET_ENV
+
+    a = _resolve({"steer_profile": "ss", "steer_angle": 30.0})
+    monkeypatch.setenv(POLICY_SECRET_ENV, "one")
+    first = cache_salt(a, None, "acme")
+    monkeypatch.setenv(POLICY_SECRET_ENV, "two")
+    assert cache_salt(a, None, "acme") != first
 
 
 def test_salt_distinguishes_profile_content():
@@ -298,7 +321,7 @@ def test_salt_distinguishes_profile_content():
     a = resolve_steering(request, PROFILES)
     b = resolve_steering(request, other)
     assert a.profile_digest != b.profile_digest
-    assert steering_cache_salt(a, None) != steering_cache_salt(b, None)
+    assert cache_salt(a, None) != cache_salt(b, None)
 
 
 @settings(max_examples=50, deadline=None)
@@ -310,7 +333,7 @@ def test_salt_distinguishes_profile_content():
 def test_salt_is_a_function_of_the_angle(a, b, salt):
     ra = _resolve({"steer_profile": "ss", "steer_angle": a})
     rb = _resolve({"steer_profile": "ss", "steer_angle": b})
-    assert (steering_cache_salt(ra, salt) == steering_cache_salt(rb, salt)) == (a == b)
+    assert (cache_salt(ra, salt) == cache_salt(rb, salt)) == (a == b)
 
 
 @settings(max_examples=50, deadline=None)
@@ -322,7 +345,7 @@ def test_salt_is_a_function_of_the_scale(a, b):
     a, b = a + 0.0, b + 0.0  # -0.0 → 0.0: the salt may (harmlessly) tell the two zeros apart
     ra = _resolve({"steer_profile": "add", "steer_scale": a})
     rb = _resolve({"steer_profile": "add", "steer_scale": b})
-    assert (steering_cache_salt(ra, None) == steering_cache_salt(rb, None)) == (a == b)
+    assert (cache_salt(ra, None) == cache_salt(rb, None)) == (a == b)
 
 
 def test_steer_layers_picks_a_subset_of_the_profile_layers():
@@ -332,7 +355,7 @@ def test_steer_layers_picks_a_subset_of_the_profile_layers():
     assert sub.layers == (1, 3)
     whole = resolve_steering(parse_steering({"steer_profile": "sel"}), profiles)
     assert whole.layers is None and sub.slot_key != whole.slot_key
-    assert steering_cache_salt(sub, None) != steering_cache_salt(whole, None)
+    assert cache_salt(sub, None) != cache_salt(whole, None)
     same = resolve_steering(parse_steering({"steer_profile": "sel", "steer_layers": [1, 2, 3]}), profiles)
     assert same == whole, "naming every layer is the same as not overriding"
     assert resolve_steering(parse_steering({"steer_profile": "sel", "steer_layers": 2}), profiles).layers == (2,)

@@ -101,8 +101,21 @@ def test_serve_dry_run_with_every_option_shows_every_env_var(tmp_path, monkeypat
         if key.startswith(ENV_PREFIX) or key == PLUGINS_ENV:
             monkeypatch.delenv(key)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    values = {"profiles": "profiles", "max_slots": "5", "tenants": "tenants.yaml", "fused_op": "compiled"}
-    args = ["serve", "--dry-run", "--plugin", "other", "--steer-hook-all-sites", "--model", "m", "--enforce-eager"]
+    values = {
+        "profiles": "profiles",
+        "max_slots": "5",
+        "tenants": "tenants.yaml",
+        "fused_op": "compiled",
+        "audit_log": "audit.jsonl",
+        "max_body_bytes": "65536",
+    }
+    switches = [
+        "--steer-hook-all-sites",
+        "--steer-audit-prompts",
+        "--steer-allow-admin-options",
+        "--steer-public-metrics",
+    ]
+    args = ["serve", "--dry-run", "--plugin", "other", *switches, "--model", "m", "--enforce-eager"]
     for field, value in values.items():
         args += [SteerConfig.option(field).flag, value]
     result = CliRunner().invoke(app, args)
@@ -119,6 +132,11 @@ def test_serve_dry_run_with_every_option_shows_every_env_var(tmp_path, monkeypat
         max_slots=5,
         hook_all_sites=True,
         fused_op="compiled",
+        audit_log="audit.jsonl",
+        audit_prompts=True,
+        max_body_bytes=65536,
+        allow_admin_options=True,
+        public_metrics=True,
     )
 
 

@@ -11,8 +11,6 @@ unsteered answer.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 from vllm_steer.core.errors import SteerError, field_and_message
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
+from vllm_steer.core.wire import keyed_digest
 
 __all__ = [
     "STEER_KEYS",
@@ -35,7 +34,7 @@ __all__ = [
     "ResolvedSteering",
     "parse_steering",
     "resolve_steering",
-    "steering_cache_salt",
+    "cache_salt",
     "admission_key",
 ]
 
@@ -220,25 +219,30 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
     )
 
 
-def steering_cache_salt(resolved: ResolvedSteering, client_salt: str | None) -> str:
-    """Prefix-cache salt for a steered request.
+def cache_salt(resolved: ResolvedSteering | None, client_salt: str | None, tenant: str | None = None) -> str | None:
+    """The prefix-cache salt the engine gives a request: derived by the server, never the client's own.
 
-    Steering at layer L changes the KV of every later layer, so two requests
-    may share KV blocks only if their steering is identical; vLLM mixes the
-    salt into block hashes. A client's own salt stays part of it.
+    Steering at layer L changes the KV of every later layer, so two requests may share KV blocks only if
+    their steering is identical; and under tenant tiers, only if they are the same tenant's (so one tenant
+    can neither plant unsteered blocks under another tier's salt nor learn from cache hits what another
+    tenant sent). vLLM mixes the salt into block hashes. The salt is an HMAC under the server's secret
+    (:func:`vllm_steer.core.wire.keyed_digest`) of (tenant, steering, the client's own salt): no value a
+    client sends as ``cache_salt`` can equal a derived one, since every salted request gets a derived one.
+    ``None`` (vLLM's shared cache) only for an unsteered request without a tenant or a client salt.
     """
-    payload = json.dumps(
-        [
+    if resolved is None and tenant is None and client_salt is None:
+        return None
+    steering = None
+    if resolved is not None:
+        steering = [
             resolved.profile_id,
             resolved.profile_digest,
             resolved.categories,
             repr(resolved.angle),
             repr(resolved.scale),
             resolved.layers,
-            client_salt,
         ]
-    )
-    return "vllm-steer:" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+    return "vllm-steer:" + keyed_digest("prefix-cache-salt", [tenant, steering, client_salt])[:40]
 
 
 def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tuple[Any, ...] | None:

@@ -103,6 +103,11 @@ class SteerConfig(BaseModel):
     tenants: Annotated[str | None, _PATH] = None
     """Tenants file (YAML/JSON) mapping API keys to tiers for the OpenAI server. Unset: single-tenant mode
     (every caller may use every profile, or none)."""
+    audit_log: str | None = None
+    """File the policy's audit lines are appended to (one JSON object per decision; they also go to the
+    ``vllm_steer.audit`` logger). Unset: the logger only."""
+    audit_prompts: bool = False
+    """Include the prompt or messages in audit lines (off: the audit log never holds prompt text)."""
     hook_all_sites: bool = False
     """Hook every site of every layer at start, so any profile can be hot-loaded later (else only the sites
     of the profiles loaded at start: a hot-loaded profile must fit them)."""
@@ -111,6 +116,14 @@ class SteerConfig(BaseModel):
     (torch.compile), ``off``; ``auto`` = Triton on CUDA (else compiled), off on CPU, where the per-method
     short paths are as cheap and a compile would only slow the start. Inside CUDA graphs the eager op
     costs ~8x the fused one (benchmarks/README.md)."""
+    max_body_bytes: int | None = Field(default=None, ge=1024)
+    """Largest request body the OpenAI server reads, in bytes (413 beyond); default 64 per token of the
+    model's context, within [1 MiB, 16 MiB]."""
+    allow_admin_options: bool = False
+    """Start with a tenants file even when server options open admin powers to clients (logged loudly;
+    see ``vllm_steer.server.access.ADMIN_OPTIONS``)."""
+    public_metrics: bool = False
+    """Serve /metrics without a key (otherwise an admin key is needed)."""
 
     # ------------------------------------------------------------------ the outside world's spelling
 

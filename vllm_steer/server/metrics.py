@@ -1,6 +1,9 @@
 """Prometheus counters of the steering front door (on the server's ``/metrics``), and the usage meter
 that reads each admitted response's token counts. Labels are tiers, profiles and refused fields —
-never tenants' keys or prompt text."""
+never tenants' keys or prompt text.
+
+Every label set lives in the process (and in each scrape) forever, so no label value is the client's
+choice: a refused field is named by :func:`field_label` from the closed :data:`REJECTION_FIELDS`."""
 
 from __future__ import annotations
 
@@ -8,7 +11,19 @@ import json
 
 from prometheus_client import Counter
 
-__all__ = ["REQUESTS", "TOKENS", "REJECTIONS", "UsageMeter", "count_admitted", "count_rejection"]
+from vllm_steer.core.request import STEER_KEYS
+
+__all__ = [
+    "REQUESTS",
+    "TOKENS",
+    "REJECTIONS",
+    "REJECTION_FIELDS",
+    "OTHER_FIELD",
+    "UsageMeter",
+    "count_admitted",
+    "count_rejection",
+    "field_label",
+]
 
 REQUESTS = Counter("vllm_steer_requests", "Requests admitted by the steering policy", ["tier", "profile"])
 TOKENS = Counter(
@@ -21,8 +36,67 @@ def count_admitted(labels: dict[str, str]) -> None:
     REQUESTS.labels(**labels).inc()
 
 
+REJECTION_FIELDS = frozenset(
+    {
+        *STEER_KEYS,
+        # the front door's own
+        "authorization",
+        "body",
+        "vllm_xargs",
+        "server",
+        "route",
+        "profile_id",
+        "profiles",
+        # OpenAI request fields a refusal may name
+        "use_beam_search",
+        "model",
+        "prompt",
+        "messages",
+        "n",
+        "best_of",
+        "logit_bias",
+        "bad_words",
+        "allowed_token_ids",
+        "structured_outputs",
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+        "tool_choice",
+        "tools",
+        "prompt_embeds",
+        "continue_final_message",
+        "add_generation_prompt",
+        "chat_template",
+        "chat_template_kwargs",
+        "priority",
+        "kv_transfer_params",
+        "cache_salt",
+        "max_tokens",
+    }
+)
+"""The ``field`` label values of ``vllm_steer_rejections`` (with :data:`OTHER_FIELD`): a closed set."""
+OTHER_FIELD = "other"
+"""The ``field`` label of a refusal naming anything else (an unknown key, a duplicated one, ...)."""
+
+
+def field_label(field: str) -> str:
+    """The ``field`` label for a refused field: its head (``messages`` for ``messages[3].content``) when that
+    is in :data:`REJECTION_FIELDS`, else :data:`OTHER_FIELD` (the name is the client's: unbounded)."""
+    head = field.partition(".")[0].partition("[")[0]
+    return head if head in REJECTION_FIELDS else OTHER_FIELD
+
+
+def _reason_label(status: int) -> str:
+    """The ``reason`` label: the HTTP status (an int of ours; anything else is ``other``)."""
+    return str(status) if isinstance(status, int) and 100 <= status <= 599 else OTHER_FIELD
+
+
 def count_rejection(status: int, field: str) -> None:
-    REJECTIONS.labels(reason=str(status), field=field).inc()
+    REJECTIONS.labels(reason=_reason_label(status), field=field_label(field)).inc()
 
 
 class UsageMeter:

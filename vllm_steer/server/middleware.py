@@ -1,47 +1,57 @@
 """The OpenAI server's steering front door: the tenant policy before the engine, as an ASGI middleware.
 
-:class:`SteeringPolicyMiddleware` is a pure ASGI middleware (so streaming
-responses pass through untouched). For ``POST /v1/chat/completions`` and
-``/v1/completions`` it reads the JSON body, authenticates the caller's API key,
-asks :class:`~vllm_steer.server.tenants.TenantPolicy` for the *effective* steering,
-writes that into ``vllm_xargs`` and hands the request on. Errors come back in
-OpenAI's error shape with the field named: 400 malformed, 401 unknown key, 403
-above the tier, 429 over the tier's concurrency. Every other ``/v1`` path still
-needs a valid key when a tenants file is configured.
+:class:`SteeringPolicyMiddleware` is a pure ASGI middleware (so streaming responses pass through
+untouched). With a tenants file configured, **every route is denied unless the route table allows it**
+(:mod:`vllm_steer.server.access`): ``/health`` and ``/ping`` are public, ``/metrics`` needs an admin key
+unless the operator opts in, a tenant's key opens the generation routes, the model list, the steering
+profiles, tokenization and the API docs, and any other route — including whatever a later vLLM adds —
+is 401 without a key and 403 with one. Without a tenants file (single-tenant mode) everything passes.
 
-Defense in depth, and fail closed: the middleware stamps each request it
-passed with a per-process secret (:data:`POLICY_TOKEN_KEY`); with a tenants
-file configured, the engine's input validation refuses any request without it,
-so a server on which this middleware failed to load refuses requests instead
-of serving them outside their tiers.
+For ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body (bounded by the model's
+context: :func:`~vllm_steer.server.body.body_limit`; parsed off the event loop when large), authenticates
+the caller's API key, asks :class:`~vllm_steer.server.tenants.TenantPolicy` for the *effective* steering
+and whether the tier permits the request's sampling controls (:mod:`vllm_steer.server.tenants.controls`),
+writes the steering into ``vllm_xargs`` and hands the request on. Errors come back in OpenAI's error
+shape with the field named: 400 malformed, 401 unknown key, 403 above the tier, 413 too large, 429 over
+the tier's concurrency (every sequence of ``n`` and every prompt counts).
 
-Nothing here imports vLLM: :func:`vllm_steer.server.routes.attach` mounts it (with the routes) on
-vLLM's app through the endpoint plugin (:mod:`vllm_steer.server.plugin`) or on Ray's ingress
-(:mod:`vllm_steer.server.ray_app`), whose :class:`~vllm_steer.server.state.ServingState` supplies the
-policy and the loaded profiles. Logs name tenants, tiers and profiles — never keys or prompt text.
+Defense in depth, and fail closed: every admitted request carries a policy stamp
+(:func:`vllm_steer.core.wire.stamp`: the tenant and an HMAC over tenant, effective steering and expiry);
+with a tenants file configured, the engine's front end refuses any request whose stamp does not verify,
+so a server on which this middleware failed to load refuses requests instead of serving them outside
+their tiers. The engine derives each request's prefix-cache salt from the stamped tenant
+(:func:`vllm_steer.core.request.cache_salt`).
+
+Every decision is one JSON line in the audit log (:mod:`vllm_steer.server.audit`). Nothing here imports
+vLLM: :func:`vllm_steer.server.routes.attach` mounts it (with the routes) on vLLM's app through the
+endpoint plugin (:mod:`vllm_steer.server.plugin`) or on Ray's ingress (:mod:`vllm_steer.server.ray_app`),
+whose :class:`~vllm_steer.server.state.ServingState` supplies the policy and the loaded profiles.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
-from vllm_steer.core.wire import POLICY_TOKEN_KEY, policy_token
-from vllm_steer.server.body import MAX_BODY_BYTES, BadBody, parse_body, read_body
+from vllm_steer.core.wire import stamp
+from vllm_steer.server.access import WEBSOCKET, Access, classify, route_path
+from vllm_steer.server.body import BadBody, body_limit, declared_length, parse_body_async, read_body
 from vllm_steer.server.metrics import UsageMeter, count_admitted, count_rejection
-from vllm_steer.server.state import serving_state
-from vllm_steer.server.tenants import PolicyError, bearer_token
+from vllm_steer.server.state import ServingState, serving_state
+from vllm_steer.server.tenants import PolicyError, Tenant, bearer_token
+from vllm_steer.server.tenants.controls import rows
 
 __all__ = [
     "GENERATE_PATHS",
-    "GUARDED_PREFIX",
     "ADMIN_PREFIX",
-    "MAX_BODY_BYTES",
+    "REQUEST_ID_HEADER",
     "SteeringPolicyMiddleware",
     "error_response",
 ]
@@ -50,10 +60,10 @@ logger = logging.getLogger("vllm_steer.server.middleware")
 
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 """The routes whose body the policy reads and rewrites (``vllm_xargs``)."""
-GUARDED_PREFIX = "/v1"
-"""With a tenants file, every route under it needs a tenant's key."""
 ADMIN_PREFIX = "/v1/steering/admin"
 """The admin routes check admin keys themselves (:mod:`vllm_steer.server.routes`)."""
+REQUEST_ID_HEADER = b"x-request-id"
+"""vLLM names a request after this header; the middleware sets it to the audit log's request id."""
 
 
 def error_response(err: PolicyError) -> JSONResponse:
@@ -91,41 +101,101 @@ class SteeringPolicyMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if not path.startswith(GUARDED_PREFIX) or path.startswith(ADMIN_PREFIX):  # admin routes check admin keys
-            return await self.app(scope, receive, send)
+        path = route_path(scope)
+        method = scope.get("method", "GET") if scope["type"] == "http" else WEBSOCKET
         state = serving_state(scope["app"]) if "app" in scope else None
         if state is None:
+            if classify(method, path) is Access.PUBLIC:
+                return await self.app(scope, receive, send)
             err = PolicyError(503, "server", "vllm-steer is not initialized yet; retry shortly")
-            return await error_response(err)(scope, receive, send)
-        headers = Headers(scope=scope)
-        try:
-            tenant = state.policy.authenticate(bearer_token(headers.get("authorization")))
-        except PolicyError as err:
-            return await error_response(err)(scope, receive, send)
-        if scope.get("method") != "POST" or path not in GENERATE_PATHS:
-            scope.setdefault("state", {})["vllm_steer_tenant"] = tenant
+            return await _refusal(err, scope)(scope, receive, send)
+        decision = _Decision(state, scope, method, path)
+        if state.policy.single_tenant:
+            if method == "POST" and path in GENERATE_PATHS:
+                return await decision.generate(self.app, receive, send)
             return await self.app(scope, receive, send)
 
+        access = classify(method, path, public_metrics=state.public_metrics)
+        if access is Access.PUBLIC or (access is Access.ADMIN and path.startswith(ADMIN_PREFIX)):
+            return await self.app(scope, receive, send)  # admin routes check admin keys themselves
         try:
-            raw = await read_body(receive)
-            body = parse_body(raw)
+            if access is Access.ADMIN:
+                state.policy.authenticate_admin(decision.api_key)
+                return await self.app(scope, receive, send)
+            decision.tenant = state.policy.authenticate(decision.api_key)
+            if access is Access.DENIED:
+                raise PolicyError(403, "route", f"{method} {path} is not available to tenants on this server")
+        except PolicyError as err:
+            decision.audit("refused", err.status, field=err.field, reason=err.message)
+            return await _refusal(err, scope)(scope, receive, send)
+        scope.setdefault("state", {})["vllm_steer_tenant"] = decision.tenant
+        if method == "POST" and path in GENERATE_PATHS:
+            return await decision.generate(self.app, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _refusal(err: PolicyError, scope: Scope) -> ASGIApp:
+    """The error response for an HTTP request; a WebSocket is closed (policy violation) instead."""
+    if scope["type"] == "websocket":
+        count_rejection(err.status, err.field)
+        return WebSocketClose(code=1008, reason=f"{err.status} {err.field}")
+    return error_response(err)
+
+
+class _Decision:
+    """One request's way through the policy: who, what steering, how many rows; audited once."""
+
+    def __init__(self, state: ServingState, scope: Scope, method: str, path: str):
+        self.state, self.scope, self.method, self.path = state, scope, method, path
+        headers = Headers(scope=scope)
+        self.api_key = bearer_token(headers.get("authorization"))
+        self.client_request_id = headers.get("x-request-id")
+        self.request_id = "steer-" + uuid.uuid4().hex
+        self.tenant: Tenant | None = None
+        self.body: dict[str, Any] | None = None
+        self.rows: int | None = None
+
+    def audit(self, decision: str, status: int, **fields: Any) -> None:
+        tenant = self.tenant
+        self.state.audit.record(
+            decision=decision,
+            status=status,
+            request_id=self.request_id,
+            client_request_id=self.client_request_id,
+            tenant=None if tenant is None else tenant.name,
+            tier=None if tenant is None else tenant.tier_name,
+            method=self.method,
+            route=self.path,
+            rows=self.rows,
+            body=self.body,
+            **fields,
+        )
+
+    def refuse(self, err: PolicyError) -> JSONResponse:
+        self.audit("refused", err.status, field=err.field, reason=err.message)
+        return error_response(err)
+
+    async def generate(self, app: ASGIApp, receive: Receive, send: Send) -> None:
+        state, scope = self.state, self.scope
+        tenant = self.tenant or state.policy.authenticate(None)  # single-tenant: the anonymous tenant
+        self.tenant = tenant
+        headers = Headers(scope=scope)
+        try:
+            limit = body_limit(None, state.max_body_bytes)
+            raw = await read_body(receive, limit, declared=declared_length(headers))
+            body = await parse_body_async(raw)
+            self.body = body
+            self.rows = rows(body, self.path)
             effective = state.policy.decide(tenant, body.get("vllm_xargs"), state.profiles())
+            state.policy.check_controls(tenant, body, self.path, state.base_models, headers)
         except ConnectionAbortedError:
             return None
         except BadBody as bad:
-            return await error_response(PolicyError(400, bad.field, bad.message))(scope, receive, send)
+            return await self.refuse(PolicyError(bad.status, bad.field, bad.message))(scope, receive, send)
         except PolicyError as err:
-            logger.info(
-                "vllm-steer refused a request of tenant %s (tier %s): %d on %s",
-                tenant.name,
-                tenant.tier_name,
-                err.status,
-                err.field,
-            )
-            return await error_response(err)(scope, receive, send)
+            return await self.refuse(err)(scope, receive, send)
 
         profile_id = (effective or {}).get("steer_profile", "none")
         if _pydantic_true(body.get("use_beam_search")) and (profile_id != "none" or state.stamp):
@@ -135,24 +205,30 @@ class SteeringPolicyMiddleware:
                 "beam search is not available with vllm-steer: vLLM's beam search "
                 "re-submits every step without vllm_xargs, so the steering (and the tier) would be lost",
             )
-            return await error_response(beam)(scope, receive, send)
+            return await self.refuse(beam)(scope, receive, send)
         slot = None
         if profile_id != "none":
             try:
-                slot = state.policy.acquire(tenant)
+                slot = state.policy.acquire(tenant, self.rows)
             except PolicyError as err:
-                return await error_response(err)(scope, receive, send)
+                return await self.refuse(err)(scope, receive, send)
+        steering = {k: v for k, v in (effective or {}).items() if k.startswith("steer_")}
         if state.stamp:
-            effective = dict(effective or {})
-            effective[POLICY_TOKEN_KEY] = policy_token()
+            effective = stamp(effective or {}, tenant.name)
         if effective is None:
             body.pop("vllm_xargs", None)
         else:
             body["vllm_xargs"] = effective
         new_body = json.dumps(body).encode()
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        scope["headers"].append((b"content-length", str(len(new_body)).encode()))
+        forwarded = dict(scope)
+        forwarded["headers"] = [
+            (k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", REQUEST_ID_HEADER)
+        ]
+        forwarded["headers"] += [
+            (b"content-length", str(len(new_body)).encode()),
+            (REQUEST_ID_HEADER, self.request_id.encode()),
+        ]
+        self.audit("admitted", 200, steering=steering or None)
         labels = {"tier": tenant.tier_name, "profile": str(profile_id)}
         count_admitted(labels)
         meter = UsageMeter(labels)
@@ -169,7 +245,7 @@ class SteeringPolicyMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, _replay(new_body, receive), send_and_count)
+            await app(forwarded, _replay(new_body, receive), send_and_count)
         finally:
             if slot is not None:
                 slot.release()

@@ -8,6 +8,8 @@ names it. The admin routes' operations (:class:`_AdminOps`) act on this server's
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from typing import Any
 
 from vllm_steer.engine.vllm import (
@@ -18,11 +20,16 @@ from vllm_steer.engine.vllm import (
     share_vllm_log_handlers,
     unload_profile,
 )
+from vllm_steer.server.access import check_admin_options
+from vllm_steer.server.audit import AuditLog
+from vllm_steer.server.body import body_limit
 from vllm_steer.server.routes import attach
 from vllm_steer.server.state import make_state
 from vllm_steer.server.tenants import TenantPolicy
 
-__all__ = ["SteeringEndpointPlugin"]
+__all__ = ["SteeringEndpointPlugin", "served_model_names"]
+
+logger = logging.getLogger("vllm_steer.server.plugin")
 
 
 class SteeringEndpointPlugin:
@@ -51,9 +58,33 @@ class SteeringEndpointPlugin:
         config, profiles = profiles_for(vllm_config)
         policy = TenantPolicy.from_file(config.tenants) if config.tenants else TenantPolicy.single_tenant()
         policy.check_profiles(profiles)  # a tier naming a profile that is not loaded stops the server here
+        if not policy.single_tenant:  # options that give clients admin powers stop the server here too
+            check_admin_options(
+                os.environ, args, allow=config.allow_admin_options, logger=logger, vllm_config=vllm_config
+            )
         state.vllm_steer = make_state(
-            policy, lambda: profiles_for(vllm_config)[1], admin=_AdminOps(engine_client, vllm_config, policy)
+            policy,
+            lambda: profiles_for(vllm_config)[1],
+            admin=_AdminOps(engine_client, vllm_config, policy),
+            base_models=served_model_names(args, vllm_config),
+            max_body_bytes=body_limit(getattr(vllm_config.model_config, "max_model_len", None), config.max_body_bytes),
+            public_metrics=config.public_metrics,
+            audit=AuditLog(config.audit_log, prompts=config.audit_prompts),
         )
+
+
+def served_model_names(args: Any, vllm_config: Any = None) -> tuple[str, ...]:
+    """The names ``/v1/models`` lists the base model under, as vLLM's ``init_app_state`` picks them:
+    ``--served-model-name`` (one name or several) when given, else ``--model``; without either in ``args``,
+    the engine's ``model_config.served_model_name`` (its first name only)."""
+    names = getattr(args, "served_model_name", None)
+    if names is None:
+        names = getattr(args, "model", None)
+    if names is None and vllm_config is not None:
+        names = getattr(getattr(vllm_config, "model_config", None), "served_model_name", None)
+    if names is None:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(str(name) for name in names)
 
 
 class _AdminOps:

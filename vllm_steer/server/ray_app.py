@@ -33,6 +33,7 @@ with enough logical CPUs/GPUs); the YAML names :func:`build_app` and its :class:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import logging
@@ -46,6 +47,9 @@ from vllm_steer.core.errors import SteerError, field_and_message
 from vllm_steer.core.profile import ModelFingerprint, Profile, load_profile_dir, profile_changes
 from vllm_steer.core.settings import PLUGINS_ENV, SteerConfig
 from vllm_steer.core.wire import POLICY_SECRET_ENV, deployment_secret
+from vllm_steer.server.access import check_admin_options
+from vllm_steer.server.audit import AuditLog
+from vllm_steer.server.body import body_limit
 from vllm_steer.server.tenants import TenantPolicy
 
 __all__ = ["RayAppArgs", "RayAppArgsError", "SteerLLMServer", "build_app"]  # noqa: F822 - SteerLLMServer: module __getattr__
@@ -176,6 +180,13 @@ def build_app(args: dict[str, Any] | None = None):
     fingerprint = _fingerprint(model)
     # ProfileError (file and field named) / TenantsFileError: nothing is deployed.
     _load_policy(tenants).check_profiles(load_profile_dir(profiles, fingerprint))
+    if tenants:  # engine options that give clients admin powers: nothing is deployed (unless allowed, loudly)
+        check_admin_options(
+            {**os.environ, **cfg.env_vars},
+            argparse.Namespace(**cfg.engine_kwargs),
+            allow=cfg.allow_admin_options,
+            logger=logger,
+        )
     secret = deployment_secret()
     model_id = cfg.model_id or cfg.model
     env = _replica_env(cfg, profiles, tenants, secret)
@@ -210,6 +221,11 @@ def build_app(args: dict[str, Any] | None = None):
             "profiles": profiles,
             "tenants": tenants,
             "fingerprint": fingerprint.model_dump() if fingerprint else None,
+            "base_models": [model_id],
+            "max_body_bytes": body_limit(cfg.engine_kwargs.get("max_model_len"), cfg.max_body_bytes),
+            "public_metrics": cfg.public_metrics,
+            "audit_log": cfg.audit_log,
+            "audit_prompts": cfg.audit_prompts,
         },
     )
 
@@ -378,7 +394,15 @@ def _ingress_class():
                 handle,
             )
             policy.check_profiles(admin.current)
-            self.app.state.vllm_steer = make_state(policy, admin.profiles, admin=admin)
+            self.app.state.vllm_steer = make_state(
+                policy,
+                admin.profiles,
+                admin=admin,
+                base_models=tuple(steering.get("base_models") or ()),
+                max_body_bytes=steering.get("max_body_bytes"),
+                public_metrics=bool(steering.get("public_metrics")),
+                audit=AuditLog(steering.get("audit_log"), prompts=bool(steering.get("audit_prompts"))),
+            )
 
         async def _get_response(self, **kwargs: Any):
             """A replica that dies before answering is a 503 the client can retry, not Ray's generic 500.

@@ -3,7 +3,9 @@
 * ``GET /v1/steering/profiles`` — the profiles the caller's tier may use, with its ranges (tenant key);
 * ``POST /v1/steering/admin/reload``, ``DELETE /v1/steering/admin/profiles/{id}``,
   ``GET /v1/steering/admin/status`` — hot reload and engine status (admin key; the operations are the
-  :class:`~vllm_steer.server.state.ServingState`'s ``admin``, supplied by the endpoint plugin or the Ray ingress).
+  :class:`~vllm_steer.server.state.ServingState`'s ``admin``, supplied by the endpoint plugin or the Ray ingress);
+* ``GET /v1/steering/admin/routes`` — every route of the live app and who may use it
+  (:func:`vllm_steer.server.access.list_routes`; admin key).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from vllm_steer.core.profile import ProfileError
+from vllm_steer.server.access import list_routes
 from vllm_steer.server.middleware import ADMIN_PREFIX, SteeringPolicyMiddleware, error_response
 from vllm_steer.server.state import ServingState, serving_state
 from vllm_steer.server.tenants import PolicyError, TenantsFileError, bearer_token
@@ -30,6 +33,7 @@ __all__ = [
     "reload_profiles",
     "remove_profile",
     "admin_status",
+    "admin_routes",
 ]
 
 logger = logging.getLogger("vllm_steer.server.routes")
@@ -46,9 +50,10 @@ async def list_profiles(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": state.policy.visible_profiles(tenant, state.profiles())})
 
 
-def _admin(request: Request) -> tuple[ServingState, str]:
+def _admin(request: Request, *, ops: bool = True) -> tuple[ServingState, str]:
+    """The state and the admin's name; 503 before the state (or, with ``ops``, the admin operations) is set."""
     state = serving_state(request.app)
-    if state is None or state.admin is None:
+    if state is None or (ops and state.admin is None):
         raise PolicyError(503, "server", "vllm-steer is not initialized yet; retry shortly")
     name = state.policy.authenticate_admin(bearer_token(request.headers.get("authorization")))
     return state, name
@@ -106,6 +111,18 @@ async def admin_status(request: Request) -> JSONResponse:
         return error_response(PolicyError(503, "server", f"engine replicas did not answer: {err}"))
 
 
+async def admin_routes(request: Request) -> JSONResponse:
+    """``GET /v1/steering/admin/routes``: every route of the live app — mounted apps and routes hidden from the
+    OpenAPI schema included — with its methods and who may use it (``public``, ``tenant``, ``admin``, ``denied``:
+    :func:`vllm_steer.server.access.classify`), so operators see what a tenants file leaves exposed."""
+    try:
+        state, _ = _admin(request, ops=False)
+    except PolicyError as err:
+        return error_response(err)
+    routes = list_routes(request.app.routes, public_metrics=state.public_metrics)
+    return JSONResponse({"object": "list", "data": routes})
+
+
 @dataclass(frozen=True)
 class Route:
     """One steering route: where it is, what answers it, and how the OpenAPI page lists it."""
@@ -122,6 +139,7 @@ ROUTES: tuple[Route, ...] = (
     Route(ADMIN_PREFIX + "/reload", reload_profiles, "POST", "vllm-steer admin", "Hot-reload the profile directory"),
     Route(ADMIN_PREFIX + "/status", admin_status, "GET", "vllm-steer admin", "Profile versions and engine replicas"),
     Route(ADMIN_PREFIX + "/profiles/{profile_id}", remove_profile, "DELETE", "vllm-steer admin", "Unload a profile"),
+    Route(ADMIN_PREFIX + "/routes", admin_routes, "GET", "vllm-steer admin", "Every route and who may use it"),
 )
 """Every route :func:`attach` mounts, in order."""
 

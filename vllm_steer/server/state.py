@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.settings import SteerConfig
+from vllm_steer.server.audit import AuditLog
 from vllm_steer.server.tenants import TenantPolicy
 
 __all__ = ["ServingState", "make_state", "serving_state"]
@@ -32,6 +33,11 @@ class ServingState:
     adapter (LoRA). Empty: unknown (the check is skipped)."""
     max_body_bytes: int | None = None
     """The largest request body the front door reads; ``None``: :data:`vllm_steer.server.body.MAX_BODY_BYTES`."""
+    audit: AuditLog = field(default_factory=AuditLog)
+    """Where the policy's decisions are written (:mod:`vllm_steer.server.audit`)."""
+    public_metrics: bool = False
+    """Serve ``/metrics`` without a key (``VLLM_STEER_PUBLIC_METRICS``); otherwise it needs an admin key
+    (:func:`vllm_steer.server.access.classify`)."""
 
 
 def make_state(
@@ -41,6 +47,8 @@ def make_state(
     *,
     base_models: tuple[str, ...] = (),
     max_body_bytes: int | None = None,
+    audit: AuditLog | None = None,
+    public_metrics: bool = False,
 ) -> ServingState:
     """The state for ``app.state.vllm_steer``; logs loudly in single-tenant mode."""
     if policy.single_tenant:
@@ -64,6 +72,8 @@ def make_state(
         admin=admin,
         base_models=base_models,
         max_body_bytes=max_body_bytes,
+        audit=audit or AuditLog(),
+        public_metrics=public_metrics,
     )
 
 

@@ -13,6 +13,8 @@ it in the API server, the engine core and every worker), one module per thing pa
   load, request → slot binding, the per-step token map;
 * ``_scheduler`` — ``Scheduler``: the slot gate (like ``max_loras``);
 * ``_compile_cache`` — ``VllmConfig.compute_hash``: compile-cache key salted with version and sites;
+* ``_logging`` — ``RequestLogger``: the server's own ``extra_args`` keys (policy stamp, tenant) are redacted
+  from vLLM's request log;
 * ``_rpc`` — ``WorkerBase.vllm_steer_status`` / ``vllm_steer_reload`` and the operations built on them.
 """
 
@@ -29,6 +31,7 @@ from vllm_steer.engine.vllm._common import (
 from vllm_steer.engine.vllm._compile_cache import patch_config_hash
 from vllm_steer.engine.vllm._frontend import patch_input_processor
 from vllm_steer.engine.vllm._hooks import install_hooks
+from vllm_steer.engine.vllm._logging import patch_request_logger
 from vllm_steer.engine.vllm._offline import offline_engine
 from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
 from vllm_steer.engine.vllm._rpc import (
@@ -74,5 +77,6 @@ def register() -> None:
     patch_scheduler()
     patch_worker_rpcs()
     patch_config_hash()
+    patch_request_logger()
     _registered = True
     logger.debug("vllm-steer %s registered with vLLM %s", __version__, version)

@@ -21,7 +21,12 @@ Tiers (``format_version: 1``, :mod:`~vllm_steer.server.tenants.schema`):
   ``id -> {angle: [lo, hi], scale: [lo, hi], categories: [...]}``.
 * ``allow_unsteered`` -- may a client send ``steer_profile: "none"``?
 * ``allow_layers_override`` -- may a client send ``steer_layers``?
-* ``max_concurrent_steered`` -- steered requests in flight per tenant.
+* ``max_concurrent_steered`` -- steered sequences in flight per tenant (a request counts ``n`` times its
+  prompts, :func:`~vllm_steer.server.tenants.controls.rows`; one that alone exceeds it is refused with 403).
+* ``allow_controls`` -- which request fields outside ``vllm_xargs`` that can counteract the steering
+  (assistant prefill, raw completions, ``logit_bias``, grammars, ``n``, LoRA, ...: the closed table
+  :data:`~vllm_steer.server.tenants.controls.CONTROLS`) its clients may use; ``"*"`` for all. Default:
+  all when ``allow_unsteered``, none otherwise. :meth:`TenantPolicy.check_controls` refuses the others (403).
 
 Status codes, as :class:`PolicyError`: 400 when the request is malformed or
 invalid for the profile whoever sends it, 401 when the key is missing or unknown,
@@ -32,13 +37,15 @@ API keys are random tokens (:func:`generate_api_key`), so the file holds only a
 fast salted hash (:mod:`~vllm_steer.server.tenants.keys`;
 ``python -m vllm_steer.server.tenants new-key`` / ``hash-key``).
 
-Modules: ``errors``, ``keys``, ``schema``, ``loading`` (the file), ``steering`` (a request's keys under a
-tier), ``policy`` (:class:`TenantPolicy`), ``discovery`` (the profiles route's view), ``cli``.
+Modules: ``errors``, ``keys``, ``controls`` (request fields that counteract steering), ``schema``,
+``loading`` (the file), ``steering`` (a request's keys under a tier), ``policy`` (:class:`TenantPolicy`),
+``discovery`` (the profiles route's view), ``cli``.
 """
 
 from __future__ import annotations
 
 from vllm_steer.core.request import STEER_KEYS as KNOWN_STEER_KEYS
+from vllm_steer.server.tenants.controls import ALL_CONTROLS, CONTROL_NAMES, CONTROLS, Control, rows, used_controls
 from vllm_steer.server.tenants.errors import PolicyError, TenantsFileError
 from vllm_steer.server.tenants.keys import bearer_token, generate_api_key, hash_api_key
 from vllm_steer.server.tenants.loading import load_tenants_file
@@ -55,7 +62,13 @@ from vllm_steer.server.tenants.schema import (
 from vllm_steer.server.tenants.steering import UNSTEERED
 
 __all__ = [
+    "ALL_CONTROLS",
     "ALL_PROFILES",
+    "CONTROLS",
+    "CONTROL_NAMES",
+    "Control",
+    "rows",
+    "used_controls",
     "KNOWN_STEER_KEYS",
     "UNSTEERED",
     "PolicyError",

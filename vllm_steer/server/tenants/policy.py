@@ -1,11 +1,12 @@
 """The tenant policy at run time: who is calling (:meth:`TenantPolicy.authenticate`), what steering their
-request gets (:meth:`~TenantPolicy.decide`), how many of their steered requests are in flight
+request gets (:meth:`~TenantPolicy.decide`), which request fields that counteract steering it may use
+(:meth:`~TenantPolicy.check_controls`), how many of their steered sequences are in flight
 (:meth:`~TenantPolicy.acquire`), and whether the tiers fit the loaded profiles (:meth:`~TenantPolicy.check_profiles`)."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -13,6 +14,7 @@ from typing import Any, overload
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import SteeringRequest, SteeringRequestError, parse_steering
+from vllm_steer.server.tenants.controls import CONTROLS, used_controls
 from vllm_steer.server.tenants.discovery import intersect, visible_profiles
 from vllm_steer.server.tenants.errors import PolicyError, TenantsFileError, above_tier
 from vllm_steer.server.tenants.keys import Credential, match, presented
@@ -224,6 +226,32 @@ class TenantPolicy:
         check_within_grant(grant, request, effective)
         return effective
 
+    def check_controls(
+        self,
+        tenant: Tenant,
+        body: Mapping[str, Any],
+        path: str,
+        base_models: Collection[str] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """403 naming the field for the first control (:mod:`~vllm_steer.server.tenants.controls`) the request
+        uses that its tier does not permit (``allow_controls``); nothing in single-tenant mode.
+
+        ``path`` is the route (``/v1/completions`` or ``/v1/chat/completions``), ``base_models`` the served
+        base model names (empty: unknown, a LoRA adapter in ``model`` is then not detected here), ``headers``
+        the request's headers (vLLM also reads the priority from one).
+        """
+        if self._config is None:
+            return
+        tier = tenant.tier
+        for name, field_name in used_controls(body, path, base_models, headers):
+            if not tier.permits(name):
+                permits = ", ".join(tier.allow_controls) or "none"
+                message = (
+                    f"{name} ({CONTROLS[name].description}) is not permitted for this tier (tier permits: {permits})"
+                )
+                raise above_tier(field_name, message)
+
     # --------------------------------------------------------------- discovery
 
     def visible_profiles(self, tenant: Tenant, profiles: Mapping[str, Profile]) -> list[dict[str, Any]]:
@@ -232,20 +260,32 @@ class TenantPolicy:
 
     # --------------------------------------------------------------- concurrency
 
-    def acquire(self, tenant: Tenant) -> SteeringSlot:
-        """Count one steered request in flight for ``tenant``; 429 over its tier's ``max_concurrent_steered``."""
+    def acquire(self, tenant: Tenant, rows: int = 1) -> SteeringSlot:
+        """Count a steered request of ``rows`` sequences (:func:`~vllm_steer.server.tenants.controls.rows`) in
+        flight for ``tenant``; the slot releases as many.
+
+        Against the tier's ``max_concurrent_steered``: 403 naming ``n`` when ``rows`` alone exceed it (the
+        request could never be admitted), 429 when it would fit once requests in flight end.
+        """
+        rows = max(1, int(rows))
         limit = tenant.tier.max_concurrent_steered
+        if limit is not None and rows > limit:
+            message = (
+                f"this request asks for {rows} steered sequences (n times the prompts); "
+                f"this tier allows {limit} at a time"
+            )
+            raise above_tier("n", message)
         with self._lock:
             in_flight = self._in_flight.get(tenant.name, 0)
-            if limit is not None and in_flight >= limit:
-                message = f"{in_flight} steered requests already in flight; this tier allows {limit} at a time"
+            if limit is not None and in_flight + rows > limit:
+                message = f"{in_flight} steered sequences already in flight; this tier allows {limit} at a time"
                 raise PolicyError(429, "steer_profile", message)
-            self._in_flight[tenant.name] = in_flight + 1
-        return SteeringSlot(lambda: self._release(tenant.name))
+            self._in_flight[tenant.name] = in_flight + rows
+        return SteeringSlot(lambda: self._release(tenant.name, rows))
 
-    def _release(self, tenant_name: str) -> None:
+    def _release(self, tenant_name: str, rows: int = 1) -> None:
         with self._lock:
-            self._in_flight[tenant_name] = max(0, self._in_flight.get(tenant_name, 0) - 1)
+            self._in_flight[tenant_name] = max(0, self._in_flight.get(tenant_name, 0) - rows)
 
     def in_flight(self, tenant: Tenant) -> int:
         with self._lock:

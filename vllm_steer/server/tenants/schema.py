@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from vllm_steer.server.tenants.controls import ALL_CONTROLS, CONTROL_NAMES
 from vllm_steer.server.tenants.keys import check_key_hash
 
 __all__ = [
@@ -54,6 +55,17 @@ def _no_repeats(values: tuple | None) -> tuple | None:
     if values is not None and len(set(values)) != len(values):
         raise ValueError("must not repeat an entry")
     return values
+
+
+def _known_controls(values: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in values if name not in CONTROL_NAMES]
+    if unknown:
+        known = ", ".join(CONTROL_NAMES)
+        raise ValueError(f"unknown control {unknown[0]!r} (controls: {known}, or {ALL_CONTROLS!r} for all)")
+    return tuple(name for name in CONTROL_NAMES if name in values)  # table order
+
+
+Controls = Annotated[tuple[StrictStr, ...], AfterValidator(_no_repeats), AfterValidator(_known_controls)]
 
 
 class _Schema(BaseModel):
@@ -98,6 +110,10 @@ class Tier(_Schema):
     allow_unsteered: StrictBool
     allow_layers_override: StrictBool = False
     max_concurrent_steered: Annotated[int, Field(strict=True, ge=1)] | None = None
+    allow_controls: Controls = ()  # never used as is: _unsteered_default always fills it in
+    """The request fields outside ``vllm_xargs`` that can counteract steering (:data:`CONTROLS
+    <vllm_steer.server.tenants.controls.CONTROLS>`) which this tier's clients may use, in table order;
+    ``"*"`` in the file: all. Default: all when clients may opt out of steering, none otherwise."""
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +121,22 @@ class Tier(_Schema):
         if isinstance(data, Mapping) and "allow_unsteered" not in data:
             operator_chosen = data.get("forced") is not None or data.get("default") is not None
             data = {**data, "allow_unsteered": not operator_chosen}
+        if isinstance(data, Mapping) and "allow_controls" not in data:
+            data = {**data, "allow_controls": ALL_CONTROLS if data.get("allow_unsteered") is True else ()}
         return data
+
+    @field_validator("allow_controls", mode="before")
+    @classmethod
+    def _star_means_all_controls(cls, value: Any) -> Any:
+        if value == ALL_CONTROLS:
+            return CONTROL_NAMES
+        if isinstance(value, str):
+            raise ValueError(
+                f"must be {ALL_CONTROLS!r} or a list of control names (controls: {', '.join(CONTROL_NAMES)})"
+            )
+        if isinstance(value, (list, tuple)) and ALL_CONTROLS in value:
+            raise ValueError(f"{ALL_CONTROLS!r} stands alone (write allow_controls: {ALL_CONTROLS!r})")
+        return value
 
     @field_validator("profiles", mode="before")
     @classmethod
@@ -139,6 +170,11 @@ class Tier(_Schema):
     @property
     def approves_all(self) -> bool:
         return ALL_PROFILES in self.profiles
+
+    def permits(self, control: str) -> bool:
+        """Whether this tier's clients may use ``control`` (a name in :data:`CONTROL_NAMES
+        <vllm_steer.server.tenants.controls.CONTROL_NAMES>`)."""
+        return control in self.allow_controls
 
     def grant_for(self, profile_id: str) -> ProfileGrant | None:
         """The tier's bounds for ``profile_id`` (exact, case-sensitive id); ``None`` if not approved."""
