@@ -189,7 +189,8 @@ def test_n_counts_against_the_tiers_concurrency(server):
     """standard: max_concurrent_steered 64; a request for more sequences than that is never admitted."""
     response = _post(server, "/v1/chat/completions", _chat(server, n=65), KEYS["standard"])
     _refused(response, 403, "n")
-    assert _post(server, "/v1/chat/completions", _chat(server, n=3), KEYS["standard"]).status_code == 200
+    response = _post(server, "/v1/chat/completions", _chat(server, n=3, temperature=1.0), KEYS["standard"])
+    assert response.status_code == 200 and len(response.json()["choices"]) == 3, response.text[:500]
 
 
 # ------------------------------------------------------------------------------------------------ routes
@@ -204,7 +205,7 @@ def test_every_route_of_the_live_app_is_denied_unless_allowed(server):
     checked = 0
     for route in routes:
         path = re.sub(r"\{[^}]*\}", "x", route["path"])
-        for method in route["methods"]:
+        for method in ["GET", "POST", "DELETE"] if "*" in route["methods"] else route["methods"]:
             if method in ("HEAD", "OPTIONS"):
                 continue
             no_key = requests.request(method, server.url + path, headers=_headers(None), data=b"{}", timeout=60)

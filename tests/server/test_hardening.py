@@ -181,7 +181,9 @@ def test_schema_generated_requests_never_get_a_5xx(server, prompt_ids):
     """schemathesis draws requests from the server's OpenAPI document (vLLM's schema plus our routes)."""
     import schemathesis
 
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(  # the document, like every route, needs a key
+        server.url + "/openapi.json", headers={"authorization": f"Bearer {KEYS['research']}"}
+    )
     statuses: Counter = Counter()
     refused_for: Counter = Counter()
     operations = [
@@ -285,7 +287,8 @@ def test_every_escalation_attempt_is_refused_naming_the_field(server, prompt_ids
             response.text
         )
         tried += 1
-    # Routes the tier policy does not cover never generate for a tenant: refused at the engine (fail closed).
+    # Routes the tier policy does not cover never generate for a tenant: denied by the route table (403
+    # naming `route`; the engine would refuse them too: test_serving.py's server without the policy).
     other_routes = [
         ("/v1/responses", {"model": server.model, "input": "hi", "max_output_tokens": 2}),
         ("/v1/messages", {"model": server.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
@@ -297,7 +300,7 @@ def test_every_escalation_attempt_is_refused_naming_the_field(server, prompt_ids
     ]
     for path, body in other_routes:
         response = _post(server, path, body, KEYS["strict"])
-        assert 400 <= response.status_code < 500 and "tiers cover" in response.text, (path, response.text)
+        assert response.status_code == 403 and response.json()["error"]["param"] == "route", (path, response.text)
         tried += 1
     print(f"\nescalation attempts refused: {tried}")
 
@@ -486,7 +489,7 @@ def test_faults_under_load_no_5xx_no_engine_restart_no_slot_leak(server, profile
 
 
 def _waiting(server) -> float:
-    text = requests.get(server.url + "/metrics", timeout=30).text
+    text = requests.get(server.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).text
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_waiting")
     )

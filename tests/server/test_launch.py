@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from vllm_steer.server.launch import (
@@ -76,3 +80,22 @@ def test_model_argument_and_environment():
     assert launch.shown["VLLM_PLUGINS"] == "x,vllm_steer" and launch.shown["VLLM_STEER_MAX_SLOTS"] == "9"
     assert launch.env["OTHER"] == "kept"
     assert _prepare(args=("--port", "1")).cmd[-4:] == ["--model", "m", "--port", "1"]  # the default model
+
+
+@pytest.mark.parametrize("variable", ["VLLM_SERVER_DEV_MODE", "VLLM_ALLOW_RUNTIME_LORA_UPDATING"])
+def test_serve_refuses_admin_options_with_tenants_before_vllm_starts(tmp_path, monkeypatch, variable):
+    """`vllm-steer serve` (the real command, no engine): a tenants file plus an option that opens admin
+    powers to clients is refused at once, naming it; the override starts it (here: a dry run)."""
+    (tmp_path / "tenants.yaml").write_text("format_version: 1\n")
+    env = {**os.environ, variable: "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "vllm_steer.cli", "serve", "--steer-tenants", str(tmp_path / "tenants.yaml")]
+    refused = subprocess.run([*cmd, "--model", "m"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and variable in refused.stdout and "--steer-allow-admin-options" in refused.stdout
+    allowed = subprocess.run(
+        [*cmd, "--steer-allow-admin-options", "--dry-run", "--model", "m"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr

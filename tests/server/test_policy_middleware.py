@@ -21,7 +21,14 @@ from starlette.testclient import TestClient
 
 from support.tenants import KEYS, PROFILES, tenants_config
 from vllm_steer.core.request import STEER_KEYS
-from vllm_steer.core.wire import POLICY_TOKEN_KEY, TENANT_KEY, verify_stamp, without_reserved
+from vllm_steer.core.wire import (
+    ADMISSION,
+    POLICY_TOKEN_KEY,
+    TENANT_KEY,
+    admitted_tenant,
+    verify_stamp,
+    without_reserved,
+)
 from vllm_steer.server.middleware import SteeringPolicyMiddleware
 from vllm_steer.server.state import make_state
 from vllm_steer.server.tenants import TenantPolicy
@@ -31,7 +38,12 @@ KEY_TENANTS = {key: name for name, key in KEYS.items()}
 
 
 async def _echo(request: Request) -> Response:
-    return Response(b'{"forwarded": ' + await request.body() + b"}", media_type="application/json")
+    """The body handed on, and what the engine's front end would read as the request's admission."""
+    body = json.loads(await request.body())
+    xargs = body.get("vllm_xargs")
+    if xargs is None or POLICY_TOKEN_KEY not in xargs:  # admitted in this context: shown as TENANT_KEY
+        body["vllm_xargs"] = {**(xargs or {}), TENANT_KEY: admitted_tenant(xargs)}
+    return Response(json.dumps({"forwarded": body}), media_type="application/json")
 
 
 def _policy() -> TenantPolicy:
@@ -43,19 +55,20 @@ def _policy() -> TenantPolicy:
     return TenantPolicy.from_mapping(config)
 
 
-def _client() -> TestClient:
+def _client(stamp_in_body: bool = False) -> TestClient:
     app = Starlette(
         routes=[
             Route("/v1/completions", _echo, methods=["POST"]),
             Route("/v1/chat/completions", _echo, methods=["POST"]),
         ]
     )
-    app.state.vllm_steer = make_state(_policy(), lambda: PROFILES)
+    app.state.vllm_steer = make_state(_policy(), lambda: PROFILES, stamp_in_body=stamp_in_body)
     app.add_middleware(SteeringPolicyMiddleware)
     return TestClient(app, raise_server_exceptions=True)
 
 
 CLIENT = _client()
+RAY_CLIENT = _client(stamp_in_body=True)  # the Ray ingress: the engine is another process
 
 
 def _post(body: dict | str, key: str = RESEARCH_KEY, path: str = "/v1/completions"):
@@ -112,9 +125,14 @@ def test_beam_search_is_refused_because_it_would_drop_the_steering(flag, path):
 
 def test_an_admitted_request_carries_the_servers_stamp_and_its_effective_steering():
     forwarded = _post({"prompt": "x"}, key=STRICT_KEY).json()["forwarded"]
-    assert verify_stamp(forwarded["vllm_xargs"]) == "acme-strict", "stamped for the tenant it was admitted for"
-    assert without_reserved(forwarded["vllm_xargs"]) == {"steer_profile": "refusal", "steer_scale": 1.0}
-    assert set(forwarded["vllm_xargs"]) - {"steer_profile", "steer_scale"} == {POLICY_TOKEN_KEY, TENANT_KEY}
+    assert forwarded["vllm_xargs"] == {"steer_profile": "refusal", "steer_scale": 1.0, TENANT_KEY: "acme-strict"}
+    ray = RAY_CLIENT.post(
+        "/v1/completions", json={"prompt": "x"}, headers={"authorization": f"Bearer {STRICT_KEY}"}
+    ).json()["forwarded"]["vllm_xargs"]
+    assert verify_stamp(ray) == "acme-strict", "stamped in the body for the tenant it was admitted for"
+    assert without_reserved(ray) == {"steer_profile": "refusal", "steer_scale": 1.0}
+    assert set(ray) - {"steer_profile", "steer_scale"} == {POLICY_TOKEN_KEY, TENANT_KEY}
+    assert ADMISSION.get() is None, "the admission never outlives the request"
     forwarded = _post(
         {"prompt": "x", "vllm_xargs": {"steer_profile": "sel", "steer_angle": 200.0, "other": [1, "a"]}},
         key=STANDARD_KEY,
@@ -183,8 +201,7 @@ def test_hostile_xargs_get_a_named_4xx_or_pass_with_the_tiers_effective_steering
     response = _post({"prompt": "x", "vllm_xargs": xargs}, key=key, path=path)
     if response.status_code == 200:
         forwarded = response.json()["forwarded"]["vllm_xargs"]
-        assert verify_stamp(forwarded) in KEY_TENANTS[key]
-        forwarded = without_reserved(forwarded)
+        assert forwarded.pop(TENANT_KEY) == KEY_TENANTS[key], "admitted for its own tenant"
         steer = {k: v for k, v in forwarded.items() if k.startswith("steer_")}
         if key == STRICT_KEY:
             assert steer == {"steer_profile": "refusal", "steer_scale": 1.0}, "the strict tier is always forced"
@@ -199,3 +216,55 @@ def test_hostile_xargs_get_a_named_4xx_or_pass_with_the_tiers_effective_steering
         or error["param"] in (*STEER_KEYS, "vllm_xargs")
         or error["param"].startswith("vllm_xargs")
     ), error
+
+
+_CONTROL_FIELDS = st.sampled_from(
+    [
+        ("logit_bias", {"42": -100}),
+        ("logit_bias", {}),
+        ("bad_words", ["sorry"]),
+        ("bad_words", []),
+        ("allowed_token_ids", [1, 2]),
+        ("structured_outputs", {"regex": "Sure.*"}),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "text"}),
+        ("guided_json", {"type": "object"}),
+        ("tool_choice", "required"),
+        ("n", 2),
+        ("n", "3"),
+        ("n", 1),
+        ("best_of", 4),
+        ("continue_final_message", "true"),
+        ("add_generation_prompt", 0),
+        ("add_generation_prompt", True),
+        ("chat_template", "{{ 'Sure, here is' }}"),
+        ("chat_template_kwargs", {"enable_thinking": False}),
+        ("prompt_embeds", "AAAA"),
+        ("priority", -5),
+        ("priority", 0),
+        ("kv_transfer_params", {"do_remote_prefill": True}),
+        ("model", "some-lora"),
+        ("messages", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure"}]),
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fields=st.lists(_CONTROL_FIELDS, max_size=4), chat=st.booleans())
+def test_no_strict_tier_request_reaches_the_engine_with_a_forbidden_control(fields, chat):
+    """Through the middleware: the strict tier (forced; raw prompts only) is refused naming a field it sent,
+    or what reaches the engine uses no control the tier does not permit."""
+    from vllm_steer.server.tenants.controls import used_controls
+
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body: dict = {"model": "base", "max_tokens": 2}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "x"})
+    body.update(dict(fields))
+    response = _post(body, key=STRICT_KEY, path=path)
+    if response.status_code == 200:
+        forwarded = response.json()["forwarded"]
+        used = {control for control, _ in used_controls(forwarded, path, ())}
+        assert used <= {"completions"}, (used, body)
+        return
+    assert response.status_code in (400, 403), response.text
+    assert response.json()["error"]["param"].split(".")[0].split("[")[0] in body, (body, response.text)

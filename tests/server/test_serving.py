@@ -127,7 +127,7 @@ def test_profiles_route_shows_each_tier_its_own_view(server):
 
 def _steer_counters(server: Server) -> tuple[str, dict[tuple[str, frozenset], float]]:
     """/metrics as text, and its vllm_steer_* samples by (name, labels)."""
-    text = requests.get(server.url + "/metrics", timeout=30).text
+    text = requests.get(server.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).text
     samples = {}
     for line in text.splitlines():
         if line.startswith("vllm_steer_"):

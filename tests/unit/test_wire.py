@@ -85,3 +85,18 @@ def test_without_reserved_drops_every_server_key():
 def test_keyed_digests_separate_purposes_and_payloads(a, b):
     assert (keyed_digest("p", a) == keyed_digest("p", b)) == (a == b)
     assert keyed_digest("p", a) != keyed_digest("q", a)
+
+
+def test_an_admission_in_context_names_the_tenant_only_for_the_admitted_steering():
+    from vllm_steer.core.wire import ADMISSION, Admission, admitted_tenant
+
+    token = ADMISSION.set(Admission("acme", {"steer_profile": "refusal", "steer_scale": 1.0}))
+    try:
+        assert admitted_tenant({"steer_profile": "refusal", "steer_scale": 1.0, "other": 1}) == "acme"
+        for changed in ({"steer_profile": "refusal", "steer_scale": 2.0}, {"steer_profile": "refusal"}, None):
+            with pytest.raises(StampError):
+                admitted_tenant(changed)
+    finally:
+        ADMISSION.reset(token)
+    with pytest.raises(StampError):
+        admitted_tenant({"steer_profile": "refusal", "steer_scale": 1.0})

@@ -3,13 +3,19 @@
 Both sides read and write a few keys of a request's ``extra_args`` (``vllm_xargs`` over the API) that no
 client may set: they are defined once, here, so neither layer imports the other.
 
-* :data:`POLICY_TOKEN_KEY` and :data:`TENANT_KEY` — the tenant-policy middleware stamps every request it
-  admitted (:func:`stamp`): the tenant's name and a token that binds the tenant, the request's effective
-  steering and an expiry with an HMAC under the server's secret. With a tenants file configured the
-  engine's front end refuses requests whose stamp does not verify (:func:`verify_stamp`), so a server on
-  which the middleware failed to load fails closed — and a stamp copied out of a log is worth nothing:
-  it only ever admits the very steering the policy already chose for that tenant, for a few minutes.
-  The engine drops both keys before anything else sees the request (:func:`without_reserved`).
+* :data:`ADMISSION` — where middleware and engine front end share a process (``vllm serve``: the API
+  server process), the middleware marks each request it admitted in this context variable: the tenant
+  and the effective steering. It never travels in the request, so nothing can log, echo or forge it;
+  vLLM's handlers run inside the middleware's context (tasks copy it), so the front end reads it back.
+* :data:`POLICY_TOKEN_KEY` and :data:`TENANT_KEY` — across processes (Ray: the ingress, then a replica)
+  the middleware stamps the request instead (:func:`stamp`): the tenant's name and a token binding tenant,
+  effective steering and an expiry with an HMAC under the shared secret. A stamp copied out of a log is
+  worth little: it admits only the steering the policy already chose for that tenant, for a few minutes,
+  and the middleware refuses client keys in the reserved namespace. The engine drops both keys before
+  anything else sees the request (:func:`without_reserved`); vLLM's request log shows them redacted.
+
+With a tenants file configured the engine's front end admits only requests with one or the other
+(:func:`admitted_tenant`), so a server on which the middleware failed to load fails closed.
 * :data:`DIGEST_KEY` — the engine's front end stamps a steered request with the digest of the profile
   version it validated, which the worker then uses (a hot reload never changes a request mid-way).
 * :data:`RESERVED_XARGS_PREFIX` — every server-written key starts with it; the middleware refuses client
@@ -30,6 +36,8 @@ import os
 import secrets
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -40,6 +48,10 @@ __all__ = [
     "POLICY_SECRET_ENV",
     "STAMP_TTL_S",
     "StampError",
+    "Admission",
+    "ADMISSION",
+    "admitted_tenant",
+    "steering_keys",
     "keyed_digest",
     "stamp",
     "verify_stamp",
@@ -64,6 +76,34 @@ _RANDOM_SECRET = secrets.token_hex(32)
 
 class StampError(ValueError):
     """Why a stamp did not verify (never says what the right one would be)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the policy admitted a request as: its tenant and its effective ``steer_*`` keys."""
+
+    tenant: str
+    steering: dict[str, Any]
+
+
+ADMISSION: ContextVar[Admission | None] = ContextVar("vllm_steer_admission", default=None)
+"""The admission of the request being handled in this context (set by the middleware around the app)."""
+
+
+def steering_keys(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``steer_*`` entries of ``extra_args``."""
+    return {k: v for k, v in (extra_args or {}).items() if isinstance(k, str) and k.startswith("steer_")}
+
+
+def admitted_tenant(extra_args: Any) -> str:
+    """The tenant the policy admitted this request for: from :data:`ADMISSION` when set (the request's
+    steering must be what was admitted), else from its stamp; :class:`StampError` otherwise."""
+    admission = ADMISSION.get()
+    if admission is not None:
+        if not isinstance(extra_args, Mapping | None) or steering_keys(extra_args) != admission.steering:
+            raise StampError("the request's steering is not what the policy admitted")
+        return admission.tenant
+    return verify_stamp(extra_args)
 
 
 def _secret() -> bytes:

@@ -8,6 +8,7 @@ vLLM CPU's default reserves a fraction of *all* memory and refuses to start unle
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer.core.settings import PLUGINS_ENV, ConfigError, SteerConfig
+from vllm_steer.server.access import admin_options
 
 __all__ = [
     "KV_CACHE_ENV",
@@ -114,6 +116,16 @@ def prepare(
             absolute[option.field] = str(Path(value).resolve())
     if absolute:
         config = SteerConfig.parse({**config.model_dump(exclude_unset=True), **absolute})
+    if config.tenants is not None and not config.allow_admin_options:
+        # the environment's admin options, refused before vLLM starts (the endpoint plugin checks the rest)
+        found = admin_options(environ, argparse.Namespace())
+        if found:
+            listed = "; ".join(f"{name} (clients can {why})" for name, why in found)
+            raise ConfigError(
+                "allow_admin_options",
+                f"a tenants file is configured, but these server options give every client powers beyond its "
+                f"own request: {listed}. Unset them, or pass --steer-allow-admin-options to start anyway.",
+            )
     names = [*(environ.get(PLUGINS_ENV) or "").split(","), *plugins]
     shown = config.to_env(plugins=names)
     notes = []

@@ -15,12 +15,13 @@ writes the steering into ``vllm_xargs`` and hands the request on. Errors come ba
 shape with the field named: 400 malformed, 401 unknown key, 403 above the tier, 413 too large, 429 over
 the tier's concurrency (every sequence of ``n`` and every prompt counts).
 
-Defense in depth, and fail closed: every admitted request carries a policy stamp
-(:func:`vllm_steer.core.wire.stamp`: the tenant and an HMAC over tenant, effective steering and expiry);
-with a tenants file configured, the engine's front end refuses any request whose stamp does not verify,
-so a server on which this middleware failed to load refuses requests instead of serving them outside
-their tiers. The engine derives each request's prefix-cache salt from the stamped tenant
-(:func:`vllm_steer.core.request.cache_salt`).
+Defense in depth, and fail closed: every admitted request is marked for the engine with its tenant and
+effective steering — in the request's context (:data:`vllm_steer.core.wire.ADMISSION`) on ``vllm serve``,
+or with an HMAC stamp in ``vllm_xargs`` (:func:`vllm_steer.core.wire.stamp`) when the engine runs in
+another process (Ray). With a tenants file configured, the engine's front end refuses any request
+without a valid mark, so a server on which this middleware failed to load refuses requests instead of
+serving them outside their tiers. The engine derives each request's prefix-cache salt from the marked
+tenant (:func:`vllm_steer.core.request.cache_salt`).
 
 Every decision is one JSON line in the audit log (:mod:`vllm_steer.server.audit`). Nothing here imports
 vLLM: :func:`vllm_steer.server.routes.attach` mounts it (with the routes) on vLLM's app through the
@@ -40,7 +41,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from vllm_steer.core.wire import stamp
+from vllm_steer.core.wire import ADMISSION, Admission, stamp, steering_keys
 from vllm_steer.server.access import WEBSOCKET, Access, classify, route_path
 from vllm_steer.server.body import BadBody, body_limit, declared_length, parse_body_async, read_body
 from vllm_steer.server.metrics import UsageMeter, count_admitted, count_rejection
@@ -212,9 +213,12 @@ class _Decision:
                 slot = state.policy.acquire(tenant, self.rows)
             except PolicyError as err:
                 return await self.refuse(err)(scope, receive, send)
-        steering = {k: v for k, v in (effective or {}).items() if k.startswith("steer_")}
-        if state.stamp:
+        steering = steering_keys(effective)
+        admission = None
+        if state.stamp and state.stamp_in_body:
             effective = stamp(effective or {}, tenant.name)
+        elif state.stamp:
+            admission = ADMISSION.set(Admission(tenant.name, steering))
         if effective is None:
             body.pop("vllm_xargs", None)
         else:
@@ -247,5 +251,7 @@ class _Decision:
         try:
             await app(forwarded, _replay(new_body, receive), send_and_count)
         finally:
+            if admission is not None:
+                ADMISSION.reset(admission)
             if slot is not None:
                 slot.release()

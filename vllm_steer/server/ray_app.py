@@ -402,6 +402,7 @@ def _ingress_class():
                 max_body_bytes=steering.get("max_body_bytes"),
                 public_metrics=bool(steering.get("public_metrics")),
                 audit=AuditLog(steering.get("audit_log"), prompts=bool(steering.get("audit_prompts"))),
+                stamp_in_body=True,  # the engines are the replicas' processes
             )
 
         async def _get_response(self, **kwargs: Any):

@@ -24,7 +24,8 @@ class ServingState:
     policy: TenantPolicy
     profiles: Callable[[], Mapping[str, Profile]]
     stamp: bool
-    """Stamp admitted requests with the policy token (on when a tenants file is configured)."""
+    """Mark admitted requests for the engine (on when a tenants file is configured): in the request's context
+    (:data:`vllm_steer.core.wire.ADMISSION`), or with ``stamp_in_body`` in its ``vllm_xargs``."""
     admin: Any = None
     """Hot-reload operations (``async reload()``, ``async remove(id)``, ``async status()``), supplied by the
     endpoint plugin (:mod:`vllm_steer.server.plugin`) or the Ray ingress (:mod:`vllm_steer.server.ray_app`)."""
@@ -33,6 +34,8 @@ class ServingState:
     adapter (LoRA). Empty: unknown (the check is skipped)."""
     max_body_bytes: int | None = None
     """The largest request body the front door reads; ``None``: :data:`vllm_steer.server.body.MAX_BODY_BYTES`."""
+    stamp_in_body: bool = False
+    """Stamp ``vllm_xargs`` (:func:`vllm_steer.core.wire.stamp`): the engine runs in another process (Ray)."""
     audit: AuditLog = field(default_factory=AuditLog)
     """Where the policy's decisions are written (:mod:`vllm_steer.server.audit`)."""
     public_metrics: bool = False
@@ -49,6 +52,7 @@ def make_state(
     max_body_bytes: int | None = None,
     audit: AuditLog | None = None,
     public_metrics: bool = False,
+    stamp_in_body: bool = False,
 ) -> ServingState:
     """The state for ``app.state.vllm_steer``; logs loudly in single-tenant mode."""
     if policy.single_tenant:
@@ -73,6 +77,7 @@ def make_state(
         base_models=base_models,
         max_body_bytes=max_body_bytes,
         audit=audit or AuditLog(),
+        stamp_in_body=stamp_in_body,
         public_metrics=public_metrics,
     )
 

@@ -16,7 +16,7 @@ from vllm_steer.core.request import (
     resolve_steering,
 )
 from vllm_steer.core.settings import SteerConfig
-from vllm_steer.core.wire import DIGEST_KEY, StampError, verify_stamp, without_reserved
+from vllm_steer.core.wire import DIGEST_KEY, StampError, admitted_tenant, without_reserved
 from vllm_steer.engine.vllm._common import PATCHED_ATTR
 from vllm_steer.engine.vllm._profiles import FRONT_END_REQUESTS, current_profiles
 
@@ -37,7 +37,7 @@ def _admitted_tenant(config: SteerConfig, params: Any) -> str | None:
     if not isinstance(params, SamplingParams):
         raise SteeringRequestError("vllm_xargs", "this server enforces tenant tiers and admits only generation")
     try:
-        return verify_stamp(params.extra_args)
+        return admitted_tenant(params.extra_args)
     except StampError as exc:
         raise SteeringRequestError(
             "vllm_xargs",
