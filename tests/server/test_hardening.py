@@ -169,7 +169,7 @@ def test_fuzzed_vllm_xargs_get_200_or_a_4xx_naming_the_field(server, prompt_ids)
         response = _post(server, "/v1/chat/completions" if chat else "/v1/completions", body, KEYS[tier])
         FUZZ_CASES[response.status_code] += 1
         if response.status_code != 200:
-            _named_error(response, xargs)
+            _named_error(response, {**body, **xargs})  # a field it sent (locked: `prompt`, the raw route)
 
     one()
     _still_serving(server, prompt_ids)

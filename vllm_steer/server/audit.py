@@ -6,10 +6,11 @@ Lines go to the standard logging logger ``vllm_steer.audit`` (INFO), and to the 
 
     {"time": "2026-12-02T03:04:05.678Z", "event": "policy", "request_id": "steer-5f0c…",
      "client_request_id": null, "tenant": "acme", "tier": "strict", "method": "POST",
-     "route": "/v1/chat/completions", "decision": "admitted", "status": 200, "rows": 1,
+     "route": "/v1/chat/completions", "decision": "admitted", "status": null, "rows": 1,
      "steering": {"steer_profile": "refusal", "steer_scale": 1.0}, "field": null, "reason": null}
 
-``decision`` is ``admitted`` or ``refused``; a refusal has the HTTP ``status``, the refused ``field`` and the
+``decision`` is ``admitted`` (``status`` null: what vLLM answers is not the policy's) or ``refused``; a
+refusal has the HTTP ``status``, the refused ``field`` and the
 ``reason`` the client was told. ``request_id`` is the id the server gives the request (vLLM's response ``id``
 then reads ``cmpl-<request_id>-0`` / ``chatcmpl-<request_id>``), ``client_request_id`` the client's own
 ``X-Request-Id`` if it sent one. Never the API key; never the prompt text unless the operator opts in
@@ -57,7 +58,7 @@ class AuditLog:
         self,
         *,
         decision: str,
-        status: int,
+        status: int | None,
         request_id: str,
         tenant: str | None,
         tier: str | None,

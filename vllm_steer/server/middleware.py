@@ -158,7 +158,7 @@ class _Decision:
         self.body: dict[str, Any] | None = None
         self.rows: int | None = None
 
-    def audit(self, decision: str, status: int, **fields: Any) -> None:
+    def audit(self, decision: str, status: int | None, **fields: Any) -> None:
         tenant = self.tenant
         self.state.audit.record(
             decision=decision,
@@ -232,7 +232,7 @@ class _Decision:
             (b"content-length", str(len(new_body)).encode()),
             (REQUEST_ID_HEADER, self.request_id.encode()),
         ]
-        self.audit("admitted", 200, steering=steering or None)
+        self.audit("admitted", None, steering=steering or None)
         labels = {"tier": tenant.tier_name, "profile": str(profile_id)}
         count_admitted(labels)
         meter = UsageMeter(labels)

@@ -14,11 +14,13 @@ puts a separate ingress deployment in front of the replicas, and vLLM endpoint p
 in Ray's experimental "direct streaming" mode; there, tenant concurrency limits would also be counted
 per engine replica instead of at the door.
 
-Fail closed across processes: with a tenants file, every replica's engine refuses requests that lack
-the policy token. On ``vllm serve`` the token is a per-process secret; here the ingress and the replicas
-are different processes, so :func:`build_app` hands both one secret through
-``VLLM_STEER_POLICY_SECRET`` (set it yourself to keep it stable across redeploys). Anyone who can read
-the Serve config can read it — the same people who can already call the replicas directly.
+Fail closed across processes: with a tenants file, every replica's engine refuses requests without a
+valid policy stamp (:func:`vllm_steer.core.wire.stamp`: an HMAC over tenant, effective steering and expiry).
+On ``vllm serve`` the middleware marks requests in their context instead; here the ingress and the
+replicas are different processes, so :func:`build_app` hands both one secret through
+``VLLM_STEER_POLICY_SECRET`` (set it yourself to keep it stable across redeploys), which also keys the
+tenant-bound prefix-cache salts. Anyone who can read the Serve config can read it — the same people who
+can already call the replicas directly.
 
 Profiles come from one directory (a shared volume, or baked into the image), read by the ingress and by
 every replica when it starts. Hot reload (``POST /v1/steering/admin/reload`` with an admin key) is
