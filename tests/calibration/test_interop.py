@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file as save_np
 from typer.testing import CliRunner
 
+from support.gguf import write_gguf as _write_gguf
 from vllm_steer.calibration.interop import (
     VectorImportError,
     export_gguf,
@@ -27,28 +26,6 @@ from vllm_steer.testing.synthetic import random_profile
 from vllm_steer.testing.tiny import TINY
 
 D, L = TINY.hidden_size, TINY.num_layers
-
-
-def _write_gguf(
-    path: Path,
-    tensors: dict[str, np.ndarray],
-    hint: str = "llama",
-    count: int | None = None,
-    arch: str = "controlvector",
-) -> Path:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    if arch == "controlvector":
-        writer.add_string("controlvector.model_hint", hint)
-        writer.add_uint32("controlvector.layer_count", len(tensors) if count is None else count)
-    for name, array in tensors.items():
-        writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _vec(seed: int, d: int = D) -> np.ndarray:

@@ -122,3 +122,46 @@ def run_mixed_batch(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def hf_reference_for(root: Path, *, eager_attention: bool = False):
+    """Greedy tokens and per-token logprobs of the plain HF model in ``root/model`` with hooks applying the
+    steering of ``root/profiles``, one request at a time (memoized): ``reference(ids, setting)``.
+
+    ``eager_attention``: HF's eager attention (Gemma 2's attention soft-capping is dropped by ``sdpa``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_steer.core.profile import load_profile_dir
+    from vllm_steer.core.request import parse_steering, resolve_steering
+    from vllm_steer.testing.hf_reference import steered
+
+    kwargs = {"attn_implementation": "eager"} if eager_attention else {}
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, **kwargs).eval()
+    profiles = load_profile_dir(root / "profiles")
+    cache: dict = {}
+
+    def reference(ids: list[int], setting: dict | None) -> dict:
+        key = (tuple(ids), repr(setting))
+        if key not in cache:
+            request = parse_steering(setting)
+            resolved = resolve_steering(request, profiles) if request else None
+            profile = profiles[resolved.profile_id] if resolved else None
+            with torch.no_grad(), steered(model, profile, resolved):
+                out = model.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=MAX_TOKENS,
+                    min_new_tokens=MAX_TOKENS,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=0,
+                )
+            tokens = out.sequences[0, len(ids) :].tolist()
+            logprobs = [
+                torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)
+            ]
+            cache[key] = {"tokens": tokens, "logprobs": logprobs}
+        return cache[key]
+
+    return reference

@@ -11,6 +11,7 @@ from vllm_steer.core.layout import (
     HOOK_KINDS,
     DecoderLayout,
     Placement,
+    UnsupportedArchitecture,
     decoder_layers,
     layout_for,
 )
@@ -127,8 +128,35 @@ def test_a_model_without_decoder_layers_is_refused():
 
 def test_architecture_lookup():
     assert layout_for("LlamaForCausalLM") is FAMILIES["llama"]
-    # Until issue 18 refuses them, other architectures keep the Llama-style layout they always had.
-    assert layout_for("SomeNewForCausalLM") is FAMILIES["llama"]
+    assert layout_for("Qwen3MoeForCausalLM") is FAMILIES["llama"]
+    assert layout_for("MixtralForCausalLM") is FAMILIES["mixtral"]
+    assert layout_for("Gemma3ForCausalLM") is FAMILIES["gemma"]
+
+
+def test_an_architecture_not_in_the_table_is_refused_naming_it_and_the_supported_ones():
+    with pytest.raises(
+        UnsupportedArchitecture, match=r"cannot steer SomeNewForCausalLM: .*Supported architectures: .*"
+    ):
+        layout_for("SomeNewForCausalLM")
+    with pytest.raises(UnsupportedArchitecture, match="Transformers backend"):
+        layout_for("Olmo2ForCausalLM")
+    backend = type("TransformersForCausalLM", (torch.nn.Module,), {})()
+    backend.config = type("Config", (), {"architectures": ["LlamaForCausalLM"]})()
+    with pytest.raises(
+        UnsupportedArchitecture, match=r"through vLLM's Transformers backend \(TransformersForCausalLM\)"
+    ):
+        layout_for(backend)
+
+
+def test_gemma_kinds_keep_their_meaning():
+    """Gemma's sandwich norms: the MLP reads pre_feedforward_layernorm; what is added is each post-norm's output."""
+    gemma = FAMILIES["gemma"]
+    for tree in (gemma.vllm, gemma.hf):
+        assert tree.placement("post_attn_norm").module == "pre_feedforward_layernorm"
+        assert tree.placement("attn_output").module == "post_attention_layernorm"
+        assert tree.placement("mlp_output").module == "post_feedforward_layernorm"
+    assert FAMILIES["mixtral"].vllm.placement("mlp_output").module == "block_sparse_moe"
+    assert FAMILIES["mixtral"].hf.placement("mlp_output").module == "mlp"
 
 
 class _FusedNorm(torch.nn.Module):
@@ -184,7 +212,7 @@ def test_engine_hooks_follow_the_vllm_layout():
     push = {kind: 0.5 * (i + 1) for i, kind in enumerate(kinds)}
     x, r = torch.randn(3, d), torch.randn(3, d)
     previous = get_runtime()
-    handles = install_hooks(model, sites)
+    handles = install_hooks(model, sites, FAMILIES["llama"].vllm)
     try:
         set_runtime(Stub())
         with torch.no_grad():

@@ -169,8 +169,14 @@ def read_gguf_control_vector(
     )
 
 
+_LLAMA_CPP_ALIASES = {"llama": ("MistralForCausalLM", "MixtralForCausalLM")}
+"""llama.cpp model hints that name other architectures too (it converts Mistral and Mixtral as ``llama``)."""
+
+
 def _hint_matches(hint: str, architecture: str) -> bool:
     norm = lambda s: re.sub(r"[^a-z0-9]", "", s.lower())  # noqa: E731
+    if architecture in _LLAMA_CPP_ALIASES.get(norm(hint), ()):
+        return True
     return norm(hint) in norm(architecture) or norm(architecture).startswith(norm(hint))
 
 

@@ -22,10 +22,19 @@ The two trees differ in how they carry the residual stream. vLLM's decoder layer
 ``(normed, residual)``), so the stream is ``hidden_states + residual`` (``residual="fused"``);
 ``transformers`` passes the stream itself (``residual="plain"``).
 
-Families are keyed by the HF ``architectures`` name (what vLLM resolves a model by). Today there is one
-family, ``llama``, and every architecture gets its layout — as before this table existed. Issue 18
-adds families as entries of :data:`FAMILIES` / :data:`ARCHITECTURES` and refuses unknown architectures
-in :func:`family_of`.
+Families are keyed by the HF ``architectures`` name (what vLLM resolves a model by): ``llama`` (Llama,
+Mistral, Qwen 2/3, Phi-3, and the MoE Qwen3-MoE and OLMoE, whose ``mlp`` is the expert block), ``mixtral``
+(vLLM names its MoE block ``block_sparse_moe``) and ``gemma`` (Gemma 2 and 3: four norms per block, below).
+Any other architecture is refused by :func:`family_of`, naming it and the supported list, rather than
+hooked on modules that merely share Llama's names. Adding a family is one entry here plus its tiny model
+(:mod:`vllm_steer.testing.tiny`) in the family tests.
+
+Gemma's blocks normalize each sublayer's output before adding it to the stream, and the MLP's input with a
+third norm. The kinds keep their meaning: ``post_attn_norm`` is the MLP's normalized input
+(``pre_feedforward_layernorm``), and ``attn_output``/``mlp_output`` are what is added to the stream (the
+outputs of ``post_attention_layernorm`` / ``post_feedforward_layernorm``, not of ``self_attn``/``mlp``).
+Gemma scales the embeddings by ``sqrt(hidden_size)`` before the first block in both trees, so
+``layer_input`` of layer 0 is the scaled embedding in both.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ __all__ = [
     "ModelLayout",
     "FAMILIES",
     "ARCHITECTURES",
+    "NOT_SUPPORTED",
+    "UnsupportedArchitecture",
     "architecture_of",
     "family_of",
     "layout_for",
@@ -100,7 +111,7 @@ class DecoderLayout:
         if not isinstance(layers, torch.nn.ModuleList):  # a base model (no LM head): its own ``layers``
             layers = _attr(model, self.layers_path.rsplit(".", 1)[-1])
         if not isinstance(layers, torch.nn.ModuleList):
-            raise TypeError(f"{type(model).__name__} has no model.layers; only Llama-style decoders are supported")
+            raise TypeError(f"{type(model).__name__} has no model.layers (decoder blocks)")
         return layers
 
     def placement(self, kind: str) -> Placement:
@@ -140,24 +151,47 @@ def _attr(obj: Any, path: str) -> Any:
     return obj
 
 
+_STREAM = {"layer_input": Placement("", "input"), "layer_output": Placement("")}
+
+# Pre-norm block: input_layernorm → self_attn → (+) → post_attention_layernorm → mlp → (+), the same names in
+# vLLM and HF (Llama, Mistral, Qwen2, Qwen3, Phi-3; and Qwen3-MoE and OLMoE, whose ``mlp`` is the MoE block).
 _LLAMA_BLOCK = {
-    "layer_input": Placement("", "input"),
-    "layer_output": Placement(""),
+    **_STREAM,
     "input_norm": Placement("input_layernorm"),
     "post_attn_norm": Placement("post_attention_layernorm"),
     "attn_output": Placement("self_attn"),
     "mlp_output": Placement("mlp"),
 }
+# Mixtral: vLLM calls its MoE block ``block_sparse_moe``; transformers 5 calls it ``mlp``.
+_MIXTRAL_VLLM_BLOCK = {**_LLAMA_BLOCK, "mlp_output": Placement("block_sparse_moe")}
+# Sandwich norms (Gemma 2 and 3): input_layernorm → self_attn → post_attention_layernorm → (+) →
+# pre_feedforward_layernorm → mlp → post_feedforward_layernorm → (+). ``post_attention_layernorm`` normalizes
+# attention's *output*; the MLP reads ``pre_feedforward_layernorm``'s. What each sublayer adds to the stream is
+# its post-norm's output, so that is where ``attn_output``/``mlp_output`` sit (docs/methods.md §1).
+_GEMMA_BLOCK = {
+    **_STREAM,
+    "input_norm": Placement("input_layernorm"),
+    "post_attn_norm": Placement("pre_feedforward_layernorm"),
+    "attn_output": Placement("post_attention_layernorm"),
+    "mlp_output": Placement("post_feedforward_layernorm"),
+}
+_VLLM_BLOCK_ARGS = ("positions", "hidden_states", "residual")
+_HF_BLOCK_ARGS = ("hidden_states",)
+
+
+def _family(name: str, vllm_block: Mapping[str, Placement], hf_block: Mapping[str, Placement]) -> ModelLayout:
+    return ModelLayout(
+        family=name,
+        vllm=DecoderLayout("model.layers", vllm_block, residual="fused", block_args=_VLLM_BLOCK_ARGS),
+        hf=DecoderLayout("model.layers", hf_block, residual="plain", block_args=_HF_BLOCK_ARGS),
+    )
+
 
 FAMILIES: Mapping[str, ModelLayout] = MappingProxyType(
     {
-        "llama": ModelLayout(
-            family="llama",
-            vllm=DecoderLayout(
-                "model.layers", _LLAMA_BLOCK, residual="fused", block_args=("positions", "hidden_states", "residual")
-            ),
-            hf=DecoderLayout("model.layers", _LLAMA_BLOCK, residual="plain", block_args=("hidden_states",)),
-        ),
+        "llama": _family("llama", _LLAMA_BLOCK, _LLAMA_BLOCK),
+        "mixtral": _family("mixtral", _MIXTRAL_VLLM_BLOCK, _LLAMA_BLOCK),
+        "gemma": _family("gemma", _GEMMA_BLOCK, _GEMMA_BLOCK),
     }
 )
 """Family → its layout in vLLM's and in Hugging Face's module tree."""
@@ -165,11 +199,33 @@ FAMILIES: Mapping[str, ModelLayout] = MappingProxyType(
 ARCHITECTURES: Mapping[str, str] = MappingProxyType(
     {
         "LlamaForCausalLM": "llama",
+        "MistralForCausalLM": "llama",
+        "Qwen2ForCausalLM": "llama",
+        "Qwen3ForCausalLM": "llama",
+        "Phi3ForCausalLM": "llama",
+        "Qwen3MoeForCausalLM": "llama",
+        "OlmoeForCausalLM": "llama",
+        "MixtralForCausalLM": "mixtral",
+        "Gemma2ForCausalLM": "gemma",
+        "Gemma3ForCausalLM": "gemma",
     }
 )
-"""HF ``architectures`` name → family. Architectures not listed get the ``llama`` layout (see :func:`family_of`)."""
+"""HF ``architectures`` name → family: every architecture vllm-steer hooks. Any other is refused."""
 
-DEFAULT_FAMILY = "llama"
+NOT_SUPPORTED: Mapping[str, str] = MappingProxyType(
+    {
+        "Olmo2ForCausalLM": "vLLM 0.32 serves it through its generic Transformers backend, whose blocks carry the "
+        "residual stream whole (not vLLM's (hidden, residual) pair) and which attention and MLP read without a "
+        "norm in front; vllm-steer does not hook that tree yet",
+        "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 wraps its decoder in another tree; serve the "
+        "text-only checkpoint (Gemma3ForCausalLM)",
+    }
+)
+"""Architectures known and refused, with the reason (an unknown one is refused naming the supported list)."""
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model whose module tree vllm-steer has no layout for: refused rather than hooked wrongly."""
 
 
 def architecture_of(model: torch.nn.Module) -> str:
@@ -180,18 +236,29 @@ def architecture_of(model: torch.nn.Module) -> str:
 
 
 def family_of(architecture: str) -> str:
-    """The layout family of an HF architecture name.
-
-    Every architecture not in :data:`ARCHITECTURES` gets the Llama-style layout, as before the table
-    existed. Issue 18 turns this into a refusal naming the architecture and the supported list.
-    """
-    return ARCHITECTURES.get(architecture, DEFAULT_FAMILY)
+    """The layout family of an HF architecture name; :class:`UnsupportedArchitecture` names it and the supported ones."""
+    family = ARCHITECTURES.get(architecture)
+    if family is not None:
+        return family
+    supported = ", ".join(sorted(ARCHITECTURES))
+    reason = NOT_SUPPORTED.get(architecture, "no entry in vllm_steer.core.layout (one per module tree)")
+    raise UnsupportedArchitecture(
+        f"vllm-steer cannot steer {architecture}: {reason}. Supported architectures: {supported}"
+    )
 
 
 def layout_for(model_or_architecture: torch.nn.Module | str) -> ModelLayout:
     """The layout of a model (a ``torch`` module, vLLM's or HF's) or of an HF architecture name."""
-    arch = model_or_architecture if isinstance(model_or_architecture, str) else architecture_of(model_or_architecture)
-    return FAMILIES[family_of(arch)]
+    if isinstance(model_or_architecture, str):
+        return FAMILIES[family_of(model_or_architecture)]
+    cls = type(model_or_architecture).__name__
+    if cls.startswith("Transformers") and cls.endswith("ForCausalLM"):  # vLLM's generic Transformers backend
+        raise UnsupportedArchitecture(
+            f"vllm-steer cannot steer {architecture_of(model_or_architecture)} served through vLLM's Transformers "
+            f"backend ({cls}): its blocks carry the residual stream whole; serve an architecture vLLM implements "
+            f"natively (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return FAMILIES[family_of(architecture_of(model_or_architecture))]
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

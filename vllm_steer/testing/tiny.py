@@ -34,44 +34,123 @@ TINY_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tiny(root: Path) -> Path:
-    """Write the tiny model to ``root/model`` and its profiles to ``root/profiles``; return ``root``.
+# Tiny members of every family in the layout table (vllm_steer.core.layout), for the family tests: the
+# conventions of the Llama above (hidden 128, 4 layers, 2 heads of 64, 1 KV head, the default model's
+# tokenizer), plus what each family needs to build and to run on vLLM's CPU backend.
+_MOE = {"num_experts_per_tok": 2}
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama"},
+    "qwen2": {"model_type": "qwen2", "use_sliding_window": False},
+    "qwen3": {"model_type": "qwen3"},
+    "mistral": {"model_type": "mistral", "sliding_window": None},
+    "phi3": {
+        "model_type": "phi3",
+        "head_dim": None,  # Phi-3 derives it (hidden / heads = 64)
+        "sliding_window": None,
+        "resid_pdrop": 0.0,
+        "original_max_position_embeddings": 1024,
+    },
+    "gemma2": {
+        "model_type": "gemma2",
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 16,  # small, so the long prompt crosses it
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    },
+    "gemma3": {
+        "model_type": "gemma3_text",
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    },
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "sliding_window": None, **_MOE},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "num_experts": 4,
+        "moe_intermediate_size": 256,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        **_MOE,
+    },
+    "olmoe": {
+        "model_type": "olmoe",
+        "head_dim": None,  # vLLM's OLMoE attention uses hidden / heads
+        "tie_word_embeddings": False,  # vLLM never ties OLMoE's output head
+        "num_experts": 4,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+        **_MOE,
+    },
+}
+"""Family test name → the HF config of its tiny model (``model_type`` and what differs from the Llama)."""
 
-    A random 4-layer Llama (hidden 128, 2 heads, 1 KV head, head_dim 64) with the default model's
-    tokenizer; the same seed gives the same weights and profiles."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+def build_tiny(root: Path, family: str = "llama") -> Path:
+    """Write the tiny model of ``family`` (:data:`TINY_FAMILIES`) to ``root/model`` and one profile per method
+    (for its architecture) to ``root/profiles``; return ``root``.
+
+    ``llama``: a random 4-layer Llama (hidden 128, 2 heads, 1 KV head, head_dim 64) with the default model's
+    tokenizer; the same seed gives the same weights and profiles. The other families also get random norm
+    weights: with the default (uniform) ones, a hook on the wrong side of a norm can act exactly as on the
+    right side, and the family tests would not see it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from vllm_steer.default_model import ensure_default_model
 
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config).float()
+    extra = dict(TINY_FAMILIES[family])
+    model_type = extra.pop("model_type")
+    common: dict[str, Any] = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 64,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 1024,
+        "initializer_range": 0.1,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    settings = {**common, **extra}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    config = AutoConfig.for_model(model_type, **settings)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).float()
+    if family != "llama":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    param.add_(0.3 * torch.randn_like(param))
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
+    fingerprint = ModelFingerprint(
+        architecture=config.architectures[0] if config.architectures else type(model).__name__,
+        hidden_size=128,
+        num_layers=4,
+    )
     for seed, (pid, kw) in enumerate(TINY_PROFILES.items()):
         kw = dict(kw)
-        profile = random_profile(pid, kw.pop("method"), TINY, kw.pop("layers"), seed=seed, vector_norm=8.0, **kw)
+        profile = random_profile(pid, kw.pop("method"), fingerprint, kw.pop("layers"), seed=seed, vector_norm=8.0, **kw)
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors)
     return root
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m vllm_steer.testing.tiny OUT_DIR")
-    print(build_tiny(Path(sys.argv[1])))
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in TINY_FAMILIES):
+        sys.exit(f"usage: python -m vllm_steer.testing.tiny OUT_DIR [{'|'.join(TINY_FAMILIES)}]")
+    print(build_tiny(Path(sys.argv[1]), *sys.argv[2:]))
