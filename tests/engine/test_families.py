@@ -24,6 +24,7 @@ from support.mixed_batch import (
     run_mixed_batch,
 )
 from vllm_steer.core.layout import ARCHITECTURES, FAMILIES, family_of
+from vllm_steer.testing.engines import run_engine
 from vllm_steer.testing.tiny import TINY_FAMILIES, build_tiny
 
 pytestmark = pytest.mark.engine
@@ -80,3 +81,21 @@ def test_family_mixed_batch(family, prompt_ids, tmp_path_factory):
             for a, b in zip(rows[i * n + j]["logprobs"], rows[i * n]["logprobs"], strict=True)
         )
         assert moved > 1e-3, (family, setting, moved)
+
+
+def test_an_architecture_outside_the_table_stops_the_engine_naming_it(prompt_ids, tmp_path_factory):
+    """OLMo 2 runs on vLLM's generic Transformers backend: refused at start, never hooked on look-alike names."""
+    root = build_tiny(tmp_path_factory.mktemp("tiny-olmo2"), "olmo2")
+    spec = {
+        "model": str(root / "model"),
+        "profiles": str(root / "profiles"),
+        "eager": True,
+        "phases": [[{"prompt_token_ids": prompt_ids[0], "extra_args": {"steer_profile": "tiny-selective"}}]],
+    }
+    workdir = tmp_path_factory.mktemp("olmo2_run")
+    with pytest.raises(AssertionError, match="engine run failed"):
+        run_engine(spec, workdir, plugin=True, key="refused-architecture:olmo2", timeout=300)
+    log = (workdir / "engine.log").read_text()
+    assert "UnsupportedArchitecture" in log and "cannot steer Olmo2ForCausalLM" in log
+    assert "Supported architectures (served natively): Gemma2ForCausalLM" in log
+    assert not (workdir / "result.json").exists(), "no request may have been served"

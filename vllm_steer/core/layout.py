@@ -255,8 +255,8 @@ def layout_for(model_or_architecture: torch.nn.Module | str) -> ModelLayout:
     if cls.startswith("Transformers") and cls.endswith("ForCausalLM"):  # vLLM's generic Transformers backend
         raise UnsupportedArchitecture(
             f"vllm-steer cannot steer {architecture_of(model_or_architecture)} served through vLLM's Transformers "
-            f"backend ({cls}): its blocks carry the residual stream whole; serve an architecture vLLM implements "
-            f"natively (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"backend ({cls}): its blocks carry the residual stream whole, not vLLM's (hidden, residual) pair. "
+            f"Supported architectures (served natively): {', '.join(sorted(ARCHITECTURES))}"
         )
     return FAMILIES[family_of(architecture_of(model_or_architecture))]
 

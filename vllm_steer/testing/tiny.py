@@ -93,10 +93,14 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 """Family test name → the HF config of its tiny model (``model_type`` and what differs from the Llama)."""
+TINY_REFUSED: dict[str, dict[str, Any]] = {
+    "olmo2": {"model_type": "olmo2", "head_dim": None},  # vLLM 0.32 runs it on its Transformers backend
+}
+"""Tiny models of architectures vllm-steer refuses (the refusal tests start an engine on them)."""
 
 
 def build_tiny(root: Path, family: str = "llama") -> Path:
-    """Write the tiny model of ``family`` (:data:`TINY_FAMILIES`) to ``root/model`` and one profile per method
+    """Write the tiny model of ``family`` (:data:`TINY_FAMILIES`, or :data:`TINY_REFUSED`) to ``root/model`` and one profile per method
     (for its architecture) to ``root/profiles``; return ``root``.
 
     ``llama``: a random 4-layer Llama (hidden 128, 2 heads, 1 KV head, head_dim 64) with the default model's
@@ -110,7 +114,7 @@ def build_tiny(root: Path, family: str = "llama") -> Path:
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
     torch.manual_seed(0)
-    extra = dict(TINY_FAMILIES[family])
+    extra = dict(TINY_FAMILIES.get(family) or TINY_REFUSED[family])
     model_type = extra.pop("model_type")
     common: dict[str, Any] = {
         "hidden_size": 128,
@@ -151,6 +155,7 @@ def build_tiny(root: Path, family: str = "llama") -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in TINY_FAMILIES):
-        sys.exit(f"usage: python -m vllm_steer.testing.tiny OUT_DIR [{'|'.join(TINY_FAMILIES)}]")
+    known = {**TINY_FAMILIES, **TINY_REFUSED}
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in known):
+        sys.exit(f"usage: python -m vllm_steer.testing.tiny OUT_DIR [{'|'.join(known)}]")
     print(build_tiny(Path(sys.argv[1]), *sys.argv[2:]))
