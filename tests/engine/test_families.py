@@ -44,15 +44,10 @@ def test_every_family_and_architecture_of_the_table_has_a_tiny_model():
     assert {family_of(arch) for arch in built} == set(FAMILIES)
 
 
-@pytest.mark.parametrize("family", FAMILY_MODELS)
-def test_family_mixed_batch(family, prompt_ids, tmp_path_factory):
-    root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
-    on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, eager=True, variant=f"-{family}")
-    off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, eager=True, variant=f"-{family}")
+def _check_rows(family: str, on: dict, off: dict, reference, prompt_ids) -> None:
+    """Unsteered rows bit-equal to the plugin-off run; steered rows equal to the HF reference; every setting acts."""
     (status,) = on["status"]
     assert status["hooked"] is True and len(status["profiles"]) == 8
-    reference = hf_reference_for(root, eager_attention=family.startswith("gemma"))
-
     unsteered = 0
     mismatches = []
     for row, base, (ids, setting) in zip(on["phases"][0], off["phases"][0], mixed_rows(prompt_ids), strict=True):
@@ -81,6 +76,29 @@ def test_family_mixed_batch(family, prompt_ids, tmp_path_factory):
             for a, b in zip(rows[i * n + j]["logprobs"], rows[i * n]["logprobs"], strict=True)
         )
         assert moved > 1e-3, (family, setting, moved)
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_family_mixed_batch(family, prompt_ids, tmp_path_factory):
+    root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+    on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, eager=True, variant=f"-{family}")
+    off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, eager=True, variant=f"-{family}")
+    _check_rows(family, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma")), prompt_ids)
+
+
+COMPILED_FAMILIES = ["gemma2"]
+"""Families also proven under torch.compile (besides Llama, tests/engine/test_engine.py): the tree least like
+Llama's. Each costs two compiled engine starts (~2 min each on two cores)."""
+
+
+@pytest.mark.parametrize("family", COMPILED_FAMILIES)
+def test_family_mixed_batch_compiled(family, prompt_ids, tmp_path_factory):
+    root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}-compiled"), family)
+    cache = tmp_path_factory.mktemp(f"vllm_cache-{family}")
+    run = {"cache_root": cache, "eager": False, "variant": f"-{family}"}
+    off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, **run)  # the plain graph first
+    on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, **run)
+    _check_rows(family, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma")), prompt_ids)
 
 
 def test_an_architecture_outside_the_table_stops_the_engine_naming_it(prompt_ids, tmp_path_factory):
