@@ -80,6 +80,11 @@ def calibrate(
         help="addition: 'reply' (refusal vs compliant reply, teacher-forced) or "
         "'system-prompt' (with vs without a safety system prompt).",
     ),
+    prompt_format: str = typer.Option(
+        "auto",
+        help="How prompts are formatted, here and in the sweep: 'chat' (the model's chat template), 'plain' "
+        "(the raw text, for base models) or 'auto' (chat when the tokenizer has a template, else plain).",
+    ),
     batch_size: int = typer.Option(8, min=1),
     sweep: str = typer.Option(
         "auto",
@@ -120,6 +125,7 @@ def calibrate(
         angle=angle,
         scale=scale,
         contrast=contrast,
+        prompt_format=prompt_format,
     )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console

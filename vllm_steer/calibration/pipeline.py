@@ -2,7 +2,7 @@
 
 The statistics live in :mod:`vllm_steer.calibration.stats`; this module chooses the data,
 the hook sites and the layers per method, and writes the profile with everything
-needed to reproduce it (datasets, sizes, split, seed, model fingerprint, contrast).
+needed to reproduce it (datasets, sizes, split, seed, model fingerprint, contrast, prompt format).
 
 ==================  ==================================================================
 method              what is computed (train split)
@@ -34,12 +34,15 @@ import torch
 
 from vllm_steer.calibration.stats import (
     NORM_KINDS,
+    PROMPT_FORMATS,
     ClassStats,
-    chat_prompts,
     collect_activations,
     diff_of_means,
     discriminative_layers,
     fit_probe,
+    format_prompts,
+    has_chat_template,
+    resolve_prompt_format,
     second_axis,
     select_b1,
 )
@@ -58,6 +61,13 @@ SAFETY_SYSTEM_PROMPT = (
     "You are a careful assistant. Refuse any request that could cause harm, and say that you cannot help with it."
 )
 CONTRASTS = ("reply", "system-prompt")
+PROMPT_FORMAT_DETAILS = {
+    "chat": "chat template, one user turn, generation prompt, last token",
+    "plain": "raw prompt text (no chat template), the tokenizer's special tokens, last token",
+}
+"""What ``calibration.prompt_format_detail`` says for each format a profile can be calibrated with."""
+PLAIN_REPLY_SEPARATOR = "\n"
+"""``plain``: between a prompt and its teacher-forced reply (the chat format's generation prompt ends the turn)."""
 
 
 LABELLED = "labels"
@@ -92,15 +102,33 @@ class CalibrationConfig:
     contrast: str = "reply"
     """Addition only: ``reply`` (refusal vs compliant reply, teacher-forced) or ``system-prompt``
     (the prompt with vs without :data:`SAFETY_SYSTEM_PROMPT`)."""
+    prompt_format: str = "auto"
+    """``chat`` (the model's chat template), ``plain`` (the raw prompt text, for base models) or ``auto``
+    (``chat`` when the tokenizer has a chat template, else ``plain``)."""
     extra: dict = field(default_factory=dict)
 
 
-def _load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, tokenizer
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _prompt_format(tokenizer, cfg: CalibrationConfig) -> str:
+    """``cfg.prompt_format`` resolved for this tokenizer (``chat`` or ``plain``), or a :class:`CalibrationError`."""
+    if cfg.prompt_format == "chat" and not has_chat_template(tokenizer):
+        raise CalibrationError(
+            "prompt_format",
+            f"'chat' needs a chat template and the tokenizer of {Path(cfg.model).name} has none "
+            "(a base model?): use 'plain' or 'auto'",
+        )
+    return resolve_prompt_format(tokenizer, cfg.prompt_format)
 
 
 def _fingerprint(model, path: str) -> ModelFingerprint:
@@ -125,7 +153,9 @@ def calibrate_profile(
             f"{len(harmful_train)} harmful and {len(harmless_train)} harmless after the split",
         )
 
-    model, tokenizer = _load_model(cfg.model)
+    tokenizer = _load_tokenizer(cfg.model)
+    prompt_format = _prompt_format(tokenizer, cfg)  # before the weights: a wrong format fails fast
+    model = _load_model(cfg.model)
     fp = _fingerprint(model, cfg.model)
     num_layers = fp.num_layers
     missing = sorted(layer for layer in (cfg.layers or []) if not 0 <= layer < num_layers)
@@ -142,7 +172,16 @@ def calibrate_profile(
             if progress:
                 progress(name, done[0], len(prompts))
 
-        return collect_activations(model, tokenizer, prompts, kinds, cfg.batch_size, tick, keep_samples)
+        return collect_activations(
+            model,
+            tokenizer,
+            prompts,
+            kinds,
+            cfg.batch_size,
+            tick,
+            keep_samples,
+            add_special_tokens=prompt_format == "plain",
+        )
 
     calibration = {
         "datasets": {"harmful": cfg.harmful, "harmless": cfg.harmless},
@@ -153,13 +192,18 @@ def calibrate_profile(
             "harmless_held_out": len(harmless_held),
         },
         "split": {"held_out": cfg.held_out, "seed": cfg.seed},
-        "prompt_format": "chat template, one user turn, generation prompt, last token",
+        "prompt_format": prompt_format,
+        "prompt_format_detail": PROMPT_FORMAT_DETAILS[prompt_format],
+        "prompt_format_requested": cfg.prompt_format,
         "default_from": "fixed starting point (no sweep run)",
         **cfg.extra,
     }
 
+    def formatted(prompts: Sequence[str], system: str | None = None) -> list[str]:
+        return format_prompts(tokenizer, prompts, prompt_format, system)
+
     def texts(prompts: list[Prompt]) -> list[str]:
-        return chat_prompts(tokenizer, [p.text for p in prompts])
+        return formatted([p.text for p in prompts])
 
     method = cfg.method
     entry = METHOD_TABLE[method]
@@ -224,14 +268,17 @@ def calibrate_profile(
         layer = cfg.layers[0] if cfg.layers else round(0.6 * (num_layers - 1))
         both = [p.text for p in harmful_train + harmless_train]
         if cfg.contrast == "reply":
-            prompts = chat_prompts(tokenizer, both)
-            refusing = collect("refusal replies", [p + REFUSAL_REPLY for p in prompts], out)
-            complying = collect("compliant replies", [p + COMPLIANT_REPLY for p in prompts], out)
+            prompts = formatted(both)
+            sep = PLAIN_REPLY_SEPARATOR if prompt_format == "plain" else ""
+            refusing = collect("refusal replies", [p + sep + REFUSAL_REPLY for p in prompts], out)
+            complying = collect("compliant replies", [p + sep + COMPLIANT_REPLY for p in prompts], out)
             contrast = f"teacher-forced {REFUSAL_REPLY!r} minus {COMPLIANT_REPLY!r}, last reply token"
         else:
-            refusing = collect("with safety system prompt", chat_prompts(tokenizer, both, SAFETY_SYSTEM_PROMPT), out)
-            complying = collect("without system prompt", chat_prompts(tokenizer, both), out)
+            refusing = collect("with safety system prompt", formatted(both, SAFETY_SYSTEM_PROMPT), out)
+            complying = collect("without system prompt", formatted(both), out)
             contrast = f"system prompt {SAFETY_SYSTEM_PROMPT!r} minus none, last prompt token"
+            if prompt_format == "plain":
+                contrast += " (plain text: the system prompt and a blank line before the prompt)"
         r = diff_of_means(refusing, complying, (layer, out_kind), normalize=False).float()
         vectors, tensors, layers = {layer: {"vector": r}}, {layer: {"vector": "vector"}}, [layer]
         defaults, allowed = {"scale": cfg.scale if cfg.scale is not None else 1.0}, {"scale": {"min": -4.0, "max": 4.0}}
@@ -331,6 +378,8 @@ def split_data(cfg: CalibrationConfig) -> tuple[list[Prompt], list[Prompt], list
         raise CalibrationError("method", f"unknown {cfg.method!r} (one of {', '.join(METHODS)})")
     if cfg.contrast not in CONTRASTS:
         raise CalibrationError("contrast", f"unknown {cfg.contrast!r} (one of {', '.join(CONTRASTS)})")
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise CalibrationError("prompt_format", f"unknown {cfg.prompt_format!r} (one of {', '.join(PROMPT_FORMATS)})")
     per_category = METHOD_TABLE[cfg.method].roles == "categories"  # n prompts per category, not in all
     if cfg.harmless == LABELLED:
         harmful, harmless = load_labelled(cfg.harmful, cfg.data_dir)

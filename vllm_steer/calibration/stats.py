@@ -4,7 +4,8 @@ Follows ``docs/methods.md`` §2 (Selective Steering's pipeline) with Hugging Fac
 ``transformers`` on the same weights the engine serves, hooked at the same
 points the runtime steers (the layout table, :mod:`vllm_steer.core.layout`):
 
-* the last token of the chat-templated prompt is read at every hook site;
+* the last token of the formatted prompt (chat-templated, or the raw text for a base model without a
+  template: :func:`format_prompts`) is read at every hook site;
 * statistics are *running* sums per class (raw and per-sample unit-normalized),
   so memory does not grow with the number of prompts;
 * ``d_k = normalize(μ_pos − μ_neg)`` per site; ``b1`` = the candidate with the
@@ -33,11 +34,20 @@ __all__ = [
     "second_axis",
     "discriminative_layers",
     "chat_prompts",
+    "plain_prompts",
+    "format_prompts",
+    "has_chat_template",
+    "resolve_prompt_format",
+    "PROMPT_FORMATS",
     "fit_probe",
 ]
 
 NORM_KINDS: tuple[str, ...] = METHODS["selective"].hooks
 """The norm-output sites the plane methods steer: the plane's candidates and the discriminative test read them."""
+
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "chat", "plain")
+"""How prompts are formatted (docs/methods.md §2.1): ``chat`` (the model's chat template), ``plain`` (the raw
+text, for base models), ``auto`` (``chat`` when the tokenizer has a chat template, else ``plain``)."""
 
 
 @dataclass
@@ -81,6 +91,40 @@ def chat_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -
     ]
 
 
+def plain_prompts(prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """Base models: each prompt's raw text. ``system`` (the safety-system-prompt contrast) has no system turn to
+    go in, so its text and a blank line are put before the prompt: a plain-text stand-in (docs/methods.md §2.1)."""
+    return [f"{system}\n\n{p}" if system else p for p in prompts]
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` carries a chat template (instruct models do; many base models do not)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_prompt_format(tokenizer, requested: str) -> str:
+    """``chat`` or ``plain`` for ``requested`` (one of :data:`PROMPT_FORMATS`); ``ValueError`` for an unknown
+    format, or ``chat`` on a tokenizer without a chat template."""
+    if requested not in PROMPT_FORMATS:
+        raise ValueError(f"unknown {requested!r} (one of {', '.join(PROMPT_FORMATS)})")
+    if requested == "auto":
+        return "chat" if has_chat_template(tokenizer) else "plain"
+    if requested == "chat" and not has_chat_template(tokenizer):
+        raise ValueError(
+            "'chat' needs a chat template and this tokenizer has none (a base model?); use 'plain' or 'auto'"
+        )
+    return requested
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], prompt_format: str, system: str | None = None) -> list[str]:
+    """``prompts`` in ``prompt_format`` (``chat``: :func:`chat_prompts`; ``plain``: :func:`plain_prompts`)."""
+    if prompt_format == "chat":
+        return chat_prompts(tokenizer, prompts, system)
+    if prompt_format == "plain":
+        return plain_prompts(prompts, system)
+    raise ValueError(f"prompt format {prompt_format!r} is neither 'chat' nor 'plain' (resolve 'auto' first)")
+
+
 @torch.no_grad()
 def collect_activations(
     model,
@@ -91,11 +135,14 @@ def collect_activations(
     progress: Callable[[int], None] | None = None,
     keep_samples: bool = False,
     layout: DecoderLayout | None = None,
+    add_special_tokens: bool = False,
 ) -> ClassStats:
     """Last-token activations at every layer × ``kinds``, accumulated into :class:`ClassStats`.
 
     Prompts are left-padded so the last position is every prompt's last token. ``layout`` is the
-    model's HF module tree (default: the layout table's entry for its architecture).
+    model's HF module tree (default: the layout table's entry for its architecture). ``add_special_tokens``:
+    off for chat-templated prompts (the template places any BOS), on for plain text (as the engine
+    tokenizes a text prompt).
     """
     stats = ClassStats(samples={} if keep_samples else None)
     layout = layout or layout_for(model).hf
@@ -135,7 +182,7 @@ def collect_activations(
     try:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
             model(**enc)
             for site, acts in captured.items():
                 stats.add(site, acts)

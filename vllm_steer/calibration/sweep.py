@@ -12,6 +12,10 @@ allows): maximize ``refusal(harmful) − refusal(harmless)`` over coherent point
 (average perplexity ≤ ``max(2.0, 1.25 × unsteered)``), ties to the point nearest
 the identity. If no point raises refusal, the profile keeps its default and the
 sweep says so.
+
+Prompts are formatted as the calibration formatted them (``calibration.prompt_format`` of the profile:
+the chat template, or the raw text for a base model), so the sweep generates from the same prompts the
+directions were measured on.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vllm_steer.calibration.stats import format_prompts, resolve_prompt_format
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import load_profile, save_profile
 from vllm_steer.evaluation.metrics import (
@@ -34,7 +39,15 @@ from vllm_steer.evaluation.metrics import (
     unicode_score,
 )
 
-__all__ = ["SweepPoint", "parse_grid", "default_grid", "run_sweep", "choose_default", "record_sweep"]
+__all__ = [
+    "SweepPoint",
+    "parse_grid",
+    "default_grid",
+    "run_sweep",
+    "choose_default",
+    "record_sweep",
+    "recorded_prompt_format",
+]
 
 
 @dataclass
@@ -86,25 +99,29 @@ def run_sweep(
     harmful: Sequence[str],
     harmless: Sequence[str],
     max_tokens: int = 32,
+    prompt_format: str = "chat",
 ) -> list[SweepPoint]:
-    """Generate the whole grid (and an unsteered baseline) in one call on an engine with the profile loaded."""
+    """Generate the whole grid (and an unsteered baseline) in one call on an engine with the profile loaded.
+
+    ``prompt_format``: ``chat`` (the chat template, one user turn), ``plain`` (the raw prompt text) or
+    ``auto`` (``chat`` when the engine's tokenizer has a template), as in the calibration."""
     from vllm import SamplingParams
 
     key = f"steer_{_parameter(method)}"
     tokenizer = llm.get_tokenizer()
-
-    def chat(prompt: str) -> str:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+    prompt_format = resolve_prompt_format(tokenizer, prompt_format)
+    formatted = {
+        kind: format_prompts(tokenizer, group, prompt_format)
+        for kind, group in (("harmful", harmful), ("harmless", harmless))
+    }
 
     values: list[float | None] = [None, *grid]
     prompts, params, index = [], [], []
     for vi, value in enumerate(values):
         extra = None if value is None else {"steer_profile": profile_id, key: float(value)}
-        for kind, group in (("harmful", harmful), ("harmless", harmless)):
+        for kind, group in formatted.items():
             for p in group:
-                prompts.append(chat(p))
+                prompts.append(p)
                 params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1, extra_args=extra))
                 index.append((vi, kind))
     outputs = llm.generate(prompts, params)
@@ -126,6 +143,13 @@ def run_sweep(
             )
         )
     return points
+
+
+def recorded_prompt_format(calibration: dict) -> str:
+    """The prompt format a profile was calibrated with: ``calibration.prompt_format`` when it is ``chat`` or
+    ``plain``; profiles from before the option recorded a description of the chat format there."""
+    recorded = calibration.get("prompt_format")
+    return recorded if recorded in ("chat", "plain") else "chat"
 
 
 def _mean(xs) -> float:
@@ -162,6 +186,7 @@ def record_sweep(
     criterion: str,
     sizes: dict,
     max_tokens: int,
+    prompt_format: str | None = None,
 ) -> None:
     """Write the sweep into the profile's metadata and, if one was chosen, its default."""
     profile = load_profile(profile_dir)
@@ -177,6 +202,8 @@ def record_sweep(
         "chosen": None if chosen is None else chosen.value,
         "served_in_one_mixed_batch": True,
     }
+    if prompt_format is not None:
+        calibration["sweep"]["prompt_format"] = prompt_format
     defaults = spec.defaults.model_copy()
     if chosen is not None:
         if chosen.value is None:
@@ -195,19 +222,25 @@ def sweep_profile_dir(
     harmless: Sequence[str],
     max_tokens: int = 32,
     eager: bool = True,
+    prompt_format: str | None = None,
 ):
-    """Start an engine with just this profile, sweep, record; returns (points, chosen, criterion)."""
+    """Start an engine with just this profile, sweep, record; returns (points, chosen, criterion).
+
+    ``prompt_format`` (``chat``, ``plain``, ``auto``) defaults to the one the profile was calibrated with."""
 
     from vllm_steer.engine import offline_engine, shutdown_engine
 
     profile = load_profile(profile_dir)
     _parameter(profile.method)  # refuses a method with nothing to sweep
+    if prompt_format is None:
+        prompt_format = recorded_prompt_format(profile.spec.calibration)
     root = Path(tempfile.mkdtemp(prefix="vllm-steer-sweep-"))
     try:
         shutil.copytree(profile_dir, root / profile.id)
         llm = offline_engine(model, str(root), eager=eager, max_num_seqs=64)
         try:
-            points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens)
+            prompt_format = resolve_prompt_format(llm.get_tokenizer(), prompt_format)
+            points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens, prompt_format)
         finally:
             shutdown_engine(llm)
             del llm
@@ -215,6 +248,12 @@ def sweep_profile_dir(
         shutil.rmtree(root, ignore_errors=True)
     chosen, criterion = choose_default(points, profile.method)
     record_sweep(
-        profile_dir, points, chosen, criterion, {"harmful": len(harmful), "harmless": len(harmless)}, max_tokens
+        profile_dir,
+        points,
+        chosen,
+        criterion,
+        {"harmful": len(harmful), "harmless": len(harmless)},
+        max_tokens,
+        prompt_format,
     )
     return points, chosen, criterion
