@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from support import DATA
-from support.gguf import write_gguf
+from support.gguf import block_inputs_with_and_without, write_gguf
 from vllm_steer.calibration.interop import model_fingerprint, profile_from_vectors, read_gguf_control_vector
 from vllm_steer.calibration.pipeline import CalibrationConfig, calibrate_profile
 from vllm_steer.core.profile import Profile, load_profile
-from vllm_steer.core.request import parse_steering, resolve_steering
-from vllm_steer.testing.hf_reference import steered
 from vllm_steer.testing.tiny import TINY_FAMILIES, build_tiny
 
 FAMILY_MODELS = [name for name in TINY_FAMILIES if name != "llama"]
@@ -62,23 +60,6 @@ def test_a_gguf_direction_n_is_added_at_the_output_of_decoder_layer_n(family_roo
     profile = Profile(spec, vectors)
     kwargs = {"attn_implementation": "eager"} if family.startswith("gemma") else {}
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, **kwargs).eval()
-    seen: dict[int, torch.Tensor] = {}
-
-    def record(index):
-        def hook(module, args, kwargs):
-            seen[index] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-        return hook
-
-    handles = [model.model.layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in (1, 2)]
-    ids = torch.tensor([[1, 50, 60, 70, 80]])
-    steering = resolve_steering(parse_steering({"steer_profile": "cv"}), {"cv": profile})
-    with torch.no_grad():
-        model(ids)
-        base = dict(seen)
-        with steered(model, profile, steering):
-            model(ids)
-    for handle in handles:
-        handle.remove()
+    base, seen = block_inputs_with_and_without(model, profile)
     torch.testing.assert_close(seen[1], base[1], rtol=0, atol=0)
     torch.testing.assert_close(seen[2] - base[2], torch.from_numpy(v).expand_as(base[2]), rtol=1e-4, atol=1e-4)

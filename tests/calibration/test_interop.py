@@ -8,6 +8,7 @@ import torch
 from safetensors.numpy import save_file as save_np
 from typer.testing import CliRunner
 
+from support.gguf import block_inputs_with_and_without
 from support.gguf import write_gguf as _write_gguf
 from vllm_steer.calibration.interop import (
     VectorImportError,
@@ -58,9 +59,6 @@ def test_direction_n_is_added_to_the_output_of_decoder_layer_n(tiny_root, tmp_pa
     """The off-by-one check: a llama.cpp direction.N is added at the output of decoder layer N."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_steer.core.request import parse_steering, resolve_steering
-    from vllm_steer.testing.hf_reference import steered
-
     v = _vec(7)
     source = read_gguf_control_vector(_write_gguf(tmp_path / "one.gguf", {"direction.1": v}), TINY)
     spec, vectors = profile_from_vectors(source, TINY, "cv", "addition", scale=1.0)
@@ -68,25 +66,7 @@ def test_direction_n_is_added_to_the_output_of_decoder_layer_n(tiny_root, tmp_pa
 
     profile = Profile(spec, vectors)
     model = AutoModelForCausalLM.from_pretrained(tiny_root / "model", dtype=torch.float32).eval()
-    layers = model.model.layers
-    seen: dict[int, torch.Tensor] = {}
-
-    def record(index):  # what decoder layer `index` receives = the residual stream after layer index-1
-        def hook(module, args, kwargs):
-            seen[index] = (args[0] if args else kwargs["hidden_states"]).clone()
-
-        return hook
-
-    handles = [layers[i].register_forward_pre_hook(record(i), with_kwargs=True) for i in (1, 2)]
-    ids = torch.tensor([[1, 50, 60, 70, 80]])
-    steering = resolve_steering(parse_steering({"steer_profile": "cv"}), {"cv": profile})
-    with torch.no_grad():
-        model(ids)
-        base = dict(seen)
-        with steered(model, profile, steering):
-            model(ids)
-    for h in handles:
-        h.remove()
+    base, seen = block_inputs_with_and_without(model, profile)  # block N's input = block N-1's output
     torch.testing.assert_close(seen[1], base[1], rtol=0, atol=0)  # layer 0's output: untouched
     torch.testing.assert_close(seen[2] - base[2], torch.from_numpy(v).expand_as(base[2]), rtol=1e-5, atol=1e-5)
 

@@ -5,12 +5,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from support.mixed_batch import MAX_TOKENS, run_mixed_batch
-from vllm_steer.core.profile import load_profile_dir
-from vllm_steer.core.request import parse_steering, resolve_steering
-from vllm_steer.testing.hf_reference import steered
+from support.mixed_batch import hf_reference_for, run_mixed_batch
 
 
 @pytest.fixture(scope="session")
@@ -52,35 +48,6 @@ def compiled_on_fused(tiny_root, prompt_ids, tmp_path_factory, compile_cache, co
 
 
 @pytest.fixture(scope="session")
-def hf_reference(tiny_root, prompt_ids):
+def hf_reference(tiny_root):
     """Greedy tokens and per-token logprobs of the plain HF model with hooks, one request at a time."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_root / "model", dtype=torch.float32).eval()
-    profiles = load_profile_dir(tiny_root / "profiles")
-    cache = {}
-
-    def reference(ids: list[int], setting: dict | None):
-        key = (tuple(ids), repr(setting))
-        if key not in cache:
-            request = parse_steering(setting)
-            resolved = resolve_steering(request, profiles) if request else None
-            profile = profiles[resolved.profile_id] if resolved else None
-            with torch.no_grad(), steered(model, profile, resolved):
-                out = model.generate(
-                    torch.tensor([ids]),
-                    max_new_tokens=MAX_TOKENS,
-                    min_new_tokens=MAX_TOKENS,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                    pad_token_id=0,
-                )
-            tokens = out.sequences[0, len(ids) :].tolist()
-            logprobs = [
-                torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)
-            ]
-            cache[key] = {"tokens": tokens, "logprobs": logprobs}
-        return cache[key]
-
-    return reference
+    return hf_reference_for(tiny_root)

@@ -119,7 +119,10 @@ def keyed_digest(purpose: str, payload: Any) -> str:
 
 def _bound(extra_args: Mapping[str, Any]) -> dict[str, Any]:
     """What a stamp covers: the steering keys and the tenant (other plugins' keys are not ours to bind)."""
-    return {k: v for k, v in extra_args.items() if isinstance(k, str) and (k.startswith("steer_") or k == TENANT_KEY)}
+    bound = steering_keys(extra_args)
+    if TENANT_KEY in extra_args:
+        bound[TENANT_KEY] = extra_args[TENANT_KEY]
+    return bound
 
 
 def stamp(extra_args: Mapping[str, Any], tenant: str, *, now: float | None = None) -> dict[str, Any]:

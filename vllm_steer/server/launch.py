@@ -9,6 +9,7 @@ vLLM CPU's default reserves a fraction of *all* memory and refuses to start unle
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer.core.settings import PLUGINS_ENV, ConfigError, SteerConfig
-from vllm_steer.server.access import admin_options
+from vllm_steer.server.access import AdminOptionsError, check_admin_options
+
+logger = logging.getLogger("vllm_steer.server.launch")
 
 __all__ = [
     "KV_CACHE_ENV",
@@ -118,14 +121,10 @@ def prepare(
         config = SteerConfig.parse({**config.model_dump(exclude_unset=True), **absolute})
     if config.tenants is not None and not config.allow_admin_options:
         # the environment's admin options, refused before vLLM starts (the endpoint plugin checks the rest)
-        found = admin_options(environ, argparse.Namespace())
-        if found:
-            listed = "; ".join(f"{name} (clients can {why})" for name, why in found)
-            raise ConfigError(
-                "allow_admin_options",
-                f"a tenants file is configured, but these server options give every client powers beyond its "
-                f"own request: {listed}. Unset them, or pass --steer-allow-admin-options to start anyway.",
-            )
+        try:
+            check_admin_options(environ, argparse.Namespace(), allow=False, logger=logger)
+        except AdminOptionsError as err:
+            raise ConfigError("allow_admin_options", err.message) from None
     names = [*(environ.get(PLUGINS_ENV) or "").split(","), *plugins]
     shown = config.to_env(plugins=names)
     notes = []

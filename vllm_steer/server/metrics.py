@@ -12,6 +12,7 @@ import json
 from prometheus_client import Counter
 
 from vllm_steer.core.request import STEER_KEYS
+from vllm_steer.server.tenants.controls import CONTROLS
 
 __all__ = [
     "REQUESTS",
@@ -47,33 +48,10 @@ REJECTION_FIELDS = frozenset(
         "route",
         "profile_id",
         "profiles",
-        # OpenAI request fields a refusal may name
+        # OpenAI request fields a refusal may name: every field a tier's controls govern, and these
+        *(name for control in CONTROLS.values() for name in control.fields),
         "use_beam_search",
-        "model",
-        "prompt",
-        "messages",
-        "n",
-        "best_of",
-        "logit_bias",
-        "bad_words",
-        "allowed_token_ids",
-        "structured_outputs",
-        "response_format",
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "guided_decoding_backend",
-        "guided_whitespace_pattern",
-        "tool_choice",
         "tools",
-        "prompt_embeds",
-        "continue_final_message",
-        "add_generation_prompt",
-        "chat_template",
-        "chat_template_kwargs",
-        "priority",
-        "kv_transfer_params",
         "cache_salt",
         "max_tokens",
     }

@@ -150,9 +150,9 @@ class _Decision:
 
     def __init__(self, state: ServingState, scope: Scope, method: str, path: str):
         self.state, self.scope, self.method, self.path = state, scope, method, path
-        headers = Headers(scope=scope)
-        self.api_key = bearer_token(headers.get("authorization"))
-        self.client_request_id = headers.get("x-request-id")
+        self.headers = Headers(scope=scope)
+        self.api_key = bearer_token(self.headers.get("authorization"))
+        self.client_request_id = self.headers.get("x-request-id")
         self.request_id = "steer-" + uuid.uuid4().hex
         self.tenant: Tenant | None = None
         self.body: dict[str, Any] | None = None
@@ -182,15 +182,14 @@ class _Decision:
         state, scope = self.state, self.scope
         tenant = self.tenant or state.policy.authenticate(None)  # single-tenant: the anonymous tenant
         self.tenant = tenant
-        headers = Headers(scope=scope)
         try:
             limit = body_limit(None, state.max_body_bytes)
-            raw = await read_body(receive, limit, declared=declared_length(headers))
+            raw = await read_body(receive, limit, declared=declared_length(self.headers))
             body = await parse_body_async(raw)
             self.body = body
             self.rows = rows(body, self.path)
             effective = state.policy.decide(tenant, body.get("vllm_xargs"), state.profiles())
-            state.policy.check_controls(tenant, body, self.path, state.base_models, headers)
+            state.policy.check_controls(tenant, body, self.path, state.base_models, self.headers)
         except ConnectionAbortedError:
             return None
         except BadBody as bad:
