@@ -12,7 +12,7 @@ VLLM_VERSION := 0.32.0
 # (pipefail keeps pip's own exit status.)
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo serve serve-ray test test-fast lint format clean
+.PHONY: setup demo serve serve-ray test test-fast gpu-e2e lint format clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine"
+
+# The plugin inside CUDA vLLM, end to end, on a machine with an NVIDIA GPU: the mixed-batch tests of every
+# family (eager and CUDA graphs), the enforcement and gate tests, the throughput and plugin-overhead
+# benchmarks, one report in reports/gpu_e2e-<date>/ (benchmarks/gpu_e2e.sh). It checks for the GPU before
+# `make setup`, so it stops at once without one. Options: make gpu-e2e ARGS="--out DIR --steps ID,ID".
+gpu-e2e:
+	bash benchmarks/gpu_e2e.sh $(ARGS)
 
 # ruff (lint and format), mypy and import-linter, configured in pyproject.toml. Runs all four, then fails
 # if any failed. CI runs it before the tests; `make test` does not.

@@ -230,6 +230,9 @@ def serve(
     steer_tenants: str | None = typer.Option(None),
     steer_audit_log: str | None = typer.Option(None),
     steer_audit_prompts: bool | None = typer.Option(None, "--steer-audit-prompts/--no-steer-audit-prompts"),
+    steer_strict_model_match: bool | None = typer.Option(
+        None, "--steer-strict-model-match/--no-steer-strict-model-match"
+    ),
     steer_hook_all_sites: bool | None = typer.Option(None, "--steer-hook-all-sites/--no-steer-hook-all-sites"),
     steer_fused_op: str | None = typer.Option(None, metavar="[auto|off|triton|compiled]"),
     steer_max_body_bytes: int | None = typer.Option(None),

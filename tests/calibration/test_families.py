@@ -41,9 +41,12 @@ def test_calibrate_gives_a_loadable_profile_for_the_familys_architecture(family_
         batch_size=3,
         layers=[1, 2],
     )
-    profile = load_profile(calibrate_profile(cfg))
+    path = calibrate_profile(cfg)
+    profile = load_profile(path)
     fingerprint = model_fingerprint(root / "model")
-    assert profile.spec.model == fingerprint, family
+    assert profile.spec.model == fingerprint, family  # shape and identity, computed the same way
+    assert fingerprint.tokenizer_sha256 and fingerprint.embedding_sha256
+    load_profile(path, fingerprint, strict=True)  # the checkpoint it was made on passes strict matching
     b1, b2 = profile.vectors[1]["b1"], profile.vectors[1]["b2"]
     assert abs(float(b1 @ b2)) < 1e-4 and torch.isfinite(b1).all()
 

@@ -126,7 +126,8 @@ def test_fused_op_inside_the_compiled_engine(compiled_on_fused, compiled_on, com
     (status,) = compiled_on_fused["status_after"]
     assert status["fused_op"] == "compiled" and status["fused_compiled_for"] == ["float32"], status
     assert status["fused_fallbacks"] == 0
-    assert compiled_on["status_after"][0]["fused_op"] is None  # the CPU default: short paths, no compile
+    default = "triton" if torch.cuda.is_available() else None  # CPU: short paths, no compile; CUDA: the kernel
+    assert compiled_on["status_after"][0]["fused_op"] == default
     _assert_matches_reference(compiled_on_fused, prompt_ids, hf_reference)
     _assert_unsteered_bit_equal(compiled_on_fused, compiled_off, prompt_ids)
 
@@ -183,7 +184,10 @@ REPO_PROFILES = str(REPO / "profiles")
 
 
 def test_default_model_mixed_batch_matches_hf_reference(tmp_path_factory):
-    """SmolLM2-135M-Instruct with the shipped demo profiles: one mixed batch vs HF hooks, greedy tokens."""
+    """SmolLM2-135M-Instruct with the shipped demo profiles: one mixed batch vs HF hooks, greedy tokens.
+
+    Under strict model matching: the shipped profiles carry the default model's tokenizer and embedding
+    hashes, and the engine must compute the same ones."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_steer.default_model import ensure_default_model
@@ -199,6 +203,8 @@ def test_default_model_mixed_batch_matches_hf_reference(tmp_path_factory):
     spec = {
         "model": str(model_dir),
         "profiles": REPO_PROFILES,
+        # the engine's fingerprint (vLLM's config and the model's files) matches calibration's, identity included
+        "steer_config": {"strict_model_match": True},
         "eager": True,
         "max_model_len": 1024,
         "phases": [requests],

@@ -111,6 +111,7 @@ def test_serve_dry_run_with_every_option_shows_every_env_var(tmp_path, monkeypat
     }
     switches = [
         "--steer-hook-all-sites",
+        "--steer-strict-model-match",
         "--steer-audit-prompts",
         "--steer-allow-admin-options",
         "--steer-public-metrics",
@@ -131,6 +132,7 @@ def test_serve_dry_run_with_every_option_shows_every_env_var(tmp_path, monkeypat
         tenants=str(tmp_path / "tenants.yaml"),
         max_slots=5,
         hook_all_sites=True,
+        strict_model_match=True,
         fused_op="compiled",
         audit_log="audit.jsonl",
         audit_prompts=True,

@@ -47,7 +47,7 @@ from vllm_steer.calibration.stats import (
     select_b1,
 )
 from vllm_steer.core.errors import SteerError
-from vllm_steer.core.fingerprint import fingerprint_from_config
+from vllm_steer.core.fingerprint import fingerprint_from_config, model_identity
 from vllm_steer.core.methods import METHODS as METHOD_TABLE
 from vllm_steer.core.profile import ModelFingerprint, ProfileSpec, save_profile
 from vllm_steer.data import Prompt, load_labelled, load_prompts, split
@@ -132,7 +132,8 @@ def _prompt_format(tokenizer, cfg: CalibrationConfig) -> str:
 
 
 def _fingerprint(model, path: str) -> ModelFingerprint:
-    return fingerprint_from_config(model.config, name=Path(path).name)
+    """The loaded model's fingerprint: its config, and the identity hashes of the files it was loaded from."""
+    return fingerprint_from_config(model.config, name=Path(path).name, identity=model_identity(str(path)))
 
 
 def calibrate_profile(

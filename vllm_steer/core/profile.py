@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +58,7 @@ FORMAT_VERSION = 1
 # layout's (vllm_steer.core.methods, vllm_steer.core.layout), re-exported here where they always were.
 _CATEGORY_METHODS = methods_where(lambda m: m.roles == "categories")
 _ORTHO_TOL = 1e-3
+logger = logging.getLogger(__name__)
 
 
 class ProfileError(SteerError):
@@ -67,19 +69,59 @@ class ProfileError(SteerError):
 
 
 class ModelFingerprint(BaseModel):
-    """What a profile was computed on; checked against the served model at load."""
+    """What a profile was computed on; checked against the served model at load.
+
+    The shape (architecture, hidden size, layer count) must always match; the identity fields (vocabulary
+    size, tokenizer and embedding hashes: :mod:`vllm_steer.core.fingerprint` says how they are computed)
+    must match under strict matching, and are reported otherwise. ``None`` means unknown (profiles made
+    before the identity fields existed, or a model whose files could not be read).
+    """
 
     model_config = ConfigDict(extra="forbid")
     architecture: str
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     name: str | None = None
+    vocab_size: int | None = Field(default=None, gt=0)
+    tokenizer_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    embedding_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
-    def mismatch(self, other: ModelFingerprint) -> str | None:
-        for key in ("architecture", "hidden_size", "num_layers"):
+    SHAPE: ClassVar[tuple[str, ...]] = ("architecture", "hidden_size", "num_layers")
+    IDENTITY: ClassVar[tuple[str, ...]] = ("vocab_size", "tokenizer_sha256", "embedding_sha256")
+
+    def mismatch(self, other: ModelFingerprint, *, strict: bool = False) -> str | None:
+        """Why a profile made for ``self`` cannot run on the served model ``other`` (``None``: it can)."""
+        for key in self.SHAPE:
             if getattr(self, key) != getattr(other, key):
                 return f"{key} is {getattr(self, key)!r} but the served model has {getattr(other, key)!r}"
+        if not strict:
+            return None
+        for key in self.IDENTITY:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is None:
+                return (
+                    f"{key} is not recorded in the profile, and strict model matching needs it "
+                    "(calibrate or import the profile again, or turn strict matching off)"
+                )
+            if theirs is None:
+                return f"{key} of the served model could not be computed from its files, and strict matching needs it"
+            if mine != theirs:
+                return f"{key} is {_short(mine)} but the served model has {_short(theirs)} (another checkpoint)"
         return None
+
+    def identity_differences(self, other: ModelFingerprint) -> list[str]:
+        """The identity fields known on both sides that differ (what a non-strict load warns about)."""
+        return [
+            key
+            for key in self.IDENTITY
+            if getattr(self, key) is not None
+            and getattr(other, key) is not None
+            and getattr(self, key) != getattr(other, key)
+        ]
+
+
+def _short(value: object) -> str:
+    return repr(value[:12] + "…") if isinstance(value, str) and len(value) > 12 else repr(value)
 
 
 class ValueRange(BaseModel):
@@ -205,8 +247,14 @@ def _digest(spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]
     return h.hexdigest()[:16]
 
 
-def load_profile(directory: str | Path, expected_model: ModelFingerprint | None = None) -> Profile:
-    """Load and check one profile directory; raise :class:`ProfileError` naming file and field."""
+def load_profile(
+    directory: str | Path, expected_model: ModelFingerprint | None = None, *, strict: bool = False
+) -> Profile:
+    """Load and check one profile directory; raise :class:`ProfileError` naming file and field.
+
+    ``expected_model`` is the served model's fingerprint (none: not checked); ``strict`` asks for the same
+    checkpoint and tokenizer, not only the same shape (:meth:`ModelFingerprint.mismatch`).
+    """
     directory = Path(directory)
     spec_path = directory / PROFILE_FILE
     tensors_path = directory / TENSORS_FILE
@@ -223,9 +271,19 @@ def load_profile(directory: str | Path, expected_model: ModelFingerprint | None 
         raise ProfileError(spec_path, field, msg) from None
 
     if expected_model is not None:
-        problem = spec.model.mismatch(expected_model)
+        problem = spec.model.mismatch(expected_model, strict=strict)
         if problem:
             raise ProfileError(spec_path, "model", f"profile {spec.id!r} was made for another model: {problem}")
+        differ = spec.model.identity_differences(expected_model)
+        if differ:
+            logger.warning(
+                "vllm-steer: profile %r (%s) was made on another checkpoint of this model shape (%s differ%s); "
+                "loaded because strict model matching is off",
+                spec.id,
+                spec_path,
+                ", ".join(differ),
+                "s" if len(differ) == 1 else "",
+            )
 
     try:
         stored = load_file(str(tensors_path))
@@ -311,8 +369,10 @@ def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int,
     return directory
 
 
-def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None = None) -> dict[str, Profile]:
-    """Load every profile under ``root`` (one sub-directory each); ids must be unique."""
+def load_profile_dir(
+    root: str | Path, expected_model: ModelFingerprint | None = None, *, strict: bool = False
+) -> dict[str, Profile]:
+    """Load every profile under ``root`` (one sub-directory each); ids must be unique (see :func:`load_profile`)."""
     root = Path(root)
     if not root.is_dir():
         raise ProfileError(root, "<dir>", "profile directory does not exist")
@@ -322,7 +382,7 @@ def load_profile_dir(root: str | Path, expected_model: ModelFingerprint | None =
         for path in (sub, sub / PROFILE_FILE, sub / TENSORS_FILE):
             if path.exists() and real_root not in path.resolve().parents:
                 raise ProfileError(path, "<path>", "symlink points outside the profile directory")
-        profile = load_profile(sub, expected_model)
+        profile = load_profile(sub, expected_model, strict=strict)
         if profile.id in profiles:
             raise ProfileError(
                 sub / PROFILE_FILE, "id", f"duplicate profile id {profile.id!r} (also in {profiles[profile.id].source})"

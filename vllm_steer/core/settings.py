@@ -108,6 +108,9 @@ class SteerConfig(BaseModel):
     ``vllm_steer.audit`` logger). Unset: the logger only."""
     audit_prompts: bool = False
     """Include the prompt or messages in audit lines (off: the audit log never holds prompt text)."""
+    strict_model_match: bool = False
+    """Load a profile only on the checkpoint it was made on (same tokenizer and embedding hashes, not only
+    the same architecture, width and depth); off: another checkpoint of the same shape loads with a warning."""
     hook_all_sites: bool = False
     """Hook every site of every layer at start, so any profile can be hot-loaded later (else only the sites
     of the profiles loaded at start: a hot-loaded profile must fit them)."""

@@ -181,7 +181,7 @@ def build_app(args: dict[str, Any] | None = None):
     model, profiles, tenants = _resolve_paths(cfg)
     fingerprint = _fingerprint(model)
     # ProfileError (file and field named) / TenantsFileError: nothing is deployed.
-    _load_policy(tenants).check_profiles(load_profile_dir(profiles, fingerprint))
+    _load_policy(tenants).check_profiles(load_profile_dir(profiles, fingerprint, strict=cfg.strict_model_match))
     if tenants:  # engine options that give clients admin powers: nothing is deployed (unless allowed, loudly)
         check_admin_options(
             {**os.environ, **cfg.env_vars},
@@ -223,6 +223,7 @@ def build_app(args: dict[str, Any] | None = None):
             "profiles": profiles,
             "tenants": tenants,
             "fingerprint": fingerprint.model_dump() if fingerprint else None,
+            "strict_model_match": cfg.strict_model_match,
             "base_models": [model_id],
             "max_body_bytes": body_limit(cfg.engine_kwargs.get("max_model_len"), cfg.max_body_bytes),
             "public_metrics": cfg.public_metrics,
@@ -312,10 +313,16 @@ def __getattr__(name: str) -> Any:  # ``vllm_steer.server.ray_app.SteerLLMServer
 class _RayAdmin:
     """The ingress's profile view and the admin operations, applied to every replica."""
 
-    def __init__(self, profiles_dir: str, fingerprint: ModelFingerprint | None, policy: Any, handle: Any):
+    def __init__(
+        self, profiles_dir: str, fingerprint: ModelFingerprint | None, policy: Any, handle: Any, *, strict: bool = False
+    ):
         self.profiles_dir, self.fingerprint, self.policy, self.handle = profiles_dir, fingerprint, policy, handle
-        self.current: dict[str, Profile] = load_profile_dir(profiles_dir, fingerprint)
+        self.strict = strict
+        self.current: dict[str, Profile] = self._load()
         self._lock = asyncio.Lock()
+
+    def _load(self) -> dict[str, Profile]:
+        return load_profile_dir(self.profiles_dir, self.fingerprint, strict=self.strict)
 
     def profiles(self) -> dict[str, Profile]:
         return self.current
@@ -333,7 +340,7 @@ class _RayAdmin:
 
     async def reload(self) -> dict[str, Any]:
         async with self._lock:
-            new = load_profile_dir(self.profiles_dir, self.fingerprint)  # ProfileError: nothing changes anywhere
+            new = self._load()  # ProfileError: nothing changes anywhere
             self.policy.check_profiles(new)  # TenantsFileError: nothing changes anywhere
             expected = {pid: p.digest for pid, p in new.items()}
             replicas = await self._broadcast("vllm_steer_reload", expected)
@@ -394,6 +401,7 @@ def _ingress_class():
                 ModelFingerprint.model_validate(fingerprint) if fingerprint else None,
                 policy,
                 handle,
+                strict=bool(steering.get("strict_model_match")),
             )
             policy.check_profiles(admin.current)
             self.app.state.vllm_steer = make_state(

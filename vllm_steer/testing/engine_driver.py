@@ -76,6 +76,7 @@ def main(spec_path: str, out_path: str) -> None:
             kwargs["additional_config"] = {"vllm_steer": {"profiles": spec["profiles"]}}
             if spec.get("max_slots"):
                 kwargs["additional_config"]["vllm_steer"]["max_slots"] = spec["max_slots"]
+            kwargs["additional_config"]["vllm_steer"].update(spec.get("steer_config", {}))  # other settings
     started = time.time()
     llm = LLM(**kwargs)
     result: dict = {"startup_s": time.time() - started}

@@ -10,17 +10,41 @@ import os
 import threading
 from typing import Any
 
-from vllm_steer.core.fingerprint import fingerprint_from_config
+from vllm_steer.core.fingerprint import fingerprint_from_config, model_identity
 from vllm_steer.core.profile import ModelFingerprint, Profile, load_profile_dir
 from vllm_steer.core.settings import SteerConfig
 
-__all__ = ["fingerprint_of", "profiles_key", "current_profiles", "profiles_for", "set_current", "FRONT_END_REQUESTS"]
+__all__ = [
+    "fingerprint_of",
+    "load_served",
+    "profiles_key",
+    "current_profiles",
+    "profiles_for",
+    "set_current",
+    "FRONT_END_REQUESTS",
+]
 
 
 def fingerprint_of(vllm_config: Any) -> ModelFingerprint:
-    """The served model's fingerprint: the one fingerprint function on the HF config vLLM resolved."""
+    """The served model's fingerprint: the one fingerprint function on the HF config vLLM resolved and the
+    model's files (the same on every rank and process; cached per model)."""
     model_config = vllm_config.model_config
-    return fingerprint_from_config(model_config.hf_config, text_config=model_config.hf_text_config)
+    model = getattr(model_config, "model", None)
+    identity = (
+        model_identity(str(model), getattr(model_config, "tokenizer", None), getattr(model_config, "revision", None))
+        if model
+        else None
+    )
+    return fingerprint_from_config(model_config.hf_config, text_config=model_config.hf_text_config, identity=identity)
+
+
+def load_served(config: SteerConfig, vllm_config: Any) -> dict[str, Profile]:
+    """Read ``config``'s profile directory for the served model (its fingerprint, strict or not)."""
+    if config.profiles is None:
+        raise ValueError("vllm-steer: no profile directory configured")
+    return load_profile_dir(
+        os.path.abspath(config.profiles), fingerprint_of(vllm_config), strict=config.strict_model_match
+    )
 
 
 _CURRENT: dict[tuple[str, str], dict[str, Profile]] = {}
@@ -43,7 +67,7 @@ def current_profiles(config: SteerConfig, vllm_config: Any) -> dict[str, Profile
     key = profiles_key(config, vllm_config)
     with _CURRENT_LOCK:
         if key not in _CURRENT:
-            _CURRENT[key] = load_profile_dir(key[0], fingerprint_of(vllm_config))
+            _CURRENT[key] = load_served(config, vllm_config)
         return _CURRENT[key]
 
 

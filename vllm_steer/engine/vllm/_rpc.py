@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_steer import __version__
-from vllm_steer.core.profile import Profile, load_profile_dir, profile_changes
+from vllm_steer.core.profile import Profile, profile_changes
 from vllm_steer.engine.vllm._common import logger
-from vllm_steer.engine.vllm._profiles import FRONT_END_REQUESTS, fingerprint_of, profiles_for, profiles_key, set_current
+from vllm_steer.engine.vllm._profiles import FRONT_END_REQUESTS, load_served, profiles_for, profiles_key, set_current
 
 __all__ = [
     "patch_worker_rpcs",
@@ -55,7 +55,7 @@ def patch_worker_rpcs() -> None:
         if runner is None or runtime is None:  # (no runner: no runtime either)
             raise RuntimeError("vllm-steer: this engine was started without profiles; nothing to reload")
         config = runner._vllm_steer_config
-        loaded = load_profile_dir(config.profiles, fingerprint_of(runner.vllm_config))
+        loaded = load_served(config, runner.vllm_config)
         found = {pid: p.digest for pid, p in loaded.items()}
         if found != expected:
             raise RuntimeError("vllm-steer: the profile directory changed during the reload; retry")
@@ -103,7 +103,7 @@ async def apply_reload(
     if not config.enabled:
         raise ValueError("this server was started without a profile directory")
     key = profiles_key(config, vllm_config)
-    new = load_profile_dir(key[0], fingerprint_of(vllm_config))
+    new = load_served(config, vllm_config)
     if check is not None:
         check(new)
     found = {pid: p.digest for pid, p in new.items()}
