@@ -66,3 +66,28 @@ def test_a_gguf_direction_n_is_added_at_the_output_of_decoder_layer_n(family_roo
     base, seen = block_inputs_with_and_without(model, profile)
     torch.testing.assert_close(seen[1], base[1], rtol=0, atol=0)
     torch.testing.assert_close(seen[2] - base[2], torch.from_numpy(v).expand_as(base[2]), rtol=1e-4, atol=1e-4)
+
+
+def test_import_then_export_round_trips_through_the_cli(family_root, tmp_path):
+    """`vllm-steer import` (a llama.cpp control vector for this family) then `export` give the same vectors, and
+    the exported file names the family so llama.cpp and a re-import accept it."""
+    from typer.testing import CliRunner
+
+    from vllm_steer.cli import app
+
+    family, root = family_root
+    fingerprint = model_fingerprint(root / "model")
+    rng = np.random.default_rng(3)
+    vectors = {f"direction.{n}": rng.standard_normal(fingerprint.hidden_size).astype(np.float32) for n in (1, 2)}
+    source = write_gguf(tmp_path / "cv.gguf", vectors, hint=LLAMA_CPP_HINT.get(family, family))
+    out = tmp_path / "profiles" / "cv"
+    runner = CliRunner()
+    imported = runner.invoke(app, ["import", str(root / "model"), str(source), "--out", str(out), "--id", "cv"])
+    assert imported.exit_code == 0, imported.output
+    assert load_profile(out, fingerprint, strict=True).spec.model == fingerprint  # identity recorded
+    exported = runner.invoke(app, ["export", str(out), "--out", str(tmp_path / "back.gguf"), "--scale", "1"])
+    assert exported.exit_code == 0, exported.output
+    back = read_gguf_control_vector(tmp_path / "back.gguf", fingerprint)  # the model hint is checked
+    for name, v in vectors.items():
+        layer = int(name.split(".")[1])
+        np.testing.assert_allclose(back.vectors[layer].numpy(), v, rtol=1e-6, atol=1e-6)

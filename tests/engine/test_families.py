@@ -7,7 +7,10 @@ and without it. Unsteered rows must be bit-equal to the plugin-off run; steered 
 Hugging Face run of the same model with hooks at the sites the table names for its HF tree. The engine
 and the reference find their sites independently (vLLM's tree and HF's), so a wrong entry on either side
 shows up as a mismatch (the tiny models' norm weights are random, so a site on the wrong side of a norm
-does not act like the right one). The Llama family's full proof (compiled too) is tests/engine/test_engine.py.
+does not act like the right one). Then again under vLLM's compilation: traced by Dynamo for every family,
+and compiled by Inductor for Gemma 2. The Llama family's full proof (compiled too) is
+tests/engine/test_engine.py; tensor parallelism is tests/engine/test_parallel.py, quantized weights
+tests/engine/test_quantized.py.
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from support.mixed_batch import (
     LONG,
     NEW_STEERING,
     PROMPTS,
-    SETTINGS,
-    hf_reference_for,
+    assert_every_setting_moves,
     mixed_rows,
     run_mixed_batch,
 )
@@ -44,15 +46,24 @@ def test_every_family_and_architecture_of_the_table_has_a_tiny_model():
     assert {family_of(arch) for arch in built} == set(FAMILIES)
 
 
-def _check_rows(family: str, on: dict, off: dict, reference, prompt_ids) -> None:
-    """Unsteered rows bit-equal to the plugin-off run; steered rows equal to the HF reference; every setting acts."""
+def _same(row: dict, base: dict, tolerance: float | None) -> bool:
+    """Bit-equal (``tolerance`` None), or the same tokens and logprobs within ``tolerance``."""
+    if tolerance is None:
+        return (row["tokens"], row["logprobs"]) == (base["tokens"], base["logprobs"])
+    close = all(abs(a - b) < tolerance for a, b in zip(row["logprobs"], base["logprobs"], strict=True))
+    return row["tokens"] == base["tokens"] and close
+
+
+def _check_rows(family: str, on: dict, off: dict, reference, prompt_ids, unsteered_tol: float | None = None) -> None:
+    """Unsteered rows bit-equal to the plugin-off run (or within ``unsteered_tol``); steered rows equal to the HF
+    reference; every setting acts."""
     (status,) = on["status"]
     assert status["hooked"] is True and len(status["profiles"]) == 8
     unsteered = 0
     mismatches = []
     for row, base, (ids, setting) in zip(on["phases"][0], off["phases"][0], mixed_rows(prompt_ids), strict=True):
         if setting is None:
-            assert (row["tokens"], row["logprobs"]) == (base["tokens"], base["logprobs"]), "unsteered must be bit-equal"
+            assert _same(row, base, unsteered_tol), ("unsteered rows must equal the plugin-off run", row, base)
             assert row["tokens"] == reference(ids, None)["tokens"], "vLLM and HF disagree on the plain model"
             unsteered += 1
             continue
@@ -65,55 +76,67 @@ def _check_rows(family: str, on: dict, off: dict, reference, prompt_ids) -> None
     assert not mismatches, f"{family}: {len(mismatches)} steered rows differ from the HF reference: {mismatches[:2]}"
     # the prefix cache: new steering on the cached long prompt recomputes; unsteered still matches
     assert on["phases"][1][0]["tokens"] == reference(prompt_ids[LONG], NEW_STEERING)["tokens"]
-    assert on["phases"][2] == off["phases"][2]
-    # not a vacuous proof: every setting moves some row (its logprobs; a weak one need not flip a token)
-    rows = on["phases"][0]
-    n = len(SETTINGS)
-    for j, setting in enumerate(SETTINGS[1:], start=1):
-        moved = max(
-            abs(a - b)
-            for i in range(len(PROMPTS))
-            for a, b in zip(rows[i * n + j]["logprobs"], rows[i * n]["logprobs"], strict=True)
-        )
-        assert moved > 1e-3, (family, setting, moved)
-
-
-@pytest.mark.parametrize("family", FAMILY_MODELS)
-def test_family_mixed_batch(family, prompt_ids, tmp_path_factory):
-    root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
-    on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, eager=True, variant=f"-{family}")
-    off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, eager=True, variant=f"-{family}")
-    _check_rows(family, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma")), prompt_ids)
+    assert _same(on["phases"][2][0], off["phases"][2][0], unsteered_tol)
+    assert_every_setting_moves(on["phases"][0], family)
 
 
 COMPILED_FAMILIES = ["gemma2"]
-"""Families also proven under torch.compile (besides Llama, tests/engine/test_engine.py): the tree least like
-Llama's. Each costs two compiled engine starts (~2 min each on two cores)."""
+"""Families also proven under torch.compile with Inductor (besides Llama, tests/engine/test_engine.py): the
+tree least like Llama's. Each costs two compiled engine starts (~2 min each on two cores)."""
+TRACED_FAMILIES = [name for name in FAMILY_MODELS if name not in COMPILED_FAMILIES]
+TRACED_TOL = 1e-4
+"""A traced run's unsteered rows against the eager plugin-off run (measured ≤ 2e-6)."""
+
+
+@pytest.mark.parametrize("family", FAMILY_MODELS)
+def test_family_mixed_batch(family, family_eager, prompt_ids):
+    _, on, off, reference = family_eager(family)
+    _check_rows(family, on, off, reference, prompt_ids)
+
+
+@pytest.mark.parametrize("family", TRACED_FAMILIES)
+def test_family_mixed_batch_traced(family, family_eager, prompt_ids, tmp_path_factory):
+    """The family under vLLM's compilation (Dynamo traces the hooked model, vLLM splits it into pieces around
+    attention) with the ``eager`` backend (no Inductor code generation). What tracing can break (the hooks
+    traced into the graph, per-step state not baked in as constants, the op inside the split) is
+    family-specific and tested here for every family; what Inductor adds (its lowering of the op) is not, and
+    is tested with Inductor on Llama (tests/engine/test_engine.py) and Gemma 2 (below), each against its own
+    compiled plugin-off run, bit for bit.
+
+    Here one engine start per family (a compiled start is ~65 s on two cores): the baseline is the eager
+    plugin-off run, within :data:`TRACED_TOL` — a traced graph runs vLLM's torch-native layers where eager
+    mode calls its CPU kernels (measured: ≤ 2e-6 apart, with or without the plugin)."""
+    root, _, off, reference = family_eager(family)
+    cache = tmp_path_factory.mktemp(f"vllm_cache-traced-{family}")
+    run = {"cache_root": cache, "eager": False, "variant": f"-traced-{family}", "compile_backend": "eager"}
+    traced = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, **run)
+    _check_rows(family, traced, off, reference, prompt_ids, unsteered_tol=TRACED_TOL)
 
 
 @pytest.mark.parametrize("family", COMPILED_FAMILIES)
-def test_family_mixed_batch_compiled(family, prompt_ids, tmp_path_factory):
-    root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}-compiled"), family)
+def test_family_mixed_batch_compiled(family, family_eager, prompt_ids, tmp_path_factory):
+    root, _, _, reference = family_eager(family)
     cache = tmp_path_factory.mktemp(f"vllm_cache-{family}")
     run = {"cache_root": cache, "eager": False, "variant": f"-{family}"}
     off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, **run)  # the plain graph first
     on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, **run)
-    _check_rows(family, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma")), prompt_ids)
+    _check_rows(family, on, off, reference, prompt_ids)
 
 
 def test_an_architecture_outside_the_table_stops_the_engine_naming_it(prompt_ids, tmp_path_factory):
-    """OLMo 2 runs on vLLM's generic Transformers backend: refused at start, never hooked on look-alike names."""
-    root = build_tiny(tmp_path_factory.mktemp("tiny-olmo2"), "olmo2")
+    """Granite shares Llama's module names (and adds multipliers the hooks would not know): refused at start,
+    never hooked on look-alike names."""
+    root = build_tiny(tmp_path_factory.mktemp("tiny-granite"), "granite")
     spec = {
         "model": str(root / "model"),
         "profiles": str(root / "profiles"),
         "eager": True,
         "phases": [[{"prompt_token_ids": prompt_ids[0], "extra_args": {"steer_profile": "tiny-selective"}}]],
     }
-    workdir = tmp_path_factory.mktemp("olmo2_run")
+    workdir = tmp_path_factory.mktemp("granite_run")
     with pytest.raises(AssertionError, match="engine run failed"):
-        run_engine(spec, workdir, plugin=True, key="refused-architecture:olmo2", timeout=300)
+        run_engine(spec, workdir, plugin=True, key="refused-architecture:granite", timeout=300)
     log = (workdir / "engine.log").read_text()
-    assert "UnsupportedArchitecture" in log and "cannot steer Olmo2ForCausalLM" in log
-    assert "Supported architectures (served natively): Gemma2ForCausalLM" in log
+    assert "UnsupportedArchitecture" in log and "cannot steer GraniteForCausalLM" in log
+    assert "Supported architectures: Gemma2ForCausalLM" in log
     assert not (workdir / "result.json").exists(), "no request may have been served"

@@ -105,8 +105,11 @@ def run_mixed_batch(
     cache_root: Path | None = None,
     env: dict | None = None,
     variant: str = "",
+    compile_backend: str | None = None,
 ) -> dict:
-    """Run the mixed batch in one engine configuration (counted as ``mixed-batch:<plugin|plain>-<eager|compiled>``)."""
+    """Run the mixed batch in one engine configuration (counted as ``mixed-batch:<plugin|plain>-<eager|compiled>``).
+
+    ``compile_backend`` (compiled runs): vLLM's ``compilation_config.backend`` (default Inductor)."""
     name = f"{'plugin' if plugin else 'plain'}-{'eager' if eager else 'compiled'}{variant}"
     env = dict(env or {})
     if cache_root is not None:
@@ -115,6 +118,8 @@ def run_mixed_batch(
     os.environ.update(env)
     try:
         spec = mixed_spec(tiny_root, prompt_ids, plugin=plugin, eager=eager)
+        if compile_backend is not None:
+            spec["compile_backend"] = compile_backend
         return run_engine(spec, tmp_path_factory.mktemp(name), plugin=plugin, key=f"mixed-batch:{name}")
     finally:
         for key, value in old.items():
@@ -165,3 +170,16 @@ def hf_reference_for(root: Path, *, eager_attention: bool = False):
         return cache[key]
 
     return reference
+
+
+def assert_every_setting_moves(rows: list[dict], label: object = "") -> None:
+    """Not a vacuous proof: every steering setting moves some prompt's row of the mixed batch (its logprobs; a
+    weak setting need not flip a token). ``rows`` is phase 0 of a run, in :func:`mixed_rows` order."""
+    n = len(SETTINGS)
+    for j, setting in enumerate(SETTINGS[1:], start=1):
+        moved = max(
+            abs(a - b)
+            for i in range(len(PROMPTS))
+            for a, b in zip(rows[i * n + j]["logprobs"], rows[i * n]["logprobs"], strict=True)
+        )
+        assert moved > 1e-3, (label, setting, moved)

@@ -14,6 +14,7 @@ from vllm_steer.core.layout import (
     UnsupportedArchitecture,
     decoder_layers,
     layout_for,
+    vllm_layout_for,
 )
 from vllm_steer.core.methods import METHODS
 
@@ -138,14 +139,37 @@ def test_an_architecture_not_in_the_table_is_refused_naming_it_and_the_supported
         UnsupportedArchitecture, match=r"cannot steer SomeNewForCausalLM: .*Supported architectures: .*"
     ):
         layout_for("SomeNewForCausalLM")
-    with pytest.raises(UnsupportedArchitecture, match="Transformers backend"):
-        layout_for("Olmo2ForCausalLM")
-    backend = type("TransformersForCausalLM", (torch.nn.Module,), {})()
-    backend.config = type("Config", (), {"architectures": ["LlamaForCausalLM"]})()
+    with pytest.raises(UnsupportedArchitecture, match="multimodal Gemma 3"):
+        layout_for("Gemma3ForConditionalGeneration")
+
+
+def _model(cls: str, architecture: str) -> torch.nn.Module:
+    model = type(cls, (torch.nn.Module,), {})()
+    model.config = type("Config", (), {"architectures": [architecture]})()
+    return model
+
+
+def test_each_family_is_hooked_only_in_the_tree_vllm_builds_for_it():
+    """Llama natively (fused stream), OLMo 2 through the Transformers backend (the HF tree): never the other way."""
+    assert vllm_layout_for(_model("LlamaForCausalLM", "LlamaForCausalLM")) is FAMILIES["llama"].vllm
+    assert vllm_layout_for(_model("TransformersForCausalLM", "Olmo2ForCausalLM")) is FAMILIES["olmo2"].vllm
     with pytest.raises(
-        UnsupportedArchitecture, match=r"through vLLM's Transformers backend \(TransformersForCausalLM\)"
+        UnsupportedArchitecture, match=r"LlamaForCausalLM served through vLLM's Transformers backend \(Transformers"
     ):
-        layout_for(backend)
+        vllm_layout_for(_model("TransformersForCausalLM", "LlamaForCausalLM"))
+    with pytest.raises(UnsupportedArchitecture, match=r"Olmo2ForCausalLM served natively by vLLM"):
+        vllm_layout_for(_model("Olmo2ForCausalLM", "Olmo2ForCausalLM"))
+    assert layout_for(_model("Olmo2ForCausalLM", "Olmo2ForCausalLM")) is FAMILIES["olmo2"]  # HF's own class
+
+
+def test_olmo2_sublayers_read_the_stream_itself():
+    """OLMo 2 has no norm in front of attention or the MLP: the norm kinds are those sublayers' inputs."""
+    olmo2 = FAMILIES["olmo2"]
+    assert olmo2.vllm is olmo2.hf and olmo2.hf.residual == "plain" and olmo2.transformers_backend
+    assert olmo2.hf.placement("input_norm") == Placement("self_attn", "input")
+    assert olmo2.hf.placement("post_attn_norm") == Placement("mlp", "input")
+    assert olmo2.hf.placement("attn_output").module == "post_attention_layernorm"
+    assert olmo2.hf.placement("mlp_output").module == "post_feedforward_layernorm"
 
 
 def test_gemma_kinds_keep_their_meaning():
@@ -236,3 +260,12 @@ def test_engine_hooks_follow_the_vllm_layout():
         torch.testing.assert_close(seen["layer_output"], mlp + stream2)
         torch.testing.assert_close(hidden, mlp + push["layer_output"])
         torch.testing.assert_close(residual, stream2)
+
+
+def test_mistral_with_time_conditioning_is_refused():
+    """Voxtral-style Mistral blocks scale the MLP's input after post_attention_layernorm: not the hooked point."""
+    model = _model("MistralForCausalLM", "MistralForCausalLM")
+    assert layout_for(model) is FAMILIES["llama"]
+    model.config.ada_rms_norm_t_cond = True
+    with pytest.raises(UnsupportedArchitecture, match="ada_rms_norm_t_cond"):
+        layout_for(model)

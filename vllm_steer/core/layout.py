@@ -24,7 +24,9 @@ The two trees differ in how they carry the residual stream. vLLM's decoder layer
 
 Families are keyed by the HF ``architectures`` name (what vLLM resolves a model by): ``llama`` (Llama,
 Mistral, Qwen 2/3, Phi-3, and the MoE Qwen3-MoE and OLMoE, whose ``mlp`` is the expert block), ``mixtral``
-(vLLM names its MoE block ``block_sparse_moe``) and ``gemma`` (Gemma 2 and 3: four norms per block, below).
+(vLLM names its MoE block ``block_sparse_moe``), ``gemma`` (Gemma 2 and 3: four norms per block, below) and
+``olmo2`` (OLMo 2, which vLLM 0.32 serves through its generic Transformers backend: there vLLM's tree is the
+HF tree, with the plain stream, and no norm in front of attention or the MLP, below).
 Any other architecture is refused by :func:`family_of`, naming it and the supported list, rather than
 hooked on modules that merely share Llama's names. Adding a family is one entry here plus its tiny model
 (:mod:`vllm_steer.testing.tiny`) in the family tests.
@@ -59,6 +61,7 @@ __all__ = [
     "architecture_of",
     "family_of",
     "layout_for",
+    "vllm_layout_for",
     "decoder_layers",
 ]
 
@@ -141,6 +144,9 @@ class ModelLayout:
     family: str
     vllm: DecoderLayout
     hf: DecoderLayout
+    transformers_backend: bool = False
+    """vLLM 0.32 serves the family through its generic Transformers backend (``Transformers*ForCausalLM``),
+    not a native model: the engine finds the HF tree inside it."""
 
 
 def _attr(obj: Any, path: str) -> Any:
@@ -164,6 +170,18 @@ _LLAMA_BLOCK = {
 }
 # Mixtral: vLLM calls its MoE block ``block_sparse_moe``; transformers 5 calls it ``mlp``.
 _MIXTRAL_VLLM_BLOCK = {**_LLAMA_BLOCK, "mlp_output": Placement("block_sparse_moe")}
+# Post-norm block (OLMo 2): self_attn → post_attention_layernorm → (+) → mlp → post_feedforward_layernorm → (+),
+# no norm in front of attention or the MLP: they read the stream itself. The norm kinds keep their meaning,
+# "what the sublayer reads": the input of ``self_attn`` and of ``mlp``, edited for the sublayer only (the
+# residual keeps the unedited stream, as a pre-norm block's does). ``attn_output``/``mlp_output`` are the
+# post-norms' outputs, what is added to the stream (as Gemma's).
+_OLMO2_BLOCK = {
+    **_STREAM,
+    "input_norm": Placement("self_attn", "input"),
+    "post_attn_norm": Placement("mlp", "input"),
+    "attn_output": Placement("post_attention_layernorm"),
+    "mlp_output": Placement("post_feedforward_layernorm"),
+}
 # Sandwich norms (Gemma 2 and 3): input_layernorm → self_attn → post_attention_layernorm → (+) →
 # pre_feedforward_layernorm → mlp → post_feedforward_layernorm → (+). ``post_attention_layernorm`` normalizes
 # attention's *output*; the MLP reads ``pre_feedforward_layernorm``'s. What each sublayer adds to the stream is
@@ -187,11 +205,19 @@ def _family(name: str, vllm_block: Mapping[str, Placement], hf_block: Mapping[st
     )
 
 
+def _transformers_family(name: str, block: Mapping[str, Placement]) -> ModelLayout:
+    """A family vLLM serves through its Transformers backend: vLLM's tree *is* the HF tree (the backend wraps
+    ``AutoModel``: ``model.layers`` are HF's blocks, carrying the plain stream, with vLLM's attention inside)."""
+    hf = DecoderLayout("model.layers", block, residual="plain", block_args=_HF_BLOCK_ARGS)
+    return ModelLayout(family=name, vllm=hf, hf=hf, transformers_backend=True)
+
+
 FAMILIES: Mapping[str, ModelLayout] = MappingProxyType(
     {
         "llama": _family("llama", _LLAMA_BLOCK, _LLAMA_BLOCK),
         "mixtral": _family("mixtral", _MIXTRAL_VLLM_BLOCK, _LLAMA_BLOCK),
         "gemma": _family("gemma", _GEMMA_BLOCK, _GEMMA_BLOCK),
+        "olmo2": _transformers_family("olmo2", _OLMO2_BLOCK),
     }
 )
 """Family → its layout in vLLM's and in Hugging Face's module tree."""
@@ -208,15 +234,13 @@ ARCHITECTURES: Mapping[str, str] = MappingProxyType(
         "MixtralForCausalLM": "mixtral",
         "Gemma2ForCausalLM": "gemma",
         "Gemma3ForCausalLM": "gemma",
+        "Olmo2ForCausalLM": "olmo2",
     }
 )
 """HF ``architectures`` name → family: every architecture vllm-steer hooks. Any other is refused."""
 
 NOT_SUPPORTED: Mapping[str, str] = MappingProxyType(
     {
-        "Olmo2ForCausalLM": "vLLM 0.32 serves it through its generic Transformers backend, whose blocks carry the "
-        "residual stream whole (not vLLM's (hidden, residual) pair) and which attention and MLP read without a "
-        "norm in front; vllm-steer does not hook that tree yet",
         "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 wraps its decoder in another tree; serve the "
         "text-only checkpoint (Gemma3ForCausalLM)",
     }
@@ -251,14 +275,33 @@ def layout_for(model_or_architecture: torch.nn.Module | str) -> ModelLayout:
     """The layout of a model (a ``torch`` module, vLLM's or HF's) or of an HF architecture name."""
     if isinstance(model_or_architecture, str):
         return FAMILIES[family_of(model_or_architecture)]
-    cls = type(model_or_architecture).__name__
-    if cls.startswith("Transformers") and cls.endswith("ForCausalLM"):  # vLLM's generic Transformers backend
+    if getattr(getattr(model_or_architecture, "config", None), "ada_rms_norm_t_cond", False):
         raise UnsupportedArchitecture(
-            f"vllm-steer cannot steer {architecture_of(model_or_architecture)} served through vLLM's Transformers "
-            f"backend ({cls}): its blocks carry the residual stream whole, not vLLM's (hidden, residual) pair. "
-            f"Supported architectures (served natively): {', '.join(sorted(ARCHITECTURES))}"
+            f"vllm-steer cannot steer {architecture_of(model_or_architecture)} with ada_rms_norm_t_cond (Voxtral's "
+            "time conditioning): it rescales the MLP's input after post_attention_layernorm, where post_attn_norm "
+            "is hooked, so a rotation there would not be what the MLP reads"
         )
     return FAMILIES[family_of(architecture_of(model_or_architecture))]
+
+
+def vllm_layout_for(model: torch.nn.Module) -> DecoderLayout:
+    """The vLLM module tree of a model vLLM built: its family's, if vLLM built the tree the table describes.
+
+    vLLM serves most families natively (its own blocks, the fused stream) and some through its generic
+    Transformers backend (``Transformers*ForCausalLM``: the HF tree inside); a model served the other way
+    (e.g. Llama forced onto the Transformers backend) is refused rather than hooked in a tree the entry does
+    not describe."""
+    layout = layout_for(model)
+    cls = type(model).__name__
+    backend = cls.startswith("Transformers") and cls.endswith("ForCausalLM")
+    if backend != layout.transformers_backend:
+        how = "through vLLM's Transformers backend" if backend else "natively by vLLM"
+        expected = "through the Transformers backend" if layout.transformers_backend else "natively"
+        raise UnsupportedArchitecture(
+            f"vllm-steer cannot steer {architecture_of(model)} served {how} ({cls}): its layout entry describes "
+            f"the tree vLLM 0.32 builds {expected} (serve it with vLLM's default model implementation)"
+        )
+    return layout.vllm
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

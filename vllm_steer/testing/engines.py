@@ -24,17 +24,21 @@ def record_engine_start(key: str) -> None:
     ENGINE_STARTS[key] += 1
 
 
-def run_engine(spec: dict, workdir: Path, *, plugin: bool, key: str, timeout: int = 900) -> dict:
+def run_engine(
+    spec: dict, workdir: Path, *, plugin: bool, key: str, timeout: int = 900, env: dict[str, str] | None = None
+) -> dict:
     """Run :mod:`vllm_steer.testing.engine_driver` on ``spec`` in a fresh process; return its JSON result.
 
     ``plugin=False`` runs vLLM with vllm-steer not loaded at all. ``key`` names the configuration for
-    :data:`ENGINE_STARTS`. Raises ``AssertionError`` with the log's tail when the run fails."""
+    :data:`ENGINE_STARTS`; ``env`` is added to this process's environment for the run. Raises
+    ``AssertionError`` with the log's tail when the run fails."""
     record_engine_start(key)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.json"
     out_path = workdir / "result.json"
     spec_path.write_text(json.dumps(spec))
+    extra = env or {}
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.pop("VLLM_STEER_PROFILES", None)
@@ -42,6 +46,7 @@ def run_engine(spec: dict, workdir: Path, *, plugin: bool, key: str, timeout: in
         env["VLLM_PLUGINS"] = "__no_plugin__"  # an allowlist that matches no plugin: vllm-steer is not loaded
     else:
         env.pop("VLLM_PLUGINS", None)
+    env.update(extra)
     log = workdir / "engine.log"
     with open(log, "w") as fh:
         proc = subprocess.run(

@@ -91,10 +91,11 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         "clip_qkv": None,
         **_MOE,
     },
+    "olmo2": {"model_type": "olmo2", "head_dim": None},  # vLLM 0.32 serves it through its Transformers backend
 }
 """Family test name → the HF config of its tiny model (``model_type`` and what differs from the Llama)."""
 TINY_REFUSED: dict[str, dict[str, Any]] = {
-    "olmo2": {"model_type": "olmo2", "head_dim": None},  # vLLM 0.32 runs it on its Transformers backend
+    "granite": {"model_type": "granite", "head_dim": None},  # vLLM serves it natively; no layout entry
 }
 """Tiny models of architectures vllm-steer refuses (the refusal tests start an engine on them)."""
 
@@ -151,6 +152,81 @@ def build_tiny(root: Path, family: str = "llama") -> Path:
         kw = dict(kw)
         profile = random_profile(pid, kw.pop("method"), fingerprint, kw.pop("layers"), seed=seed, vector_norm=8.0, **kw)
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors)
+    return root
+
+
+def build_tiny_quantized(root: Path, family: str = "llama") -> Path:
+    """Write the tiny model of ``family`` (a dense one) as an int8 W8A8 checkpoint to ``root/model``, and
+    one profile per method to ``root/profiles`` (as :func:`build_tiny`); return ``root``.
+
+    Every linear layer of the decoder blocks (attention and MLP projections) gets symmetric int8 weights
+    with one float32 scale per output channel (``q = round(w / s)`` in [-127, 127], ``s = max|w| / 127``),
+    and int8 activations quantized per token at run time, asymmetric — written in the compressed-tensors
+    ``int-quantized`` format, as llm-compressor writes it. The embeddings, norms and the (tied) output head
+    stay float32. vLLM serves it with its oneDNN int8 GEMM (``CPUInt8ScaledMMLinearKernel``) in float32
+    (asymmetric activations keep it off the AMX kernel, which takes bfloat16 activations only);
+    ``transformers`` loads the same directory through its compressed-tensors integration (int8 weights
+    dequantized to exactly ``q * s``, activations quantized per token in the forward), which is the HF
+    reference the engine test compares with.
+
+    Why this scheme (vLLM 0.32 on CPU, float32 engine as the engine tests run): vLLM 0.32 has no GGUF
+    loader any more; the GPTQ, AWQ and FP8 configs refuse float32 activations; the int4 CPU kernel
+    (compressed-tensors W4A16) has no float32 implementation.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES or "num_experts_per_tok" in TINY_FAMILIES[family]:
+        raise ValueError(f"build_tiny_quantized takes a dense family, not {family!r}")
+    root = build_tiny(Path(root), family)
+    model_dir = root / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.model.layers.named_modules(prefix="model.layers"):
+            if isinstance(module, torch.nn.Linear):
+                if module.bias is not None:
+                    raise ValueError(f"{name}: biased linear layers are not quantized by this builder")
+                scale = module.weight.abs().amax(dim=1, keepdim=True) / 127.0
+                tensors[f"{name}.weight"] = torch.round(module.weight / scale).clamp(-127, 127).to(torch.int8)
+                tensors[f"{name}.weight_scale"] = scale.clone()
+        for key, value in model.state_dict().items():
+            if key not in tensors and not (key == "lm_head.weight" and model.config.tie_word_embeddings):
+                tensors[key] = value.clone()
+    del model
+    for old in model_dir.glob("*.safetensors*"):
+        old.unlink()
+    tmp = model_dir / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, model_dir / "model.safetensors")
+    config = json.loads((model_dir / "config.json").read_text())
+    int8 = {"num_bits": 8, "type": "int", "group_size": None, "actorder": None}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**int8, "symmetric": True, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                "input_activations": {
+                    **int8,
+                    "symmetric": False,
+                    "strategy": "token",
+                    "dynamic": True,
+                    "observer": None,
+                },
+                "output_activations": None,
+                "format": "int-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     return root
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from vllm_steer.core.layout import DecoderLayout, layout_for
+from vllm_steer.core.layout import DecoderLayout, vllm_layout_for
 from vllm_steer.engine.runtime import Site
 
 __all__ = ["install_hooks"]
@@ -18,6 +18,10 @@ _InputHook = Callable[[torch.nn.Module, tuple[Any, ...], dict[str, Any]], tuple[
 
 
 def _delta(h: torch.Tensor, site: int) -> torch.Tensor:
+    """The op's correction for ``h`` (tokens × hidden; the Transformers backend's ``1 × tokens × hidden`` too)."""
+    if h.dim() == 3:  # vLLM's Transformers backend runs HF's blocks on a batch of one holding every token
+        flat: torch.Tensor = torch.ops.vllm_steer.delta(h.flatten(0, 1), site)
+        return flat.view_as(h)
     out: torch.Tensor = torch.ops.vllm_steer.delta(h, site)
     return out
 
@@ -26,13 +30,12 @@ def install_hooks(model: torch.nn.Module, sites: list[Site], layout: DecoderLayo
     """Hook the op into a vLLM model at ``sites``; returns the hook handles.
 
     ``layout`` is the model's vLLM module tree (default: the layout table's entry for its architecture).
-    vLLM's decoder layers return ``(hidden_states, residual)`` and fuse the residual add into the next
+    vLLM's native decoder layers return ``(hidden_states, residual)`` and fuse the residual add into the next
     norm, so the residual stream is their sum: projections of the stream are computed on the sum, and
-    every correction is added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact).
+    every correction is added to ``hidden_states`` (``+ 0`` for unsteered rows, hence bit-exact). Under the
+    Transformers backend (``residual="plain"``) a block takes and returns the stream itself.
     """
-    layout = layout or layout_for(model).vllm
-    if layout.residual != "fused":  # pragma: no cover - every vLLM layout in the table is fused today
-        raise ValueError(f"the engine's hooks implement vLLM's fused residual stream, not {layout.residual!r}")
+    layout = layout or vllm_layout_for(model)
     hidden_arg = layout.arg_index("hidden_states")
     residual_arg = layout.arg_index("residual")
     layers = layout.layers(model)
@@ -42,12 +45,10 @@ def install_hooks(model: torch.nn.Module, sites: list[Site], layout: DecoderLayo
         placement = layout.placement(site.kind)
         module = layout.module(block, site.kind)
         if placement.point == "input":
-            if not placement.stream:  # pragma: no cover - no layout in the table has one
-                raise ValueError(f"hook kind {site.kind!r}: only the block's own input can be hooked before it runs")
-            handles.append(
-                module.register_forward_pre_hook(_stream_input_hook(index, hidden_arg, residual_arg), with_kwargs=True)
-            )
-        elif placement.stream:
+            # a block's input (its hidden_states argument), or a sublayer's (its first argument / hidden_states)
+            args = (hidden_arg, residual_arg) if placement.stream else (0, None)
+            handles.append(module.register_forward_pre_hook(_stream_input_hook(index, *args), with_kwargs=True))
+        elif placement.stream and layout.residual == "fused":
             handles.append(module.register_forward_hook(_stream_output_hook(index)))
         else:
             handles.append(module.register_forward_hook(_module_output_hook(index)))

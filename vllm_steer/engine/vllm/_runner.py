@@ -1,9 +1,10 @@
 """Worker (model runner): build the runtime after the weights load, bind requests to slots, build the
 per-step token map.
 
-* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: after the weights load and before any
-  compile or warm-up, build the :class:`~vllm_steer.engine.runtime.SteeringRuntime` and hook the model. A
-  failure propagates and stops the engine: a steering engine that cannot steer must not serve.
+* ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model``: before the weights load, refuse what the
+  hooks cannot serve (:func:`check_parallelism`); after, and before any compile or warm-up, build the
+  :class:`~vllm_steer.engine.runtime.SteeringRuntime` and hook the model. A failure propagates and stops
+  the engine: a steering engine that cannot steer must not serve.
 * ``GPUModelRunner._update_states``: bind new requests to slots, free finished ones.
 * ``GPUModelRunner._prepare_inputs``: the token → slot map, where LoRA builds its token mapping.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm_steer import __version__
 from vllm_steer.core.request import ResolvedSteering, SteeringRequestError, parse_steering, resolve_steering
+from vllm_steer.core.settings import SteerConfig
 from vllm_steer.core.wire import DIGEST_KEY
 from vllm_steer.engine.runtime import SteeringRuntime, every_site, set_runtime, sites_for_profiles
 from vllm_steer.engine.vllm._common import PATCHED_ATTR, logger
@@ -26,7 +28,31 @@ if TYPE_CHECKING:
     import numpy as np
     from vllm.v1.core.sched.output import SchedulerOutput
 
-__all__ = ["patch_model_runner"]
+__all__ = ["patch_model_runner", "check_parallelism", "UnsupportedParallelism"]
+
+
+class UnsupportedParallelism(ValueError):
+    """A parallel layout the hooks cannot serve: refused at start rather than steering some layers silently."""
+
+
+def check_parallelism(vllm_config: Any) -> None:
+    """Refuse pipeline parallelism when steering is on (:class:`UnsupportedParallelism`, naming the setting).
+
+    Under pipeline parallelism a rank builds only its slice of the decoder; the other layers are
+    placeholders that never run, so a profile's hook on one of them would steer nothing, silently. Tensor
+    parallelism is served: every hook site sees the all-reduced, replicated tensor on every rank
+    (tests/engine/test_parallel.py). Without profiles nothing is hooked, and any layout is accepted.
+    """
+    if not SteerConfig.resolve(vllm_config.additional_config).enabled:
+        return
+    pipeline = vllm_config.parallel_config.pipeline_parallel_size
+    if pipeline > 1:
+        raise UnsupportedParallelism(
+            f"vllm-steer cannot steer under pipeline parallelism (pipeline_parallel_size={pipeline}): each rank "
+            "holds only its slice of the decoder layers, and a profile's layers on another rank would not be "
+            "steered. Serve with pipeline_parallel_size=1 (tensor_parallel_size is supported), or without "
+            "steering profiles"
+        )
 
 
 def _install_on_runner(runner: Any) -> None:
@@ -106,6 +132,7 @@ def patch_model_runner() -> None:
         def make_load(original: Callable[..., None]) -> Callable[..., None]:
             @functools.wraps(original)
             def load_model(self: GPUModelRunner, *args: Any, **kwargs: Any) -> None:
+                check_parallelism(self.vllm_config)  # before the weights load: a refusal costs nothing
                 original(self, *args, **kwargs)
                 _install_on_runner(self)
 

@@ -1,0 +1,104 @@
+"""Quantized weights (issue 18): the mixed batch on an int8 W8A8 model — steering acts on activations.
+
+The tiny Llama's decoder linears quantized to int8 (per-channel weights, activations per token at run
+time, asymmetric; a compressed-tensors checkpoint, vllm_steer.testing.tiny.build_tiny_quantized) and run
+by vLLM's oneDNN int8 GEMM in float32. The only quantized path vLLM 0.32 runs on CPU in float32: it has
+no GGUF loader; GPTQ/AWQ/FP8 refuse float32; its int4 kernel (W4A16) has no float32 implementation.
+
+The mixed batch runs twice (eager): with the plugin and without. Exact, as for every family: unsteered
+rows bit-equal to the plugin-off run, the prefix-cache phases too, every setting moves some row.
+
+Against the HF reference — ``transformers`` loading the same checkpoint through its compressed-tensors
+integration (weights exactly ``q * s``, activations quantized per token in the forward), with hooks —
+agreement is statistical, not per row, and this is why. vLLM's and HF's float32 kernels differ by ~1e-7
+relative; an activation that close to a rounding boundary of its token's int8 grid rounds the other way,
+and one int8 step (1/255 of the token's range) moves the logprobs by ~1e-2 from there on. Measured on
+this batch (39 rows and the prefix-cache row): 36/40 rows token-equal; 21/40 within 5e-6 of the
+reference (float rounding); the others 2e-3 to 4.7e-2, the long prompt's rows always (more activations,
+more boundaries), first diverging tokens at steps 0 to 11. HF's eager attention instead of sdpa moves
+*which* rows diverge (same counts). An HF quantizer that reproduces vLLM's (1 of 512,000 elements apart
+on random inputs) gives the same picture: the inputs differ, not the quantizers. A float reference on the
+dequantized weights agrees on 18/39 rows only (up to 0.12 apart): the activations' quantization is part
+of the model, and the reference must do it too.
+
+So the bounds: every row within ``ROW_TOLERANCE`` of the reference, compared up to and including its
+first diverging token (the two runs still share the context there, so the step compares too); at least
+``MIN_TOKEN_EQUAL`` of the rows token-equal; at least ``MIN_TIGHT`` of them within ``TIGHT`` (float
+rounding: the same function). Steering effects are 0.05 to 0.9 in logprob on this batch, so the row
+bound alone would not catch one method gone wrong; per-method correctness is the family tests' (float
+models, exact), and steering never touches a linear layer's weights. What this test proves is that
+quantized weights change nothing for steering: the plugin hooks the quantized model, leaves unsteered
+rows bit-identical, and a missing or misplaced intervention would push the steered rows (36 of 40) out
+of the float-rounding group.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from support.mixed_batch import (
+    LONG,
+    NEW_STEERING,
+    assert_every_setting_moves,
+    hf_reference_for,
+    mixed_rows,
+    run_mixed_batch,
+)
+from vllm_steer.testing.tiny import build_tiny_quantized
+
+pytestmark = pytest.mark.engine
+
+ROW_TOLERANCE = 0.1
+"""Largest logprob difference of any row from the reference, up to its first diverging token (measured 0.047)."""
+TIGHT = 1e-4
+"""Float rounding: a row this close to the reference computed the same function (measured 1e-6 to 5e-6)."""
+MIN_TOKEN_EQUAL = 0.75
+"""Share of rows whose 12 tokens equal the reference's (measured 36/40)."""
+MIN_TIGHT = 0.25
+"""Share of rows within ``TIGHT`` (measured 21/40; 22/40 with HF's eager attention)."""
+
+
+def _deviation(row: dict, ref: dict) -> tuple[bool, float]:
+    """Tokens equal, and the largest logprob difference up to and including the first diverging token."""
+    tokens, ref_tokens = row["tokens"], ref["tokens"]
+    last = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens) - 1)
+    gap = max(abs(a - b) for a, b in zip(row["logprobs"][: last + 1], ref["logprobs"][: last + 1], strict=True))
+    return tokens == ref_tokens, gap
+
+
+def test_quantized_mixed_batch(prompt_ids, tmp_path_factory):
+    root = build_tiny_quantized(tmp_path_factory.mktemp("tiny-w8a8"))
+    on = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=True, eager=True, variant="-w8a8")
+    off = run_mixed_batch(root, prompt_ids, tmp_path_factory, plugin=False, eager=True, variant="-w8a8")
+
+    # vLLM really served it quantized: int8 GEMMs in every decoder linear
+    (log,) = tmp_path_factory.getbasetemp().glob("plugin-eager-w8a8[0-9]*/engine.log")  # not pytest's *current link
+    text = log.read_text()
+    assert "quantization=compressed-tensors" in text
+    assert "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8" in text
+
+    (status,) = on["status"]
+    assert status["hooked"] is True and len(status["profiles"]) == 8
+
+    # exact: unsteered rows and the prefix-cache replay untouched by the plugin
+    rows = mixed_rows(prompt_ids)
+    for row, base, (_, setting) in zip(on["phases"][0], off["phases"][0], rows, strict=True):
+        if setting is None:
+            assert (row["tokens"], row["logprobs"]) == (base["tokens"], base["logprobs"]), "unsteered must be bit-equal"
+    assert on["phases"][2] == off["phases"][2]
+
+    phase0 = on["phases"][0]
+    assert_every_setting_moves(phase0, "w8a8")
+
+    # against HF's compressed-tensors model with hooks: within the activations' quantization noise
+    reference = hf_reference_for(root)
+    compared = [(setting, row, reference(ids, setting)) for row, (ids, setting) in zip(phase0, rows, strict=True)]
+    compared.append((NEW_STEERING, on["phases"][1][0], reference(prompt_ids[LONG], NEW_STEERING)))
+    results = [(setting, *_deviation(row, ref)) for setting, row, ref in compared]
+    table = "\n".join(f"  {equal!s:5} {gap:.2e} {setting}" for setting, equal, gap in results)
+    worst = max(gap for _, _, gap in results)
+    equal = sum(1 for _, eq, _ in results if eq)
+    tight = sum(1 for _, eq, gap in results if eq and gap <= TIGHT)
+    assert worst <= ROW_TOLERANCE, f"a row {worst:.3f} from the reference:\n{table}"
+    assert equal >= MIN_TOKEN_EQUAL * len(results), f"{equal}/{len(results)} rows token-equal:\n{table}"
+    assert tight >= MIN_TIGHT * len(results), f"{tight}/{len(results)} rows within {TIGHT}:\n{table}"
