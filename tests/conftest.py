@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support.mixed_batch import LONG, PROMPTS, run_mixed_batch
+from support.mixed_batch import LONG, PROMPTS, hf_reference_for, run_mixed_batch
 from vllm_steer.testing.engines import ENGINE_STARTS
 from vllm_steer.testing.tiny import build_tiny
 
@@ -47,6 +47,25 @@ def eager_on(tiny_root, prompt_ids, tmp_path_factory):
 
 
 # ----------------------------------------------------------------- engine starts, once per configuration
+
+
+@pytest.fixture(scope="session")
+def family_eager(prompt_ids, tmp_path_factory):
+    """``family -> (root, plugin-on run, plain run, HF reference)``: a family's tiny model and its eager mixed
+    batch with and without the plugin, built and run once per session (tests/engine/test_families.py, the
+    single-rank baseline of tests/engine/test_parallel.py, the rows tests/server/test_families_served.py serves)."""
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+            run = {"plugin": True, "eager": True, "variant": f"-{family}"}
+            on = run_mixed_batch(root, prompt_ids, tmp_path_factory, **run)
+            off = run_mixed_batch(root, prompt_ids, tmp_path_factory, **{**run, "plugin": False})
+            cache[family] = root, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma"))
+        return cache[family]
+
+    return get
 
 
 def _repeated() -> dict[str, int]:

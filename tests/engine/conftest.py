@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from support.mixed_batch import hf_reference_for, run_mixed_batch
-from vllm_steer.testing.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +51,3 @@ def compiled_on_fused(tiny_root, prompt_ids, tmp_path_factory, compile_cache, co
 def hf_reference(tiny_root):
     """Greedy tokens and per-token logprobs of the plain HF model with hooks, one request at a time."""
     return hf_reference_for(tiny_root)
-
-
-@pytest.fixture(scope="session")
-def family_eager(prompt_ids, tmp_path_factory):
-    """``family -> (root, plugin-on run, plain run, HF reference)``: a family's tiny model and its eager mixed
-    batch with and without the plugin, built and run once per session (tests/engine/test_families.py, and the
-    single-rank baseline of tests/engine/test_parallel.py)."""
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            root = build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
-            run = {"plugin": True, "eager": True, "variant": f"-{family}"}
-            on = run_mixed_batch(root, prompt_ids, tmp_path_factory, **run)
-            off = run_mixed_batch(root, prompt_ids, tmp_path_factory, **{**run, "plugin": False})
-            cache[family] = root, on, off, hf_reference_for(root, eager_attention=family.startswith("gemma"))
-        return cache[family]
-
-    return get
