@@ -8,13 +8,12 @@ serves its own copy of the profiles too. The engine-start count keys them by mod
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from support.server import ADMIN_KEY, KEYS, TIERS, Server, free_port, server_env, vllm_args
+from support.server import ADMIN_KEY, KEYS, TIERS, Server, free_port, serve_command, server_env
 from vllm_steer.server.tenants import hash_api_key
 
 
@@ -50,19 +49,9 @@ def server(request, tiny_root, tenants_file, profiles_dir, tmp_path_factory):
     port = free_port()
     audit_log = tmp_path_factory.mktemp("audit") / "audit.jsonl"
     cmd = [
-        sys.executable,
-        "-m",
-        "vllm_steer.cli",
-        "serve",
-        "--plugin",
-        "vllm_steer",
-        "--steer-profiles",
-        str(profiles_dir),
-        "--steer-tenants",
-        str(tenants_file),
-        "--steer-audit-log",
-        str(audit_log),
-        *vllm_args(tiny_root, port),
+        *serve_command(
+            tiny_root, port, profiles_dir, "--steer-tenants", str(tenants_file), "--steer-audit-log", str(audit_log)
+        ),
         "--enable-log-requests",
         "--enable-prompt-tokens-details",
     ]

@@ -11,7 +11,6 @@ request is refused naming the field; and `vllm-steer eval` runs on it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pytest
 
 from support import DATA
 from support.mixed_batch import mixed_rows
-from support.server import Server, complete, free_port, server_env, tokens_and_logprobs, vllm_args
+from support.server import Server, complete, free_port, serve_command, server_env, tokens_and_logprobs
 from vllm_steer.testing.engines import record_engine_start
 
 pytestmark = pytest.mark.engine
@@ -32,17 +31,7 @@ FAMILY = "olmo2"
 def family_server(family_eager, tmp_path_factory):
     root, on, _, _ = family_eager(FAMILY)
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm_steer.cli",
-        "serve",
-        "--plugin",
-        "vllm_steer",
-        "--steer-profiles",
-        str(root / "profiles"),
-        *vllm_args(root, port),
-    ]
+    cmd = serve_command(root, port, root / "profiles")
     log = tmp_path_factory.mktemp(f"server-{FAMILY}") / "server.log"
     srv = Server(cmd, server_env(), log, str(root / "model"), root / "profiles", key=f"server:{FAMILY}")
     yield srv, on
@@ -70,8 +59,6 @@ def test_eval_runs_on_the_family(family_eager, tmp_path):
     """`vllm-steer eval` (its own engine, every setting a row of one mixed batch) on the family's model."""
     root, _, _, _ = family_eager(FAMILY)
     out = tmp_path / "eval"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_PLUGINS", None)
     cmd = [
         sys.executable,
         "-m",
@@ -105,7 +92,7 @@ def test_eval_runs_on_the_family(family_eager, tmp_path):
         str(out),
     ]
     record_engine_start(f"cli:eval-{FAMILY}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["served_in_one_mixed_batch"] is True

@@ -37,7 +37,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # The server fixture (tests/server/conftest.py) starts a server of this module's own.
-from support.server import ADMIN_KEY, KEYS, complete, free_port, server_env, tokens_and_logprobs, vllm_args
+from support.server import (
+    ADMIN_KEY,
+    KEYS,
+    complete,
+    free_port,
+    serve_command,
+    server_env,
+    tokens_and_logprobs,
+    vllm_args,
+)
 from vllm_steer.core.profile import save_profile
 from vllm_steer.core.request import STEER_KEYS
 from vllm_steer.core.wire import POLICY_TOKEN_KEY
@@ -724,17 +733,7 @@ def test_an_exception_injected_into_the_workers_set_up_stops_the_server_from_sta
     )
     env = server_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH")) if p)
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm_steer.cli",
-        "serve",
-        "--plugin",
-        "vllm_steer",
-        "--steer-profiles",
-        str(tiny_root / "profiles"),
-        *vllm_args(tiny_root, free_port()),
-    ]
+    cmd = serve_command(tiny_root, free_port(), tiny_root / "profiles")
     _start_and_expect_refusal(
         cmd,
         env,

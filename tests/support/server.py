@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +123,23 @@ def server_env() -> dict:
     for key in ("VLLM_PLUGINS", "VLLM_STEER_PROFILES", "VLLM_STEER_TENANTS"):
         env.pop(key, None)
     return env
+
+
+def serve_command(root: Path, port: int, profiles: Path, *steer_options: str) -> list[str]:
+    """The README's command on the tiny model in ``root``: ``vllm-steer serve MODEL --plugin vllm_steer
+    --steer-profiles PROFILES [--steer-...]`` with the test server's vLLM arguments."""
+    return [
+        sys.executable,
+        "-m",
+        "vllm_steer.cli",
+        "serve",
+        "--plugin",
+        "vllm_steer",
+        "--steer-profiles",
+        str(profiles),
+        *steer_options,
+        *vllm_args(root, port),
+    ]
 
 
 def vllm_args(tiny_root: Path, port: int) -> list[str]:

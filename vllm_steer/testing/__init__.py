@@ -6,7 +6,7 @@ the starts).
 
 from __future__ import annotations
 
-from vllm_steer.testing.engines import ENGINE_STARTS, record_engine_start, run_engine
+from vllm_steer.testing.engines import ENGINE_STARTS, record_engine_start, run_engine, run_refused_engine
 from vllm_steer.testing.hf_reference import reference_op, steered
 from vllm_steer.testing.synthetic import random_profile
 from vllm_steer.testing.tiny import TINY, TINY_PROFILES, build_tiny
@@ -19,6 +19,7 @@ __all__ = [
     "TINY_PROFILES",
     "build_tiny",
     "run_engine",
+    "run_refused_engine",
     "record_engine_start",
     "ENGINE_STARTS",
 ]

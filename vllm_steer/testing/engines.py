@@ -60,3 +60,19 @@ def run_engine(
         tail = log.read_text()[-6000:]
         raise AssertionError(f"engine run failed (rc={proc.returncode}); log tail:\n{tail}")
     return json.loads(out_path.read_text())
+
+
+def run_refused_engine(spec: dict, workdir: Path, *, key: str, timeout: int = 300) -> str:
+    """Run (with the plugin) an engine configuration that must refuse to start; return its log.
+
+    ``AssertionError`` if the engine ran: a steering engine that cannot steer must not serve a request."""
+    workdir = Path(workdir)
+    try:
+        run_engine(spec, workdir, plugin=True, key=key, timeout=timeout)
+    except AssertionError as exc:
+        if "engine run failed" not in str(exc):
+            raise
+    else:
+        raise AssertionError(f"{key}: the engine started and served; it had to refuse")
+    assert not (workdir / "result.json").exists(), "no request may have been served"
+    return (workdir / "engine.log").read_text()

@@ -65,13 +65,13 @@ def _install_on_runner(runner: Any) -> None:
         logger.info("vllm-steer: no profiles configured; the model is not hooked")
         runner._vllm_steer_runtime = None
         return
-    num_layers = fingerprint_of(vllm_config).num_layers
-    sites = every_site(num_layers) if config.hook_all_sites else sites_for_profiles(profiles)
+    fingerprint = fingerprint_of(vllm_config)
+    sites = every_site(fingerprint.num_layers) if config.hook_all_sites else sites_for_profiles(profiles)
     max_slots = config.slot_budget(vllm_config.scheduler_config.max_num_seqs)
     runtime = SteeringRuntime(
         profiles=profiles,
         sites=sites,
-        hidden_size=fingerprint_of(vllm_config).hidden_size,
+        hidden_size=fingerprint.hidden_size,
         max_slots=max_slots,
         max_tokens=runner.max_num_tokens,
         device=runner.device,
