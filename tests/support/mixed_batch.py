@@ -131,7 +131,8 @@ def run_mixed_batch(
 
 def hf_reference_for(root: Path, *, eager_attention: bool = False):
     """Greedy tokens and per-token logprobs of the plain HF model in ``root/model`` with hooks applying the
-    steering of ``root/profiles``, one request at a time (memoized): ``reference(ids, setting)``.
+    steering of ``root/profiles``, one request at a time (memoized): ``reference(ids, setting)``; for a gated
+    profile also its decision (``fired``) and gate ``scores``.
 
     ``eager_attention``: HF's eager attention (Gemma 2's attention soft-capping is dropped by ``sdpa``)."""
     import torch
@@ -152,7 +153,7 @@ def hf_reference_for(root: Path, *, eager_attention: bool = False):
             request = parse_steering(setting)
             resolved = resolve_steering(request, profiles) if request else None
             profile = profiles[resolved.profile_id] if resolved else None
-            with torch.no_grad(), steered(model, profile, resolved):
+            with torch.no_grad(), steered(model, profile, resolved) as record:
                 out = model.generate(
                     torch.tensor([ids]),
                     max_new_tokens=MAX_TOKENS,
@@ -166,7 +167,9 @@ def hf_reference_for(root: Path, *, eager_attention: bool = False):
             logprobs = [
                 torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens, strict=True)
             ]
-            cache[key] = {"tokens": tokens, "logprobs": logprobs}
+            # a gated profile's decision on the prompt (None: ungated), and its gates' scores
+            fired, scores = (record.fired, record.scores) if record is not None else (None, {})
+            cache[key] = {"tokens": tokens, "logprobs": logprobs, "fired": fired, "scores": scores}
         return cache[key]
 
     return reference

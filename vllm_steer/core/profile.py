@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vllm_steer.core.errors import SteerError, field_and_message
+from vllm_steer.core.gates import GatingSpec
 from vllm_steer.core.layout import HookKind
 from vllm_steer.core.methods import ANGLE_METHODS, METHOD_HOOKS, METHODS, SCALE_METHODS, MethodName, methods_where
 
@@ -48,6 +49,7 @@ __all__ = [
     "save_profile",
     "load_profile_dir",
     "profile_changes",
+    "GatingSpec",
 ]
 
 PROFILE_FILE = "profile.json"
@@ -166,6 +168,8 @@ class ProfileSpec(BaseModel):
     allowed: Allowed = Allowed()
     categories: list[str] = []
     threshold: float = Field(default=0.0, allow_inf_nan=False)
+    gating: GatingSpec | None = None
+    """Gates read from the prompt, and what happens when one fires (:mod:`vllm_steer.core.gates`)."""
     calibration: dict[str, Any] = {}
 
     @field_validator("layers")
@@ -182,6 +186,12 @@ class ProfileSpec(BaseModel):
         too_deep = [layer for layer in self.layers if layer >= self.model.num_layers]
         if too_deep:
             raise ValueError(f"layers: {too_deep} do not exist in a {self.model.num_layers}-layer model")
+        if self.gating is not None:
+            for i, gate in enumerate(self.gating.gates):
+                if gate.layer >= self.model.num_layers:
+                    raise ValueError(
+                        f"gating.gates.{i}.layer: {gate.layer} does not exist in a {self.model.num_layers}-layer model"
+                    )
         if set(self.tensors) != set(self.layers):
             raise ValueError(f"tensors: must have exactly one entry per layer in 'layers' ({self.layers})")
         method = METHODS[self.method]
@@ -211,6 +221,11 @@ class ProfileSpec(BaseModel):
     def expected_roles(self) -> tuple[str, ...]:
         return METHODS[self.method].expected_roles(self.categories)
 
+    def to_json(self, indent: int | None = None) -> str:
+        """``profile.json``'s text; a profile without gates is written (and digested) without a ``gating`` key,
+        as before gates existed, so its digest and file stay what they were."""
+        return self.model_dump_json(indent=indent, exclude={"gating"} if self.gating is None else None)
+
     @property
     def hooks(self) -> tuple[str, ...]:
         return METHODS[self.method].hooks
@@ -219,11 +234,22 @@ class ProfileSpec(BaseModel):
 class Profile:
     """A loaded, validated profile: its spec and its float32 tensors per layer and role."""
 
-    def __init__(self, spec: ProfileSpec, vectors: dict[int, dict[str, torch.Tensor]], source: str = "<memory>"):
+    def __init__(
+        self,
+        spec: ProfileSpec,
+        vectors: dict[int, dict[str, torch.Tensor]],
+        source: str = "<memory>",
+        gate_vectors: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.spec = spec
         self.vectors = vectors
         self.source = source
-        self.digest = _digest(spec, vectors)
+        self.gate_vectors: dict[str, torch.Tensor] = dict(gate_vectors or {})
+        """Gate name → its unit direction (float32), one per gate of ``spec.gating``."""
+        expected = {g.name for g in spec.gating.gates} if spec.gating is not None else set()
+        if set(self.gate_vectors) != expected:
+            raise ValueError(f"gate_vectors: has {sorted(self.gate_vectors)}, the spec's gates are {sorted(expected)}")
+        self.digest = _digest(spec, vectors, self.gate_vectors)
 
     @property
     def id(self) -> str:
@@ -237,13 +263,18 @@ class Profile:
         return f"Profile(id={self.id!r}, method={self.method!r}, layers={self.spec.layers})"
 
 
-def _digest(spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]) -> str:
-    """Content hash: two profiles with the same digest steer identically."""
-    h = hashlib.sha256(spec.model_dump_json().encode())
+def _digest(
+    spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]], gates: Mapping[str, torch.Tensor]
+) -> str:
+    """Content hash: two profiles with the same digest steer (and gate) identically."""
+    h = hashlib.sha256(spec.to_json().encode())
     for layer in sorted(vectors):
         for role in sorted(vectors[layer]):
             h.update(f"{layer}/{role}".encode())
             h.update(vectors[layer][role].contiguous().numpy().tobytes())
+    for name in sorted(gates):
+        h.update(f"gate/{name}".encode())
+        h.update(gates[name].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -292,7 +323,8 @@ def load_profile(
     except (SafetensorError, OSError, ValueError) as exc:
         raise ProfileError(tensors_path, "<file>", f"not a readable safetensors file ({exc})") from None
     vectors = _check_tensors(spec, stored, tensors_path)
-    return Profile(spec, vectors, source=str(directory))
+    gate_vectors = _check_gate_tensors(spec, stored, tensors_path)
+    return Profile(spec, vectors, source=str(directory), gate_vectors=gate_vectors)
 
 
 def _check_tensors(
@@ -339,23 +371,64 @@ def _check_tensors(
     return vectors
 
 
-def save_profile(directory: str | Path, spec: ProfileSpec, vectors: Mapping[int, Mapping[str, torch.Tensor]]) -> Path:
-    """Write a profile directory; tensors shared between layers (one plane for all) are stored once."""
+def _check_gate_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Each gate's direction: present, ``(hidden_size,)``, finite, not zero; returned with unit length."""
+    if spec.gating is None:
+        return {}
+    d = spec.model.hidden_size
+    directions: dict[str, torch.Tensor] = {}
+    for i, gate in enumerate(spec.gating.gates):
+        field = f"gating.gates.{i}.tensor"
+        t = stored.get(gate.tensor)
+        if t is None:
+            raise ProfileError(path, field, f"tensor {gate.tensor!r} is not in the file")
+        if tuple(t.shape) != (d,):
+            raise ProfileError(
+                path, field, f"tensor {gate.tensor!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)"
+            )
+        t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            raise ProfileError(path, field, f"tensor {gate.tensor!r} has NaN or inf values")
+        norm = float(t.norm())
+        if norm == 0.0:
+            raise ProfileError(path, field, f"tensor {gate.tensor!r} is all zeros")
+        directions[gate.name] = t / norm
+    return directions
+
+
+def save_profile(
+    directory: str | Path,
+    spec: ProfileSpec,
+    vectors: Mapping[int, Mapping[str, torch.Tensor]],
+    gate_vectors: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a profile directory; tensors shared between layers (one plane for all) are stored once.
+
+    ``gate_vectors``: gate name → direction, one per gate of ``spec.gating`` (stored under the gate's
+    ``tensor`` name; a name may be shared with a steering tensor holding the same values)."""
     directory = Path(directory)
     stored: dict[str, torch.Tensor] = {}
+
+    def store(name: str, tensor: torch.Tensor, field: str) -> None:
+        t = tensor.detach().to(torch.float32).contiguous().clone()
+        if name in stored and stored[name].numpy().tobytes() != t.numpy().tobytes():  # bytes: NaN == NaN
+            raise ProfileError(directory / TENSORS_FILE, field, f"name {name!r} reused for a different tensor")
+        stored[name] = t
+
     for layer, roles in spec.tensors.items():
         for role, name in roles.items():
-            t = vectors[layer][role].detach().to(torch.float32).contiguous().clone()
-            if name in stored and stored[name].numpy().tobytes() != t.numpy().tobytes():  # bytes: NaN == NaN
-                raise ProfileError(
-                    directory / TENSORS_FILE, f"tensors.{layer}.{role}", f"name {name!r} reused for a different tensor"
-                )
-            stored[name] = t
+            store(name, vectors[layer][role], f"tensors.{layer}.{role}")
+    if spec.gating is not None:
+        gate_vectors = gate_vectors or {}
+        for i, gate in enumerate(spec.gating.gates):
+            if gate.name not in gate_vectors:
+                raise ProfileError(directory / PROFILE_FILE, f"gating.gates.{i}.tensor", "no direction given for it")
+            store(gate.tensor, gate_vectors[gate.name], f"gating.gates.{i}.tensor")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         save_file(stored, str(staging / TENSORS_FILE))
-        (staging / PROFILE_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+        (staging / PROFILE_FILE).write_text(spec.to_json(indent=2) + "\n")
         load_profile(staging)  # refuse to leave behind a profile that would not load
         if directory.exists():
             for extra in directory.iterdir():  # keep what is not the profile itself (e.g. report/)

@@ -142,6 +142,8 @@ class ResolvedSteering:
     scale: float
     layers: tuple[int, ...] | None = None
     """A subset of the profile's layers (``steer_layers``); ``None`` = all of them."""
+    gated: bool = False
+    """The profile has gates: what the request gets depends on its own last prompt token."""
 
     @property
     def slot_key(self) -> tuple[str, str, tuple[str, ...], tuple[int, ...] | None]:
@@ -216,10 +218,16 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         angle=float(angle),
         scale=float(scale),
         layers=layers,
+        gated=spec.gating is not None,
     )
 
 
-def cache_salt(resolved: ResolvedSteering | None, client_salt: str | None, tenant: str | None = None) -> str | None:
+def cache_salt(
+    resolved: ResolvedSteering | None,
+    client_salt: str | None,
+    tenant: str | None = None,
+    prompt_len: int | None = None,
+) -> str | None:
     """The prefix-cache salt the engine gives a request: derived by the server, never the client's own.
 
     Steering at layer L changes the KV of every later layer, so two requests may share KV blocks only if
@@ -229,10 +237,14 @@ def cache_salt(resolved: ResolvedSteering | None, client_salt: str | None, tenan
     (:func:`vllm_steer.core.wire.keyed_digest`) of (tenant, steering, the client's own salt): no value a
     client sends as ``cache_salt`` can equal a derived one, since every salted request gets a derived one.
     ``None`` (vLLM's shared cache) only for an unsteered request without a tenant or a client salt.
+
+    A gated request's KV depends on where its prompt ends (its last prompt token and what follows are
+    steered if its gate fired; :mod:`vllm_steer.engine.gating`), so its salt also holds ``prompt_len``: a
+    longer prompt that extends a gated request's prompt and answer never reuses that answer's blocks.
     """
     if resolved is None and tenant is None and client_salt is None:
         return None
-    steering = None
+    steering: list[object] | None = None
     if resolved is not None:
         steering = [
             resolved.profile_id,
@@ -242,6 +254,10 @@ def cache_salt(resolved: ResolvedSteering | None, client_salt: str | None, tenan
             repr(resolved.scale),
             resolved.layers,
         ]
+        if resolved.gated:
+            if prompt_len is None:
+                raise ValueError("a gated request's cache salt needs its prompt length")
+            steering.append(prompt_len)
     return "vllm-steer:" + keyed_digest("prefix-cache-salt", [tenant, steering, client_salt])[:40]
 
 

@@ -36,17 +36,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_steer.core.gates import GATE_HOOK
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ResolvedSteering
 from vllm_steer.core.settings import FusedChoice
 from vllm_steer.engine.fused import choose_fused_op
+from vllm_steer.engine.gating import DecidingToken, GateDecision, GateTable, RowsExhaustedError
 
 __all__ = [
     "Site",
     "SlotsExhaustedError",
     "MissingSitesError",
+    "RowsExhaustedError",
+    "GateDecision",
     "SteeringRuntime",
     "SlotGate",
     "sites_for_profiles",
@@ -70,10 +74,11 @@ class Site:
 
 
 def sites_for_profiles(profiles: Mapping[str, Profile]) -> list[Site]:
-    """Every site some profile steers, sorted; hooks are installed only there."""
+    """Every site some profile steers or gates at, sorted; hooks are installed only there."""
     sites = {
         Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHODS[p.method].hooks
     }
+    sites |= {Site(layer, GATE_HOOK) for p in profiles.values() if p.spec.gating for layer in p.spec.gating.layers}
     return sorted(sites)
 
 
@@ -97,14 +102,20 @@ class _Slot:
     refs: int = 0
     active_sites: frozenset[int] = frozenset()
     method: Method = Method.NONE
+    decide_site: int | None = None
+    """Gated profiles: the site of the deepest gate, where a request's decision becomes final."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Binding:
     slot: int
     cos: float
     sin: float
     scale: float
+    row: int | None = None
+    """Gated requests: the decision row (:class:`~vllm_steer.engine.gating.GateTable`)."""
+    decided: bool = False
+    """Its last prompt token has been scheduled (the decision is on the device)."""
 
 
 class SteeringRuntime:
@@ -119,6 +130,7 @@ class SteeringRuntime:
         max_tokens: int,
         device: torch.device | str = "cpu",
         fused: FusedChoice | bool | None = None,
+        max_requests: int = 16,
     ):
         self.profiles = dict(profiles)
         self.sites = list(sites)
@@ -142,12 +154,22 @@ class SteeringRuntime:
         self.token_cos = torch.ones(max_tokens, dtype=f32, device=dev)
         self.token_sin = torch.zeros(max_tokens, dtype=f32, device=dev)
         self.token_scale = torch.zeros(max_tokens, dtype=f32, device=dev)
+        # Gates: each token's decision row, and the slot the op reads (token_slot where the row fired, else -1;
+        # one scratch entry past the tokens takes the writes of padding).
+        self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
+        self.token_slot_eff = torch.full((max_tokens + 1,), -1, dtype=torch.int64, device=dev)
+        self.gates = GateTable(max_slots, hidden_size, max_requests, max_tokens, self.device)
+        self.token_row.fill_(self.gates.ROW_ALWAYS)
+        self._gate_sites = frozenset(i for i, site in enumerate(self.sites) if site.kind == GATE_HOOK)
+        """Sites a gate may read: a captured graph evaluates gates at all of them."""
+        self._site_layer = [site.layer for site in self.sites]
         pin = self.device.type == "cuda"
         self._staging = {
             "slot": torch.empty(max_tokens, dtype=torch.int64, pin_memory=pin),
             "cos": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
             "sin": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
             "scale": torch.empty(max_tokens, dtype=torch.float32, pin_memory=pin),
+            "row": torch.empty(max_tokens, dtype=torch.int64, pin_memory=pin),
         }
         # A non-blocking copy from pinned memory reads the host buffer when the GPU gets to it, which
         # can be after the next begin_step has overwritten it (the GPU still busy with this step): the
@@ -175,12 +197,29 @@ class SteeringRuntime:
             return
         slot = self._acquire(steering)
         cos, sin = steering.cos_sin
-        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale)
+        row = None
+        if self._slots[slot].decide_site is not None:
+            try:
+                row = self.gates.acquire_row()
+            except RowsExhaustedError:
+                self._slots[slot].refs -= 1
+                raise
+        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale, row=row)
 
     def remove_request(self, req_id: str) -> None:
         binding = self._bindings.pop(req_id, None)
         if binding is not None:
             self._slots[binding.slot].refs -= 1
+            if binding.row is not None:
+                self.gates.release_row(binding.row)
+
+    def decision(self, req_id: str) -> GateDecision | None:
+        """A bound gated request's decision (``None``: not bound or not gated). Reads the device: not for the
+        step loop."""
+        binding = self._bindings.get(req_id)
+        if binding is None or binding.row is None:
+            return None
+        return self.gates.decision(binding.slot, binding.row, binding.decided)
 
     def add_profiles(self, profiles: Mapping[str, Profile]) -> None:
         """Hot reload: make these the current profiles; older versions stay available by digest.
@@ -238,8 +277,12 @@ class SteeringRuntime:
         self.methods[:, slot] = int(Method.NONE)
         self.gains[:, slot] = 0.0
         self.thresholds[:, slot] = 0.0
-        active = set()
-        for layer in steering.layers or profile.spec.layers:
+        gating = profile.spec.gating
+        gate_sites = {layer: self.site_ids[Site(layer, GATE_HOOK)] for layer in (gating.layers if gating else ())}
+        self._slots[slot].decide_site = self.gates.load_slot(slot, profile, gate_sites)
+        active: set[int] = set()
+        steers = gating is None or gating.action == "steer"  # refuse and flag leave the activations alone
+        for layer in (steering.layers or profile.spec.layers) if steers else ():
             b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
             for kind in entry.hooks:
                 site = self.site_ids.get(Site(layer, kind))
@@ -254,12 +297,22 @@ class SteeringRuntime:
                 self.thresholds[site, slot] = profile.spec.threshold
                 active.add(site)
         self._slots[slot].active_sites = frozenset(active)
-        self._slots[slot].method = method
+        self._slots[slot].method = method if steers else Method.NONE
 
     # ---------------------------------------------------------------- steps
 
-    def begin_step(self, req_ids: Sequence[str | None], num_tokens: Sequence[int] | np.ndarray) -> None:
-        """Build this step's token → slot map: request ``i`` owns the next ``num_tokens[i]`` rows."""
+    def begin_step(
+        self,
+        req_ids: Sequence[str | None],
+        num_tokens: Sequence[int] | np.ndarray,
+        num_computed: Sequence[int] | np.ndarray | None = None,
+        prompt_lens: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        """Build this step's token → slot map: request ``i`` owns the next ``num_tokens[i]`` rows.
+
+        ``num_computed`` (tokens of each request computed before this step) and ``prompt_lens`` place a gated
+        request's tokens relative to its last prompt token (:mod:`vllm_steer.engine.gating`); they are needed
+        only when a gated request is in the step."""
         counts = np.asarray(num_tokens, dtype=np.int64)
         n = int(counts.sum())
         if n > self.max_tokens:
@@ -270,10 +323,13 @@ class SteeringRuntime:
         scale = np.zeros(len(counts), dtype=np.float32)
         active: set[int] = set()
         used: set[int] = set()
+        gated: list[tuple[int, _Binding]] = []
         for i, req_id in enumerate(req_ids):
             binding = self._bindings.get(req_id) if req_id is not None else None
             if binding is not None and counts[i] > 0:
                 slots[i], cos[i], sin[i], scale[i] = binding.slot, binding.cos, binding.sin, binding.scale
+                if binding.row is not None:
+                    gated.append((i, binding))
                 if binding.slot not in used:
                     used.add(binding.slot)
                     active |= self._slots[binding.slot].active_sites
@@ -281,23 +337,48 @@ class SteeringRuntime:
         self._site_method = self._shared_methods(used)
         if active:
             self.steps_steered += 1
+        token_slots = np.repeat(slots, counts)
+        token_rows = np.full(n, self.gates.ROW_ALWAYS, dtype=np.int64)
+        deciding: list[DecidingToken] = []
+        if gated:
+            if num_computed is None or prompt_lens is None:
+                raise RuntimeError("a gated request is in the step: begin_step needs num_computed and prompt_lens")
+            offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            for i, binding in gated:
+                assert binding.row is not None
+                site = self._slots[binding.slot].decide_site
+                assert site is not None
+                off, count = int(offsets[i]), int(counts[i])
+                token_slots[off : off + count], token_rows[off : off + count], token = self.gates.request_tokens(
+                    off, int(num_computed[i]), count, int(prompt_lens[i]), binding.slot, binding.row,
+                    binding.decided, site,
+                )  # fmt: skip
+                if token is not None:
+                    deciding.append(token)
+                    binding.decided = True  # decided in this step's forward pass, on the device
         stage = self._staging
         if self._staging_copied is not None:
             self._staging_copied.synchronize()  # the last step's copies have read the staging buffers
-        stage["slot"][:n] = torch.from_numpy(np.repeat(slots, counts))
+        stage["slot"][:n] = torch.from_numpy(token_slots)
         stage["cos"][:n] = torch.from_numpy(np.repeat(cos, counts))
         stage["sin"][:n] = torch.from_numpy(np.repeat(sin, counts))
         stage["scale"][:n] = torch.from_numpy(np.repeat(scale, counts))
+        stage["row"][:n] = torch.from_numpy(token_rows)
         non_blocking = self.device.type == "cuda"
         self.token_slot[:n].copy_(stage["slot"][:n], non_blocking=non_blocking)
         self.token_cos[:n].copy_(stage["cos"][:n], non_blocking=non_blocking)
         self.token_sin[:n].copy_(stage["sin"][:n], non_blocking=non_blocking)
         self.token_scale[:n].copy_(stage["scale"][:n], non_blocking=non_blocking)
+        self.token_row[:n].copy_(stage["row"][:n], non_blocking=non_blocking)
+        self.gates.begin(deciding)
         if self._staging_copied is not None:
             self._staging_copied.record()
         if self._filled > n:
             self.token_slot[n : self._filled].fill_(-1)
+            self.token_row[n : self._filled].fill_(self.gates.ROW_ALWAYS)
         self._filled = n
+        # Every token's effective slot, on the device: a gated request's rows read its decision (no host read).
+        self.gates.effective_slots(self.token_slot, self.token_row, self.token_slot_eff[: self.max_tokens])
 
     def _shared_methods(self, used: set[int]) -> list[Method | None]:
         """Per site: the method every slot steering it this step shares, else None (two methods meet there)."""
@@ -312,7 +393,21 @@ class SteeringRuntime:
         return shared
 
     def delta(self, h: torch.Tensor, site: int) -> torch.Tensor:
-        """The ``[N, d]`` steering correction at one site for the current step (zeros for unsteered rows)."""
+        """The ``[N, d]`` steering correction at one site for the current step (zeros for unsteered rows).
+
+        At a gate's site it also scores the step's deciding tokens first (on ``h``, before this site's own
+        steering), and afterwards makes the decisions final for tokens whose deepest gate this is."""
+        capturing = _capturing_cuda_graph(h)
+        gate_count = 0
+        if site in self._gate_sites and (capturing or site in self.gates.step_sites):
+            gate_count = self.gates.max_requests if capturing else self.gates.count  # a graph serves any step
+            self.gates.evaluate(h, site, gate_count)
+        out = self._steering_delta(h, site, capturing)
+        if gate_count:
+            self.gates.complete(site, gate_count, self.token_slot_eff)
+        return out
+
+    def _steering_delta(self, h: torch.Tensor, site: int, capturing: bool) -> torch.Tensor:
         n = h.shape[0]
         args = (
             h,
@@ -320,13 +415,13 @@ class SteeringRuntime:
             self.methods[site],
             self.gains[site],
             self.thresholds[site],
-            self.token_slot[:n],
+            self.token_slot_eff[:n],
             self.token_cos[:n],
             self.token_sin[:n],
             self.token_scale[:n],
         )
         fused = self._fused
-        if _capturing_cuda_graph(h):  # a captured graph must serve any mix: the general op, fused if compiled
+        if capturing:  # a captured graph must serve any mix: the general op, fused if compiled
             out = fused.in_capture(args) if fused is not None else token_deltas(*args)
             if out is None:
                 assert fused is not None  # only the fused op can lack a compiled variant

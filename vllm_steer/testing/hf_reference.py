@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
+from vllm_steer.core.gates import GATE_HOOK, gate_fires, gate_score
 from vllm_steer.core.layout import DecoderLayout, layout_for
 from vllm_steer.core.methods import METHODS, Setting
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ResolvedSteering
 
-__all__ = ["reference_op", "steered"]
+__all__ = ["reference_op", "steered", "GateRecord"]
 
 
 def reference_op(profile: Profile, steering: ResolvedSteering, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -59,19 +61,69 @@ def _on_input(fn: Callable[[torch.Tensor], torch.Tensor], hidden_arg: int | None
     return hook
 
 
+@dataclass
+class GateRecord:
+    """What a gated profile's gates decided in a :func:`steered` block (one request: batch of one, one
+    ``generate`` call). ``fired`` is ``None`` until the prompt's forward pass has passed every gate."""
+
+    fired: bool | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    prompt_pass: bool = True
+    """The first forward pass (the whole prompt) is running; later passes are generated tokens."""
+    decided_after: int = -1
+
+
+def _gate_reader(profile: Profile, layer: int, record: GateRecord):
+    """At ``layer``'s output, on the prompt's pass: score the last prompt token against the gates there."""
+    assert profile.spec.gating is not None
+    gates = [g for g in profile.spec.gating.gates if g.layer == layer]
+
+    def hook(module, args, output):
+        if record.prompt_pass:
+            h = output[0] if isinstance(output, tuple) else output
+            last = h.reshape(-1, h.shape[-1])[-1]  # batch of one: the last prompt token
+            for gate in gates:
+                value = float(gate_score(last, profile.gate_vectors[gate.name], gate.score))
+                record.scores[gate.name] = value
+                record.fired = bool(record.fired) or bool(gate_fires(value, gate.threshold, gate.comparison))
+        return output
+
+    return hook
+
+
+def _gated(fn: Callable[[torch.Tensor], torch.Tensor], layer: int, record: GateRecord):
+    """``fn`` under the gate: on the prompt's pass only the last token, only after the deepest gate's layer,
+    only if fired; on later passes every token, if fired (docs/methods.md §3.11)."""
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        if not record.fired:
+            return h
+        if not record.prompt_pass:
+            return fn(h)
+        if layer <= record.decided_after:
+            return h
+        out = h.clone()
+        out[..., -1, :] = fn(h[..., -1:, :])[..., 0, :]
+        return out
+
+    return apply
+
+
 @contextlib.contextmanager
 def steered(
     model: torch.nn.Module,
     profile: Profile | None,
     steering: ResolvedSteering | None,
     layout: DecoderLayout | None = None,
-) -> Iterator[None]:
+) -> Iterator[GateRecord | None]:
     """Install ``profile``'s hooks with ``steering``'s angle/scale for the duration of the block.
 
-    ``layout`` is the model's HF module tree (default: the layout table's entry for its architecture).
+    ``layout`` is the model's HF module tree (default: the layout table's entry for its architecture). A gated
+    profile (one request per block, one ``generate``) also reads its gates on the prompt's last token and
+    steers by the rule of docs/methods.md §3.11; the block gets the :class:`GateRecord` (``None`` ungated).
     """
     if profile is None or steering is None:
-        yield
+        yield None
         return
     layout = layout or layout_for(model).hf
     if layout.residual != "plain":  # pragma: no cover - every HF layout in the table carries the plain stream
@@ -79,17 +131,33 @@ def steered(
     hidden_arg = layout.arg_index("hidden_states")
     layers = layout.layers(model)
     handles = []
+    gating = profile.spec.gating
+    record = GateRecord(decided_after=gating.decided_after) if gating is not None else None
     try:
-        for layer in steering.layers or profile.spec.layers:
+        if gating is not None:
+            assert record is not None
+            for layer in gating.layers:  # registered first: a gate reads its layer's output before any edit there
+                module = layout.module(layers[layer], GATE_HOOK)
+                handles.append(module.register_forward_hook(_gate_reader(profile, layer, record)))
+
+            def end_of_pass(module, args, output):
+                record.prompt_pass = False
+                return output
+
+            handles.append(model.register_forward_hook(end_of_pass))
+        steers = gating is None or gating.action == "steer"
+        for layer in (steering.layers or profile.spec.layers) if steers else ():
             block = layers[layer]
             fn = reference_op(profile, steering, layer)
+            if record is not None:
+                fn = _gated(fn, layer, record)
             for kind in METHODS[profile.method].hooks:
                 module = layout.module(block, kind)
                 if layout.placement(kind).point == "input":
                     handles.append(module.register_forward_pre_hook(_on_input(fn, hidden_arg), with_kwargs=True))
                 else:
                     handles.append(module.register_forward_hook(_on_output(fn)))
-        yield
+        yield record
     finally:
         for handle in handles:
             handle.remove()

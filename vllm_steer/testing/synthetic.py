@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from vllm_steer.core.gates import GateSpec, GatingSpec
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec
 
-__all__ = ["random_profile"]
+__all__ = ["random_profile", "with_gates"]
 
 _ALLOWED = {"angle": {"min": 0.0, "max": 360.0}, "scale": {"min": -64.0, "max": 64.0}}
 
@@ -80,3 +81,13 @@ def random_profile(
 def _unit(d: int, gen: torch.Generator) -> torch.Tensor:
     v = torch.randn(d, generator=gen)
     return v / v.norm()
+
+
+def with_gates(
+    profile: Profile, action: str, gates: Sequence[GateSpec], directions: dict[str, torch.Tensor]
+) -> Profile:
+    """``profile`` with a ``gating`` block: ``gates`` (OR-ed), ``action``, and each gate's direction by name."""
+    raw = profile.spec.model_dump()
+    raw["gating"] = GatingSpec.model_validate({"action": action, "gates": [g.model_dump() for g in gates]}).model_dump()
+    unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
+    return Profile(ProfileSpec.model_validate(raw), profile.vectors, profile.source, gate_vectors=unit)

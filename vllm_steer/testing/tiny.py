@@ -11,13 +11,15 @@ which writes ``OUT_DIR/model`` (weights and the default model's tokenizer) and `
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vllm_steer.core.profile import ModelFingerprint, save_profile
-from vllm_steer.testing.synthetic import random_profile
+from vllm_steer.core.gates import GateSpec
+from vllm_steer.core.profile import ModelFingerprint, Profile, save_profile
+from vllm_steer.testing.synthetic import random_profile, with_gates
 
 TINY = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=128, num_layers=4)
 
@@ -152,6 +154,97 @@ def build_tiny(root: Path, family: str = "llama") -> Path:
         kw = dict(kw)
         profile = random_profile(pid, kw.pop("method"), fingerprint, kw.pop("layers"), seed=seed, vector_norm=8.0, **kw)
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors)
+    return root
+
+
+# Gated profiles of the tiny Llama (docs/methods.md §3.11): steering methods of every kind of hook site under a
+# gate, several gates OR-ed, both comparisons and both scores, and a flag-only profile. Each gate is
+# (name, layer, score, comparison); the thresholds are set from the prompts the tests send
+# (:func:`build_tiny_gated`), so that some of them fire and some do not.
+TINY_GATED: dict[str, dict[str, Any]] = {
+    "tiny-gated-addition": dict(method="addition", layers=[1, 2], action="steer", gates=[("g", 1, "cast", ">")]),
+    "tiny-gated-selective": dict(
+        method="selective",
+        layers=[1, 2],
+        action="steer",
+        gates=[("low", 0, "projection", "<"), ("high", 2, "cast", ">")],
+    ),
+    "tiny-gated-ablation": dict(
+        method="ablation", layers=[0, 1, 2, 3], action="steer", gates=[("g", 1, "projection", ">")]
+    ),
+    "tiny-flag": dict(method="addition", layers=[1, 2], action="flag", gates=[("g", 2, "cast", ">")]),
+}
+
+
+def gate_scores_hf(
+    model: torch.nn.Module, profile: Profile, prompts: Sequence[Sequence[int]]
+) -> list[dict[str, float]]:
+    """Each prompt's gate scores (last prompt token) on the HF model, through the HF reference's gate hooks."""
+    from vllm_steer.core.request import SteeringRequest, resolve_steering
+    from vllm_steer.testing.hf_reference import steered
+
+    resolved = resolve_steering(SteeringRequest(steer_profile=profile.id), {profile.id: profile})
+    out = []
+    for ids in prompts:
+        with torch.no_grad(), steered(model, profile, resolved) as record:
+            model(torch.tensor([list(ids)]))
+        assert record is not None
+        out.append(dict(record.scores))
+    return out
+
+
+def _threshold(scores: list[float], comparison: str, split: tuple[int, int] | None, margin: float) -> float:
+    """A threshold with some prompts on each side and no score within ``margin`` of it: the midpoint of the
+    widest gap in the middle half of the sorted scores, or of prompts ``split``'s scores."""
+    if split is not None:
+        a, b = scores[split[0]], scores[split[1]]
+        if abs(a - b) < 2 * margin:
+            raise ValueError(f"prompts {split} score {a:.6f} and {b:.6f}: too close to separate")
+        return (a + b) / 2
+    ordered = sorted(scores)
+    n = len(ordered)
+    lo, hi = max(1, n // 4), max(2, n - n // 4)
+    gap, i = max((ordered[i] - ordered[i - 1], i) for i in range(lo, hi))
+    if gap < 2 * margin:
+        raise ValueError(f"no gap of {2 * margin} in the middle of the scores {ordered}")
+    return (ordered[i - 1] + ordered[i]) / 2
+
+
+def build_tiny_gated(
+    root: Path, prompts: Sequence[Sequence[int]], split: tuple[int, int] | None = None, margin: float = 1e-3
+) -> Path:
+    """The tiny Llama (:func:`build_tiny`) with only the gated profiles of :data:`TINY_GATED` in ``root/profiles``.
+
+    Each gate's threshold lies in a gap of its scores over ``prompts`` (token ids), at least ``margin`` from
+    every score, so the engine and the HF reference decide alike. ``split``: two prompt indices the first
+    gate of the first profile must tell apart (the one fires, the other does not)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    root = build_tiny(Path(root))
+    shutil.rmtree(root / "profiles")
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).eval()
+    for seed, (pid, kw) in enumerate(TINY_GATED.items(), start=100):
+        base = random_profile(pid, kw["method"], TINY, kw["layers"], seed=seed, vector_norm=8.0, scale=3.0)
+        gen = torch.Generator().manual_seed(seed)
+        directions = {name: torch.randn(TINY.hidden_size, generator=gen) for name, *_ in kw["gates"]}
+        probe = [GateSpec(name=n, layer=layer, tensor=f"gate.{n}", score=sc, threshold=0.0, comparison=cmp)
+                 for n, layer, sc, cmp in kw["gates"]]  # fmt: skip
+        scores = gate_scores_hf(model, with_gates(base, "flag", probe, directions), prompts)
+        first = seed == 100
+        gates = [
+            gate.model_copy(
+                update={
+                    "threshold": _threshold(
+                        [s[gate.name] for s in scores], gate.comparison, split if first and j == 0 else None, margin
+                    )
+                }
+            )
+            for j, gate in enumerate(probe)
+        ]
+        profile = with_gates(base, kw["action"], gates, directions)
+        save_profile(root / "profiles" / pid, profile.spec, profile.vectors, profile.gate_vectors)
     return root
 
 

@@ -109,7 +109,11 @@ def patch_input_processor() -> None:
         params, steering, tenant = _admit(self.vllm_config, params)
         engine_request = original(self, request_id, prompt, params, *args, **kwargs)
         FRONT_END_REQUESTS[0] += 1
-        engine_request.cache_salt = cache_salt(steering, engine_request.cache_salt, tenant)
+        prompt_len = None
+        if steering is not None and steering.gated:
+            ids, embeds = engine_request.prompt_token_ids, engine_request.prompt_embeds
+            prompt_len = len(ids) if ids is not None else (len(embeds) if embeds is not None else None)
+        engine_request.cache_salt = cache_salt(steering, engine_request.cache_salt, tenant, prompt_len)
         return engine_request
 
     setattr(process_inputs, PATCHED_ATTR, True)

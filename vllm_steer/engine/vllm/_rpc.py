@@ -36,6 +36,7 @@ def patch_worker_rpcs() -> None:
             "sites": len(runtime.sites) if runtime else 0,
             "max_slots": runtime.max_slots if runtime else 0,
             "slots_in_use": runtime.slots_in_use if runtime else 0,
+            "gate_rows_in_use": runtime.gates.rows_in_use if runtime else 0,
             "steps_steered": runtime.steps_steered if runtime else 0,
             "fused_op": runtime.fused if runtime else None,
             "fused_compiled_for": sorted({str(kind[0]).removeprefix("torch.") for kind in runtime.fused_kinds})

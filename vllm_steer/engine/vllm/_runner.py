@@ -76,6 +76,7 @@ def _install_on_runner(runner: Any) -> None:
         max_tokens=runner.max_num_tokens,
         device=runner.device,
         fused=config.fused_op,
+        max_requests=vllm_config.scheduler_config.max_num_seqs,
     )
     model = runner.get_model()
     runner._vllm_steer_hooks = install_hooks(model, sites)
@@ -175,7 +176,13 @@ def patch_model_runner() -> None:
             runtime: SteeringRuntime | None = getattr(self, "_vllm_steer_runtime", None)
             if runtime is not None:
                 num_reqs = len(num_scheduled_tokens)
-                runtime.begin_step(self.input_batch.req_ids[:num_reqs], num_scheduled_tokens)
+                batch = self.input_batch
+                runtime.begin_step(
+                    batch.req_ids[:num_reqs],
+                    num_scheduled_tokens,
+                    batch.num_computed_tokens_cpu[:num_reqs],  # positions before this step (gates need them)
+                    batch.num_prompt_tokens[:num_reqs],
+                )
             return result
 
         setattr(_prepare_inputs, PATCHED_ATTR, True)

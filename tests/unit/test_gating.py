@@ -1,0 +1,196 @@
+"""Gates in the runtime (vllm_steer.engine.gating, SteeringRuntime): which tokens a gated request steers, step by
+step, whatever the chunking; decisions held across preemption; rows given back; a captured graph's padded
+evaluation equal to the host-sized one; the cache salt of a gated request."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vllm_steer.engine.runtime as runtime_mod
+from support.runtime import FP, D
+from vllm_steer.core.gates import GateSpec, gate_score
+from vllm_steer.core.request import cache_salt, parse_steering, resolve_steering
+from vllm_steer.engine.gating import RowsExhaustedError
+from vllm_steer.engine.runtime import Site, SteeringRuntime, sites_for_profiles
+from vllm_steer.testing.hf_reference import reference_op
+from vllm_steer.testing.synthetic import random_profile, with_gates
+
+GATE = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(5)), dim=0)
+_OTHER = torch.randn(D, generator=torch.Generator().manual_seed(6))
+ORTHOGONAL = torch.nn.functional.normalize(_OTHER - (_OTHER @ GATE) * GATE, dim=0)
+
+
+def _profiles() -> dict:
+    add = random_profile("add", "addition", FP, [0, 1, 2, 3], seed=1, vector_norm=3.0, scale=1.5)
+    two_gates = [
+        GateSpec(name="a", layer=1, tensor="g.a", score="projection", threshold=0.5),
+        GateSpec(name="b", layer=2, tensor="g.b", score="cast", threshold=0.5),  # off-axis: never fires here
+    ]
+    return {
+        "add": add,
+        "gated": with_gates(
+            random_profile("gated", "addition", FP, [0, 1, 2, 3], seed=2, vector_norm=3.0, scale=1.5),
+            "steer",
+            two_gates,
+            {"a": GATE, "b": ORTHOGONAL},
+        ),
+        "flag": with_gates(
+            random_profile("flag", "addition", FP, [0, 1, 2, 3], seed=3, vector_norm=3.0, scale=1.5),
+            "flag",
+            [GateSpec(name="a", layer=1, tensor="g.a", score="projection", threshold=0.5)],
+            {"a": GATE},
+        ),
+    }
+
+
+PROFILES = _profiles()
+SITES = sites_for_profiles(PROFILES)
+OUTPUT_SITES = [Site(layer, "layer_output") for layer in range(4)]
+
+
+def steer(profile: str):
+    return resolve_steering(parse_steering({"steer_profile": profile}), PROFILES)
+
+
+def make_runtime(max_requests: int = 4) -> SteeringRuntime:
+    return SteeringRuntime(PROFILES, SITES, hidden_size=D, max_slots=4, max_tokens=32, max_requests=max_requests)
+
+
+def hidden(fires: bool, n: int) -> torch.Tensor:
+    """``n`` token states; a state along the gate direction scores ~0.95 on gate ``a`` (fires), one against it
+    scores ~-0.95 (does not)."""
+    noise = 0.1 * torch.randn(n, D, generator=torch.Generator().manual_seed(n))
+    return (GATE if fires else -GATE) * 3 + noise
+
+
+def run_step(rt: SteeringRuntime, h: torch.Tensor) -> dict[int, torch.Tensor]:
+    """A toy forward pass: every output site in layer order, on the same states; the delta per layer."""
+    return {site.layer: rt.delta(h, rt.site_ids[site]) for site in OUTPUT_SITES}
+
+
+def steered_rows(deltas: dict[int, torch.Tensor]) -> dict[int, list[int]]:
+    return {layer: [i for i in range(d.shape[0]) if d[i].abs().sum() > 0] for layer, d in deltas.items()}
+
+
+def test_gate_sites_are_hooked():
+    assert Site(1, "layer_output") in SITES and Site(2, "layer_output") in SITES
+
+
+@pytest.mark.parametrize("chunks", [[5], [3, 2], [1, 1, 1, 1, 1], [4, 1]])
+@pytest.mark.parametrize("fires", [True, False])
+def test_a_gated_request_steers_by_its_last_prompt_token_whatever_the_chunking(chunks, fires):
+    """Prompt of 5 tokens in ``chunks``, then two decode steps. Prompt tokens before the last: never steered.
+    The last one: at layers after the deepest gate (2), if fired. Generated tokens: every layer, if fired."""
+    rt = make_runtime()
+    rt.add_request("r", steer("gated"))
+    start = 0
+    for size in chunks:
+        rt.begin_step(["r"], [size], [start], [5])
+        deltas = steered_rows(run_step(rt, hidden(fires, size)))
+        last = 4 - start  # the last prompt token's row in this step, if it is here
+        expected_late = [last] if fires and 0 <= last < size else []
+        assert deltas == {0: [], 1: [], 2: [], 3: expected_late}, (chunks, start)
+        start += size
+    decision = rt.decision("r")
+    assert decision is not None and decision.fired is fires
+    assert decision.scores["a"] == pytest.approx(gate_score(hidden(fires, chunks[-1])[-1], GATE, "projection").item())
+    for step in range(2):
+        rt.begin_step(["r"], [1], [5 + step], [5])
+        assert steered_rows(run_step(rt, hidden(not fires, 1))) == {k: [0] if fires else [] for k in range(4)}
+
+
+def test_rows_of_a_mixed_step_are_independent():
+    """One step: a gated row that fires, one that does not (both deciding), an ungated steered row, an unsteered
+    row. The ungated steered row gets exactly the plain op's correction; the others their gate's."""
+    rt = make_runtime()
+    for req, profile in (("yes", "gated"), ("no", "gated"), ("plain", "add")):
+        rt.add_request(req, steer(profile))
+    h = torch.cat([hidden(True, 2), hidden(False, 2), hidden(True, 2), hidden(True, 2)])
+    rt.begin_step(["yes", "no", "plain", "free"], [2, 2, 2, 2], [0, 0, 0, 0], [2, 2, 2, 2])
+    deltas = run_step(rt, h)
+    assert steered_rows(deltas) == {0: [4, 5], 1: [4, 5], 2: [4, 5], 3: [1, 4, 5]}
+    for layer in range(4):
+        expected = reference_op(PROFILES["add"], steer("add"), layer)(h[4:6]) - h[4:6]
+        torch.testing.assert_close(deltas[layer][4:6], expected, rtol=1e-5, atol=1e-5)
+    expected = reference_op(PROFILES["gated"], steer("gated"), 3)(h[1:2]) - h[1:2]
+    torch.testing.assert_close(deltas[3][1:2], expected, rtol=1e-5, atol=1e-5)
+    assert rt.decision("yes").fired is True and rt.decision("no").fired is False
+    assert rt.decision("plain") is None
+
+
+def test_a_recomputed_prompt_keeps_its_decision():
+    """After preemption the request is computed again from position 0 (prompt and generated tokens): its last
+    prompt token is not decided again, even on states that would now decide otherwise."""
+    rt = make_runtime()
+    rt.add_request("r", steer("gated"))
+    rt.begin_step(["r"], [3], [0], [3])
+    run_step(rt, hidden(True, 3))
+    assert rt.decision("r").fired is True
+    rt.begin_step(["r"], [5], [0], [3])  # recompute: 3 prompt tokens and 2 generated
+    deltas = steered_rows(run_step(rt, hidden(False, 5)))
+    assert deltas == {0: [3, 4], 1: [3, 4], 2: [3, 4], 3: [2, 3, 4]}
+    assert rt.decision("r").fired is True
+
+
+def test_flag_decides_and_steers_nothing():
+    rt = make_runtime()
+    rt.add_request("f", steer("flag"))
+    rt.begin_step(["f"], [3], [0], [3])
+    assert steered_rows(run_step(rt, hidden(True, 3))) == {k: [] for k in range(4)}
+    rt.begin_step(["f"], [1], [3], [3])
+    assert steered_rows(run_step(rt, hidden(True, 1))) == {k: [] for k in range(4)}
+    assert rt.decision("f").fired is True
+
+
+def test_decision_rows_are_given_back_and_bounded():
+    rt = make_runtime(max_requests=1)  # 4 rows
+    for i in range(4):
+        rt.add_request(f"r{i}", steer("gated"))
+    assert rt.gates.rows_in_use == 4
+    with pytest.raises(RowsExhaustedError, match="max_num_seqs"):
+        rt.add_request("r4", steer("gated"))
+    assert rt.slots_in_use == 1 and not rt.is_bound("r4"), "a refused request holds nothing"
+    rt.remove_request("r0")
+    rt.add_request("r4", steer("gated"))
+    assert rt.decision("r4").fired is None, "a reused row starts undecided"
+    for i in range(1, 5):
+        rt.remove_request(f"r{i}")
+    assert rt.gates.rows_in_use == 0 and rt.slots_in_use == 0
+
+
+def test_begin_step_needs_positions_for_a_gated_request():
+    rt = make_runtime()
+    rt.add_request("r", steer("gated"))
+    with pytest.raises(RuntimeError, match="num_computed"):
+        rt.begin_step(["r"], [2])
+    rt.begin_step(["x"], [2])  # no gated request: positions not needed
+
+
+def test_the_padded_evaluation_of_a_captured_graph_equals_the_host_sized_one(monkeypatch):
+    """Inside a CUDA-graph capture the gates evaluate every padded entry (a graph serves any step). Forced on
+    CPU: the same deltas and decisions as the host-sized evaluation."""
+
+    def run(capturing: bool):
+        monkeypatch.setattr(runtime_mod, "_capturing_cuda_graph", lambda h: capturing)
+        rt = make_runtime()
+        rt.add_request("yes", steer("gated"))
+        rt.add_request("no", steer("gated"))
+        rt.begin_step(["yes", "no"], [3, 3], [0, 0], [3, 3])
+        h = torch.cat([hidden(True, 3), hidden(False, 3)])
+        return run_step(rt, h), rt.decision("yes"), rt.decision("no")
+
+    host, captured = run(False), run(True)
+    for layer in range(4):
+        assert torch.equal(host[0][layer], captured[0][layer])
+    assert host[1:] == captured[1:]
+
+
+def test_a_gated_requests_cache_salt_holds_its_prompt_length():
+    gated, plain = steer("gated"), steer("add")
+    assert gated.gated and not plain.gated
+    assert cache_salt(gated, None, None, 5) != cache_salt(gated, None, None, 6)
+    assert cache_salt(gated, None, None, 5) == cache_salt(gated, None, None, 5)
+    assert cache_salt(plain, None, None, 5) == cache_salt(plain, None, None, 6) == cache_salt(plain, None)
+    with pytest.raises(ValueError, match="prompt length"):
+        cache_salt(gated, None)
