@@ -17,7 +17,9 @@ import pytest
 
 from support.mixed_batch import LONG, PROMPTS, hf_reference_for, run_mixed_batch
 from vllm_steer.testing.engines import ENGINE_STARTS
-from vllm_steer.testing.tiny import build_tiny
+from vllm_steer.testing.tiny import build_tiny, build_tiny_gated
+
+GATED_EXTRA_PROMPTS = ["Tell me a story about a dragon", "How do I bake bread?", "Write a poem", "What is 2+2?"]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +49,30 @@ def eager_on(tiny_root, prompt_ids, tmp_path_factory):
 
 
 # ----------------------------------------------------------------- engine starts, once per configuration
+
+
+@pytest.fixture(scope="session")
+def gated(prompt_ids, tokenizer, tmp_path_factory):
+    """The tiny Llama with gated profiles (``build_tiny_gated``), the prompts their thresholds were set from —
+    the mixed batch's, four more, and a *pair* — and the HF reference: ``(root, batch prompts, pair, reference)``.
+
+    The pair: two prompts of the same length sharing the long prompt's KV blocks and ending in different tokens
+    (the same length gives them the same cache salt, so the second can hit the first's blocks), which the first
+    gate of ``tiny-gated-addition`` tells apart (tests/engine/test_gates.py, tests/server/test_gates_served.py)."""
+    extra = [tokenizer(p).input_ids for p in GATED_EXTRA_PROMPTS]
+    long = prompt_ids[LONG]
+    candidates = [tokenizer(w, add_special_tokens=False).input_ids for w in (" sea", " storm", " harbour", " ship")]
+    ends = [c[0] for c in candidates if len(c) == 1]
+    batch_prompts = [*prompt_ids, *extra]
+    for a, b in ((x, y) for i, x in enumerate(ends) for y in ends[i + 1 :]):
+        pair = [[*long, a], [*long, b]]
+        split = (len(batch_prompts), len(batch_prompts) + 1)
+        try:
+            root = build_tiny_gated(tmp_path_factory.mktemp("gated"), [*batch_prompts, *pair], split=split)
+        except ValueError:  # the pair scores too close on the first gate: try other endings
+            continue
+        return root, batch_prompts, pair, hf_reference_for(root)
+    raise AssertionError("no pair of endings that the first gate tells apart")
 
 
 @pytest.fixture(scope="session")

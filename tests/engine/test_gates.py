@@ -3,7 +3,8 @@ some do not, with chunked prefill, prefix caching and preemption on.
 
 * a row whose gate did not fire (per the HF reference, which decides with the same gate) is bit-equal to the
   same row in the plugin-off run of the same batch — as are the unsteered and the flag-only rows;
-* a row whose gate fired equals the HF reference steering under the same gate rule;
+* a row whose gate fired equals the HF reference steering under the same gate rule, or, for a refusing
+  profile, is the refusal's tokens and then the end-of-sequence token;
 * a row whose prompt shares cached KV blocks with a gated row decides on its own last prompt token;
 * the profiles' thresholds are set from these prompts (``build_tiny_gated``), at least 1e-3 from every score,
   so the engine's and the reference's float rounding cannot flip a decision.
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-from support.mixed_batch import LONG, MAX_TOKENS, hf_reference_for
+from support.mixed_batch import MAX_TOKENS
 from vllm_steer.testing.engines import run_engine
-from vllm_steer.testing.tiny import build_tiny_gated
+from vllm_steer.testing.tiny import TINY_GATED
 
 pytestmark = pytest.mark.engine
 
@@ -26,35 +27,10 @@ SETTINGS = [
     {"steer_profile": "tiny-gated-selective", "steer_angle": 120.0},
     {"steer_profile": "tiny-gated-ablation"},
     {"steer_profile": "tiny-flag", "steer_scale": 3.0},
+    {"steer_profile": "tiny-refuse"},
 ]
-STEER_SETTINGS = [s for s in SETTINGS if s is not None and s["steer_profile"] != "tiny-flag"]
-EXTRA_PROMPTS = ["Tell me a story about a dragon", "How do I bake bread?", "Write a poem", "What is 2+2?"]
 PAIR_SETTING = SETTINGS[1]
-"""The setting of the prefix-sharing pair, whose first gate tells the pair apart."""
-
-
-@pytest.fixture(scope="module")
-def gated(prompt_ids, tokenizer, tmp_path_factory):
-    """The gated tiny root, its prompts (the mixed batch's, four more, and the pair) and the HF reference."""
-    extra = [tokenizer(p).input_ids for p in EXTRA_PROMPTS]
-    long = prompt_ids[LONG]
-    # Two prompts of the same length sharing the long prompt's KV blocks, ending in different tokens: the
-    # same prompt length gives them the same cache salt, so the second hits the first's blocks.
-    candidates = [tokenizer(w, add_special_tokens=False).input_ids for w in (" sea", " storm", " harbour", " ship")]
-    ends = [c[0] for c in candidates if len(c) == 1]
-    batch_prompts = [*prompt_ids, *extra]
-    for a, b in ((x, y) for i, x in enumerate(ends) for y in ends[i + 1 :]):
-        pair = [[*long, a], [*long, b]]
-        try:
-            root = build_tiny_gated(
-                tmp_path_factory.mktemp("gated"),
-                [*batch_prompts, *pair],
-                split=(len(batch_prompts), len(batch_prompts) + 1),
-            )
-        except ValueError:  # the pair scores too close on the first gate: try other endings
-            continue
-        return root, batch_prompts, pair, hf_reference_for(root)
-    raise AssertionError("no pair of endings that the first gate tells apart")
+"""The setting of the prefix-sharing pair, whose first gate tells the pair apart (the ``gated`` fixture)."""
 
 
 def _spec(root, batch_prompts, pair, *, plugin: bool) -> dict:
@@ -120,8 +96,15 @@ def _close(row: dict, ref: dict) -> bool:
     )
 
 
-def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, gated_runs):
+def _refusal_ids(tokenizer) -> list[int]:
+    text = TINY_GATED["tiny-refuse"]["refusal"]
+    return [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+
+
+def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, gated_runs, tokenizer):
     _, batch_prompts, _, reference = gated
+    refusal = _refusal_ids(tokenizer)
+    forced = refusal + [tokenizer.eos_token_id] * (MAX_TOKENS - len(refusal))  # the driver ignores EOS: EOS again
     on, off = gated_runs
     rows = [(ids, s) for ids in batch_prompts for s in SETTINGS]
     outcomes: dict[str, set[bool]] = {}
@@ -130,6 +113,8 @@ def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, ga
         where = (setting, len(ids))
         if setting is None or setting["steer_profile"] == "tiny-flag" or not ref["fired"]:
             assert (row["tokens"], row["logprobs"]) == (base["tokens"], base["logprobs"]), ("bit-equal", where, ref)
+        elif setting["steer_profile"] == "tiny-refuse":
+            assert row["tokens"] == forced, ("the refusal, token by token", where, row["tokens"])
         else:
             assert _close(row, ref), ("steered like the reference", where, row, ref)
             assert row["logprobs"] != base["logprobs"], ("a fired gate steers", where)

@@ -35,6 +35,13 @@ def _profiles() -> dict:
             two_gates,
             {"a": GATE, "b": ORTHOGONAL},
         ),
+        "refuse": with_gates(
+            random_profile("refuse", "addition", FP, [1], seed=4, vector_norm=3.0, scale=1.5),
+            "refuse",
+            [GateSpec(name="a", layer=1, tensor="g.a", score="projection", threshold=0.5)],
+            {"a": GATE},
+            refusal="no",
+        ),
         "flag": with_gates(
             random_profile("flag", "addition", FP, [0, 1, 2, 3], seed=3, vector_norm=3.0, scale=1.5),
             "flag",
@@ -53,8 +60,21 @@ def steer(profile: str):
     return resolve_steering(parse_steering({"steer_profile": profile}), PROFILES)
 
 
+REFUSAL_IDS = {"no": [7, 8, 9]}
+EOS = 2
+VOCAB = 12
+
+
 def make_runtime(max_requests: int = 4) -> SteeringRuntime:
-    return SteeringRuntime(PROFILES, SITES, hidden_size=D, max_slots=4, max_tokens=32, max_requests=max_requests)
+    return SteeringRuntime(
+        PROFILES,
+        SITES,
+        hidden_size=D,
+        max_slots=4,
+        max_tokens=32,
+        max_requests=max_requests,
+        tokenize=lambda text: REFUSAL_IDS[text],
+    )
 
 
 def hidden(fires: bool, n: int) -> torch.Tensor:
@@ -194,3 +214,43 @@ def test_a_gated_requests_cache_salt_holds_its_prompt_length():
     assert cache_salt(plain, None, None, 5) == cache_salt(plain, None, None, 6) == cache_salt(plain, None)
     with pytest.raises(ValueError, match="prompt length"):
         cache_salt(gated, None)
+
+
+def test_a_refusing_request_is_forced_token_by_token_only_if_its_gate_fired():
+    """Batch order = logits rows: a refusing row that fires, one that does not, an unsteered row. The fired row
+    gets the refusal's tokens one per step, then its EOS (again, if generation goes on); the others keep their
+    logits exactly; a prompt chunk before the last forces nothing."""
+    rt = make_runtime()
+    rt.add_request("yes", steer("refuse"), eos_token_id=EOS)
+    rt.add_request("no", steer("refuse"), eos_token_id=EOS)
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
+    # a first chunk of "yes" (prompt of 4): nothing sampled for it yet
+    rt.begin_step(["yes", "no", "free"], [2, 3, 1], [0, 0, 5], [4, 3, 5])
+    run_step(rt, torch.cat([hidden(True, 2), hidden(False, 3), hidden(True, 1)]))
+    out = rt.force_refusals(logits.clone())
+    assert torch.equal(out, logits), "no row refuses yet: 'yes' is mid-prompt, 'no' did not fire"
+    tokens = []
+    computed = 2
+    for step in range(5):
+        count = 2 if step == 0 else 1
+        rt.begin_step(["yes", "no", "free"], [count, 1, 1], [computed, 3 + step, 6 + step], [4, 3, 5])
+        run_step(rt, torch.cat([hidden(True, count), hidden(False, 1), hidden(True, 1)]))
+        out = rt.force_refusals(logits.clone())
+        assert torch.isinf(out[0]).sum() == VOCAB - 1 and out[0].max() == 0, "one finite logit: the forced token"
+        tokens.append(int(out[0].argmax()))
+        assert torch.equal(out[1:], logits[1:]), "every other row untouched"
+        computed += count
+    assert tokens == [7, 8, 9, EOS, EOS]
+    assert rt.decision("yes").fired is True and rt.decision("no").fired is False
+
+
+def test_a_refusal_needs_the_requests_eos_and_is_tokenized_once():
+    rt = make_runtime()
+    with pytest.raises(RuntimeError, match="end-of-sequence"):
+        rt.add_request("r", steer("refuse"))
+    assert not rt.is_bound("r")
+    calls = []
+    rt._tokenize = lambda text: calls.append(text) or [5]
+    rt.add_request("a", steer("refuse"), eos_token_id=EOS)
+    rt.add_request("b", steer("refuse"), eos_token_id=EOS)
+    assert calls == ["no"] and rt.refusal_ids("no") == (5,)

@@ -36,6 +36,8 @@ __all__ = [
     "GATE_SCORES",
     "MAX_GATES",
     "GATE_HOOK",
+    "DEFAULT_REFUSAL",
+    "MAX_REFUSAL_CHARS",
     "GateSpec",
     "GatingSpec",
     "gate_score",
@@ -55,6 +57,9 @@ MAX_GATES = 8
 """Most gates one profile may hold (the engine's per-slot gate table has this many columns)."""
 GATE_HOOK = "layer_output"
 """The hook kind a gate reads: the residual stream after its layer (:mod:`vllm_steer.core.layout`)."""
+DEFAULT_REFUSAL = "I can't help with that."
+"""The answer of a refused request when the profile names none."""
+MAX_REFUSAL_CHARS = 2000
 
 
 class GateSpec(BaseModel):
@@ -76,6 +81,8 @@ class GatingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: GateAction
     gates: list[GateSpec] = Field(min_length=1, max_length=MAX_GATES)
+    refusal: str = Field(default=DEFAULT_REFUSAL, min_length=1, max_length=MAX_REFUSAL_CHARS)
+    """Action ``refuse``: the answer, forced token by token and ended by the end-of-sequence token."""
 
     @field_validator("gates")
     @classmethod

@@ -144,6 +144,8 @@ class ResolvedSteering:
     """A subset of the profile's layers (``steer_layers``); ``None`` = all of them."""
     gated: bool = False
     """The profile has gates: what the request gets depends on its own last prompt token."""
+    refusal: str | None = None
+    """Gate action ``refuse``: the text answered instead when the gate fires (``None``: another action)."""
 
     @property
     def slot_key(self) -> tuple[str, str, tuple[str, ...], tuple[int, ...] | None]:
@@ -219,6 +221,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         scale=float(scale),
         layers=layers,
         gated=spec.gating is not None,
+        refusal=spec.gating.refusal if spec.gating is not None and spec.gating.action == "refuse" else None,
     )
 
 

@@ -14,6 +14,10 @@ inside the forward pass and never read by the host while the engine runs, so not
 * At the deepest gate of its profile the deciding token's own effective slot is set from its row
   (:meth:`GateTable.complete`): it is steered, if gated, at the sites of later layers.
 
+For action ``refuse`` the request's row of the logits is replaced, from its first generated token on and only if
+its row fired, by a one-hot row of the next token of its refusal (:meth:`GateTable.force_refusals`, called by the
+engine's logits processor); the host knows which token is next, the device whether the row fired.
+
 So for action ``steer``: prompt tokens before the last are never steered; the last prompt token is steered at
 the sites of layers after the deepest gate, if gated; every generated token is steered at every site, if
 gated. That is independent of how the prompt was chunked or cached. A request decides once: a recompute of
@@ -25,6 +29,7 @@ Pure torch and numpy, no vLLM import; :class:`~vllm_steer.engine.runtime.Steerin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +38,7 @@ import torch
 from vllm_steer.core.gates import MAX_GATES, SCORE_CODES, batched_scores
 from vllm_steer.core.profile import Profile
 
-__all__ = ["GateTable", "GateDecision", "RowsExhaustedError", "DecidingToken"]
+__all__ = ["GateTable", "GateDecision", "RowsExhaustedError", "DecidingToken", "ForcedToken"]
 
 
 class RowsExhaustedError(RuntimeError):
@@ -60,6 +65,16 @@ class DecidingToken:
     """First decision of the request (``False``: a recompute after preemption; the stored decision holds)."""
     site: int
     """The deepest gate's site: where the decision becomes final and the token's own steering starts."""
+
+
+@dataclass(frozen=True)
+class ForcedToken:
+    """A refusing request's logits row this step (host side): the token it gets if its row fired."""
+
+    index: int
+    """The request's row of the step's logits (its place in the batch)."""
+    row: int
+    token: int
 
 
 class GateTable:
@@ -97,8 +112,14 @@ class GateTable:
         self.dec_write_row = torch.full((m,), self.ROW_SINK, dtype=i64, device=dev)
         self.dec_read_row = torch.full((m,), self.ROW_NEVER, dtype=i64, device=dev)
         self.dec_site = torch.full((m,), -1, dtype=i64, device=dev)
+        # The step's refusing requests: their logits row, decision row and next refusal token.
+        self.refuse_index = torch.zeros(m, dtype=i64, device=dev)
+        self.refuse_row = torch.full((m,), self.ROW_NEVER, dtype=i64, device=dev)
+        self.refuse_token = torch.zeros(m, dtype=i64, device=dev)
         pin = device.type == "cuda"
-        self._staging = torch.empty(6, m, dtype=i64, pin_memory=pin)
+        self._staging = torch.empty(9, m, dtype=i64, pin_memory=pin)
+        self.refusing = 0
+        """Refusing requests in this step's logits (host)."""
         self._free_rows = list(range(self.n_rows - 1, -1, -1))
         self._slot_gate_names: list[tuple[str, ...]] = [() for _ in range(max_slots)]
         self._slot_gate_sites: list[frozenset[int]] = [frozenset() for _ in range(max_slots)]
@@ -158,11 +179,13 @@ class GateTable:
 
     # -------------------------------------------------------------------- steps
 
-    def begin(self, deciding: list[DecidingToken]) -> None:
-        """Stage this step's deciding tokens (host); padding entries read token 0 and write nowhere."""
-        if len(deciding) > self.max_requests:
+    def begin(self, deciding: Sequence[DecidingToken], forced: Sequence[ForcedToken] = ()) -> None:
+        """Stage this step's deciding tokens and refusing requests (host); padding entries read token 0 and
+        write nowhere."""
+        if max(len(deciding), len(forced)) > self.max_requests:
             raise RuntimeError(f"{len(deciding)} deciding tokens in a step, buffers hold {self.max_requests}")
         self.count = len(deciding)
+        self.refusing = len(forced)
         self.step_sites = frozenset().union(*(self._slot_gate_sites[d.slot] for d in deciding))
         stage = self._staging.numpy()
         stage[0].fill(0)
@@ -172,13 +195,13 @@ class GateTable:
         stage[4].fill(self.ROW_NEVER)
         stage[5].fill(-1)
         for i, d in enumerate(deciding):
-            stage[:, i] = (d.position, d.position, d.slot, d.row if d.write else self.ROW_SINK, d.row, d.site)
+            stage[:6, i] = (d.position, d.position, d.slot, d.row if d.write else self.ROW_SINK, d.row, d.site)
+        for i, f in enumerate(forced):
+            stage[6:, i] = (f.index, f.row, f.token)
         non_blocking = self.fired.device.type == "cuda"
-        for buffer, values in zip(
-            (self.dec_position, self.dec_target, self.dec_slot, self.dec_write_row, self.dec_read_row, self.dec_site),
-            self._staging,
-            strict=True,
-        ):
+        buffers = [self.dec_position, self.dec_target, self.dec_slot, self.dec_write_row, self.dec_read_row]
+        buffers += [self.dec_site, self.refuse_index, self.refuse_row, self.refuse_token]
+        for buffer, values in zip(buffers, self._staging, strict=True):
             buffer.copy_(values, non_blocking=non_blocking)
 
     def effective_slots(self, token_slot: torch.Tensor, token_row: torch.Tensor, out: torch.Tensor) -> None:
@@ -206,6 +229,20 @@ class GateTable:
         fired = self.fired.index_select(0, self.dec_read_row[:k]) > 0
         value = torch.where(fired, self.dec_slot[:k], -1)
         token_slot_eff.index_put_((target,), value)
+
+    def force_refusals(self, logits: torch.Tensor) -> torch.Tensor:
+        """Replace the logits rows of this step's refusing requests whose row fired by a one-hot row of their next
+        refusal token (every other token ``-inf``); every other row is left as it is. In place; no host read."""
+        k = self.refusing
+        if k == 0:
+            return logits
+        index = self.refuse_index[:k]
+        current = logits.index_select(0, index)
+        forced = torch.full_like(current, -math.inf)
+        forced.scatter_(1, self.refuse_token[:k, None], 0.0)
+        fired = self.fired.index_select(0, self.refuse_row[:k]) > 0
+        logits.index_copy_(0, index, torch.where(fired[:, None], forced, current))
+        return logits
 
     def request_tokens(
         self, offset: int, start: int, count: int, prompt_len: int, slot: int, row: int, decided: bool, site: int

@@ -30,7 +30,7 @@ Nothing here imports vLLM; :mod:`vllm_steer.engine.vllm` feeds it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +43,7 @@ from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ResolvedSteering
 from vllm_steer.core.settings import FusedChoice
 from vllm_steer.engine.fused import choose_fused_op
-from vllm_steer.engine.gating import DecidingToken, GateDecision, GateTable, RowsExhaustedError
+from vllm_steer.engine.gating import DecidingToken, ForcedToken, GateDecision, GateTable, RowsExhaustedError
 
 __all__ = [
     "Site",
@@ -116,6 +116,8 @@ class _Binding:
     """Gated requests: the decision row (:class:`~vllm_steer.engine.gating.GateTable`)."""
     decided: bool = False
     """Its last prompt token has been scheduled (the decision is on the device)."""
+    refusal: tuple[int, ...] | None = None
+    """Gate action ``refuse``: the refusal's token ids, ending with the request's end-of-sequence token."""
 
 
 class SteeringRuntime:
@@ -131,8 +133,12 @@ class SteeringRuntime:
         device: torch.device | str = "cpu",
         fused: FusedChoice | bool | None = None,
         max_requests: int = 16,
+        tokenize: Callable[[str], Sequence[int]] | None = None,
     ):
+        """``tokenize``: the served model's tokenizer (text → ids, no special tokens), for refusal texts."""
         self.profiles = dict(profiles)
+        self._tokenize = tokenize
+        self._refusal_ids: dict[str, tuple[int, ...]] = {}
         self.sites = list(sites)
         self.site_ids = {site: i for i, site in enumerate(self.sites)}
         # Every version ever loaded, by content digest: a request validated against a version keeps
@@ -190,11 +196,18 @@ class SteeringRuntime:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, req_id: str, steering: ResolvedSteering | None) -> None:
-        """Bind a new request to a slot (loading its profile into one if needed)."""
+    def add_request(self, req_id: str, steering: ResolvedSteering | None, eos_token_id: int | None = None) -> None:
+        """Bind a new request to a slot (loading its profile into one if needed).
+
+        ``eos_token_id``: the request's end-of-sequence token, which ends a forced refusal (action ``refuse``)."""
         self.remove_request(req_id)
         if steering is None:
             return
+        refusal = None
+        if steering.refusal is not None:
+            if eos_token_id is None:
+                raise RuntimeError(f"request {req_id}: a refusal needs the request's end-of-sequence token")
+            refusal = (*self.refusal_ids(steering.refusal), eos_token_id)
         slot = self._acquire(steering)
         cos, sin = steering.cos_sin
         row = None
@@ -204,7 +217,21 @@ class SteeringRuntime:
             except RowsExhaustedError:
                 self._slots[slot].refs -= 1
                 raise
-        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale, row=row)
+        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale, row=row, refusal=refusal)
+
+    def refusal_ids(self, text: str) -> tuple[int, ...]:
+        """A refusal text's token ids (tokenized once per text)."""
+        ids = self._refusal_ids.get(text)
+        if ids is None:
+            if self._tokenize is None:
+                raise RuntimeError("this runtime has no tokenizer: it cannot force a refusal")
+            ids = tuple(int(i) for i in self._tokenize(text))
+            self._refusal_ids[text] = ids
+        return ids
+
+    def force_refusals(self, logits: torch.Tensor) -> torch.Tensor:
+        """The step's logits with each refusing request's row (if its gate fired) set to its next refusal token."""
+        return self.gates.force_refusals(logits)
 
     def remove_request(self, req_id: str) -> None:
         binding = self._bindings.pop(req_id, None)
@@ -340,6 +367,7 @@ class SteeringRuntime:
         token_slots = np.repeat(slots, counts)
         token_rows = np.full(n, self.gates.ROW_ALWAYS, dtype=np.int64)
         deciding: list[DecidingToken] = []
+        forced: list[ForcedToken] = []
         if gated:
             if num_computed is None or prompt_lens is None:
                 raise RuntimeError("a gated request is in the step: begin_step needs num_computed and prompt_lens")
@@ -356,6 +384,11 @@ class SteeringRuntime:
                 if token is not None:
                     deciding.append(token)
                     binding.decided = True  # decided in this step's forward pass, on the device
+                if binding.refusal is not None:
+                    generated = int(num_computed[i]) + count - int(prompt_lens[i])  # index of the token sampled now
+                    if generated >= 0:  # the step samples for this request (not a prompt chunk before the last)
+                        token_id = binding.refusal[min(generated, len(binding.refusal) - 1)]  # then the EOS again
+                        forced.append(ForcedToken(index=i, row=binding.row, token=token_id))
         stage = self._staging
         if self._staging_copied is not None:
             self._staging_copied.synchronize()  # the last step's copies have read the staging buffers
@@ -370,7 +403,7 @@ class SteeringRuntime:
         self.token_sin[:n].copy_(stage["sin"][:n], non_blocking=non_blocking)
         self.token_scale[:n].copy_(stage["scale"][:n], non_blocking=non_blocking)
         self.token_row[:n].copy_(stage["row"][:n], non_blocking=non_blocking)
-        self.gates.begin(deciding)
+        self.gates.begin(deciding, forced)
         if self._staging_copied is not None:
             self._staging_copied.record()
         if self._filled > n:

@@ -84,10 +84,18 @@ def _unit(d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def with_gates(
-    profile: Profile, action: str, gates: Sequence[GateSpec], directions: dict[str, torch.Tensor]
+    profile: Profile,
+    action: str,
+    gates: Sequence[GateSpec],
+    directions: dict[str, torch.Tensor],
+    refusal: str | None = None,
 ) -> Profile:
-    """``profile`` with a ``gating`` block: ``gates`` (OR-ed), ``action``, and each gate's direction by name."""
+    """``profile`` with a ``gating`` block: ``gates`` (OR-ed), ``action``, each gate's direction by name, and the
+    ``refusal`` text (default: the format's)."""
     raw = profile.spec.model_dump()
-    raw["gating"] = GatingSpec.model_validate({"action": action, "gates": [g.model_dump() for g in gates]}).model_dump()
+    block = {"action": action, "gates": [g.model_dump() for g in gates]}
+    if refusal is not None:
+        block["refusal"] = refusal
+    raw["gating"] = GatingSpec.model_validate(block).model_dump()
     unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
     return Profile(ProfileSpec.model_validate(raw), profile.vectors, profile.source, gate_vectors=unit)

@@ -173,6 +173,13 @@ TINY_GATED: dict[str, dict[str, Any]] = {
         method="ablation", layers=[0, 1, 2, 3], action="steer", gates=[("g", 1, "projection", ">")]
     ),
     "tiny-flag": dict(method="addition", layers=[1, 2], action="flag", gates=[("g", 2, "cast", ">")]),
+    "tiny-refuse": dict(
+        method="addition",
+        layers=[1],
+        action="refuse",
+        gates=[("g", 1, "projection", ">")],
+        refusal="Sorry, I can't help with that.",
+    ),
 }
 
 
@@ -243,7 +250,7 @@ def build_tiny_gated(
             )
             for j, gate in enumerate(probe)
         ]
-        profile = with_gates(base, kw["action"], gates, directions)
+        profile = with_gates(base, kw["action"], gates, directions, kw.get("refusal"))
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors, profile.gate_vectors)
     return root
 

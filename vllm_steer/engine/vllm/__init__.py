@@ -34,6 +34,7 @@ from vllm_steer.engine.vllm._hooks import install_hooks
 from vllm_steer.engine.vllm._logging import patch_request_logger
 from vllm_steer.engine.vllm._offline import offline_engine
 from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
+from vllm_steer.engine.vllm._refusal import patch_logits_processors
 from vllm_steer.engine.vllm._rpc import (
     apply_reload,
     engine_status,
@@ -74,6 +75,7 @@ def register() -> None:
     prefer_v1_runner()
     patch_input_processor()
     patch_model_runner()
+    patch_logits_processors()
     patch_scheduler()
     patch_worker_rpcs()
     patch_config_hash()

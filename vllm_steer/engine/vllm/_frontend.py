@@ -60,7 +60,14 @@ def _validate_request(vllm_config: Any, config: SteerConfig, extra_args: Any) ->
         raise SteeringRequestError(
             "steer_profile", "this server has no steering profiles loaded (set VLLM_STEER_PROFILES)"
         )
-    return resolve_steering(request, current_profiles(config, vllm_config))
+    resolved = resolve_steering(request, current_profiles(config, vllm_config))
+    if resolved.refusal is not None and vllm_config.speculative_config is not None:
+        raise SteeringRequestError(
+            "steer_profile",
+            f"profile {resolved.profile_id!r} refuses when its gate fires, which needs vLLM's logits processors; "
+            "vLLM has none under speculative decoding",
+        )
+    return resolved
 
 
 def _admit(vllm_config: Any, params: Any) -> tuple[Any, ResolvedSteering | None, str | None]:
@@ -79,6 +86,12 @@ def _admit(vllm_config: Any, params: Any) -> tuple[Any, ResolvedSteering | None,
         extra_args = params.extra_args
         clean = without_reserved(extra_args) if isinstance(extra_args, dict) else extra_args
         steering = _validate_request(vllm_config, config, clean)
+        if steering is not None and steering.refusal is not None and params.structured_outputs is not None:
+            raise SteeringRequestError(
+                "structured_outputs",
+                f"profile {steering.profile_id!r} answers a fired gate with a fixed refusal, which a structured-output "
+                "constraint (response_format, structured_outputs) would not allow; send one or the other",
+            )
     except SteeringRequestError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.field) from None
     if steering is not None:

@@ -23,6 +23,7 @@ from vllm_steer.engine.runtime import SteeringRuntime, every_site, set_runtime, 
 from vllm_steer.engine.vllm._common import PATCHED_ATTR, logger
 from vllm_steer.engine.vllm._hooks import install_hooks
 from vllm_steer.engine.vllm._profiles import fingerprint_of, profiles_for
+from vllm_steer.engine.vllm._refusal import ModelTokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,6 +69,7 @@ def _install_on_runner(runner: Any) -> None:
     fingerprint = fingerprint_of(vllm_config)
     sites = every_site(fingerprint.num_layers) if config.hook_all_sites else sites_for_profiles(profiles)
     max_slots = config.slot_budget(vllm_config.scheduler_config.max_num_seqs)
+    tokenizer = ModelTokenizer(vllm_config)
     runtime = SteeringRuntime(
         profiles=profiles,
         sites=sites,
@@ -77,10 +79,12 @@ def _install_on_runner(runner: Any) -> None:
         device=runner.device,
         fused=config.fused_op,
         max_requests=vllm_config.scheduler_config.max_num_seqs,
+        tokenize=tokenizer.encode,
     )
     model = runner.get_model()
     runner._vllm_steer_hooks = install_hooks(model, sites)
     runner._vllm_steer_runtime = runtime
+    runner._vllm_steer_tokenizer = tokenizer
     set_runtime(runtime)
     logger.info(
         "vllm-steer %s: %d profiles, %d hook sites, %d slots, %d-token buffers",
@@ -155,7 +159,11 @@ def patch_model_runner() -> None:
             if runtime is not None:
                 for new_req in scheduler_output.scheduled_new_reqs:
                     resolved = _resolve_in_worker(runtime, new_req.req_id, new_req.sampling_params)
-                    runtime.add_request(new_req.req_id, resolved)
+                    eos = None
+                    if resolved is not None and resolved.refusal is not None:
+                        tokenizer: ModelTokenizer = getattr(self, "_vllm_steer_tokenizer")  # noqa: B009 - set by the loader
+                        eos = tokenizer.eos_for(new_req.sampling_params)
+                    runtime.add_request(new_req.req_id, resolved, eos)
             return result
 
         setattr(_update_states, PATCHED_ATTR, True)

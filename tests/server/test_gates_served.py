@@ -1,0 +1,79 @@
+"""Gates through the OpenAI API (``vllm-steer serve``): a refusing profile answers its fired rows with the refusal,
+token by token when streamed, ending with ``finish_reason: stop``; rows whose gate did not fire are answered as
+unsteered; a refusal cannot be combined with structured outputs (400 naming the field)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from support.server import Server, free_port, serve_command, server_env
+from vllm_steer.testing.tiny import TINY_GATED
+
+pytestmark = pytest.mark.engine
+
+REFUSE = {"steer_profile": "tiny-refuse"}
+REFUSAL = TINY_GATED["tiny-refuse"]["refusal"]
+
+
+@pytest.fixture(scope="module")
+def gated_server(gated, tmp_path_factory):
+    root = gated[0]
+    cmd = serve_command(root, free_port(), root / "profiles")
+    srv = Server(cmd, server_env(), tmp_path_factory.mktemp("server-gated") / "server.log", str(root / "model"),
+                 root / "profiles", key="server:gated")  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def _body(server: Server, ids: list[int], xargs: dict | None, **extra) -> dict:
+    body = {"model": server.model, "prompt": ids, "max_tokens": 24, "temperature": 0.0, "return_token_ids": True}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return {**body, **extra}
+
+
+def test_fired_rows_are_refused_and_the_others_answered_unsteered(gated, gated_server, tokenizer):
+    _, prompts, _, reference = gated
+    refusal_ids = [*tokenizer(REFUSAL, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    bodies = [_body(gated_server, ids, xargs) for ids in prompts for xargs in (REFUSE, None)]
+    with ThreadPoolExecutor(8) as pool:  # one mixed batch
+        responses = list(pool.map(lambda b: gated_server.post("/v1/completions", b, None), bodies))
+    fired = 0
+    for i, ids in enumerate(prompts):
+        refused, plain = (r.json()["choices"][0] for r in responses[2 * i : 2 * i + 2])
+        if reference(ids, REFUSE)["fired"]:
+            fired += 1
+            assert refused["text"] == REFUSAL and refused["finish_reason"] == "stop", refused
+            assert refused["token_ids"] == refusal_ids, refused
+        else:
+            assert (refused["text"], refused["token_ids"]) == (plain["text"], plain["token_ids"])
+    assert 0 < fired < len(prompts), "some rows refused, some answered"
+
+
+def test_a_refusal_streams_token_by_token(gated, gated_server):
+    _, prompts, _, reference = gated
+    ids = next(ids for ids in prompts if reference(ids, REFUSE)["fired"])
+    body = _body(gated_server, ids, REFUSE, stream=True)
+    with requests.post(gated_server.url + "/v1/completions", json=body, stream=True, timeout=300) as response:
+        assert response.status_code == 200
+        events = [
+            json.loads(line[len(b"data: ") :])
+            for line in response.iter_lines()
+            if line.startswith(b"data: ") and line != b"data: [DONE]"
+        ]
+    pieces = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
+    assert "".join(pieces) == REFUSAL and len(pieces) > 3, pieces
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_refusal_with_structured_outputs_is_refused_naming_the_field(gated, gated_server):
+    _, prompts, _, _ = gated
+    body = _body(gated_server, prompts[0], REFUSE, structured_outputs={"choice": ["yes", "no"]})
+    response = gated_server.post("/v1/completions", body, None)
+    assert response.status_code == 400 and "structured_outputs" in response.text, response.text
+    # the same request without the refusing profile is served
+    assert gated_server.post("/v1/completions", _body(gated_server, prompts[0], None), None).status_code == 200
