@@ -1,10 +1,13 @@
 """Gates through the OpenAI API (``vllm-steer serve``): a refusing profile answers its fired rows with the refusal,
 token by token when streamed, ending with ``finish_reason: stop``; rows whose gate did not fire are answered as
-unsteered; a refusal cannot be combined with structured outputs (400 naming the field)."""
+unsteered; a refusal cannot be combined with structured outputs (400 naming the field). Every decision reaches the
+client (``x-vllm-steer-gate`` on non-streaming responses), the counters and the audit log."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,12 +24,21 @@ REFUSAL = TINY_GATED["tiny-refuse"]["refusal"]
 
 @pytest.fixture(scope="module")
 def gated_server(gated, tmp_path_factory):
-    root = gated[0]
-    cmd = serve_command(root, free_port(), root / "profiles")
-    srv = Server(cmd, server_env(), tmp_path_factory.mktemp("server-gated") / "server.log", str(root / "model"),
-                 root / "profiles", key="server:gated")  # fmt: skip
+    root, where = gated[0], tmp_path_factory.mktemp("server-gated")
+    cmd = serve_command(root, free_port(), root / "profiles", "--steer-audit-log", str(where / "audit.jsonl"))
+    srv = Server(cmd, server_env(), where / "server.log", str(root / "model"), root / "profiles", key="server:gated")
+    srv.audit = where / "audit.jsonl"
     yield srv
     srv.stop()
+
+
+def _gate_lines(server: Server) -> dict[str, dict]:
+    lines = [json.loads(line) for line in server.audit.read_text().splitlines()]
+    return {line["request_id"]: line for line in lines if line["event"] == "gate"}
+
+
+def _request_id(response_id: str) -> str:
+    return re.sub(r"^(chat)?cmpl-", "", response_id)
 
 
 def _body(server: Server, ids: list[int], xargs: dict | None, **extra) -> dict:
@@ -43,15 +55,32 @@ def test_fired_rows_are_refused_and_the_others_answered_unsteered(gated, gated_s
     with ThreadPoolExecutor(8) as pool:  # one mixed batch
         responses = list(pool.map(lambda b: gated_server.post("/v1/completions", b, None), bodies))
     fired = 0
+    audit = _gate_lines(gated_server)
     for i, ids in enumerate(prompts):
         refused, plain = (r.json()["choices"][0] for r in responses[2 * i : 2 * i + 2])
-        if reference(ids, REFUSE)["fired"]:
+        expected = bool(reference(ids, REFUSE)["fired"])
+        if expected:
             fired += 1
             assert refused["text"] == REFUSAL and refused["finish_reason"] == "stop", refused
             assert refused["token_ids"] == refusal_ids, refused
         else:
             assert (refused["text"], refused["token_ids"]) == (plain["text"], plain["token_ids"])
+        # the decision, told to the client and written to the audit log
+        response = responses[2 * i]
+        assert response.headers["x-vllm-steer-gate"] == f"action=refuse; fired={int(expected)}"
+        assert "x-vllm-steer-gate" not in responses[2 * i + 1].headers, "an ungated request has no gate header"
+        (row,) = audit[_request_id(response.json()["id"])]["rows"]
+        assert (row["profile"], row["action"], row["fired"]) == ("tiny-refuse", "refuse", expected)
+        assert row["gates"] == (["g"] if expected else []) and set(row["scores"]) == {"g"}
     assert 0 < fired < len(prompts), "some rows refused, some answered"
+    metrics = requests.get(gated_server.url + "/metrics", timeout=30).text
+    counted = {
+        fired_label: float(value)
+        for fired_label, value in re.findall(
+            r'vllm_steer_gate_decisions_total\{[^}]*action="refuse"[^}]*fired="(true|false)"[^}]*\} ([0-9.]+)', metrics
+        )
+    }
+    assert counted.get("true", 0) >= fired and counted.get("false", 0) >= len(prompts) - fired, counted
 
 
 def test_a_refusal_streams_token_by_token(gated, gated_server):
@@ -68,6 +97,12 @@ def test_a_refusal_streams_token_by_token(gated, gated_server):
     pieces = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
     assert "".join(pieces) == REFUSAL and len(pieces) > 3, pieces
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "x-vllm-steer-gate" not in response.headers, "a stream's headers leave before any decision"
+    request_id = _request_id(events[0]["id"])
+    deadline = time.time() + 30
+    while request_id not in _gate_lines(gated_server) and time.time() < deadline:
+        time.sleep(0.2)  # reported in the background once the stream has ended
+    assert _gate_lines(gated_server)[request_id]["rows"][0]["fired"] is True
 
 
 def test_a_refusal_with_structured_outputs_is_refused_naming_the_field(gated, gated_server):

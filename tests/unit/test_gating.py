@@ -254,3 +254,22 @@ def test_a_refusal_needs_the_requests_eos_and_is_tokenized_once():
     rt.add_request("a", steer("refuse"), eos_token_id=EOS)
     rt.add_request("b", steer("refuse"), eos_token_id=EOS)
     assert calls == ["no"] and rt.refusal_ids("no") == (5,)
+
+
+def test_decisions_are_read_back_for_the_server_bound_or_finished():
+    rt = make_runtime()
+    rt.add_request("cmpl-steer-1-0-ab", steer("gated"))
+    rt.add_request("cmpl-steer-1-1-cd", steer("gated"))
+    rt.add_request("cmpl-steer-2-0-ef", steer("flag"))
+    rt.begin_step(["cmpl-steer-1-0-ab", "cmpl-steer-1-1-cd", "cmpl-steer-2-0-ef"], [2, 2, 2], [0, 0, 0], [2, 2, 2])
+    run_step(rt, torch.cat([hidden(True, 2), hidden(False, 2), hidden(True, 2)]))
+    live = rt.gate_decisions("steer-1-")
+    assert [(d["request"], d["fired"], d["gates"], d["action"]) for d in live] == [
+        ("cmpl-steer-1-0-ab", True, ["a"], "steer"),
+        ("cmpl-steer-1-1-cd", False, [], "steer"),
+    ]
+    assert set(live[0]["scores"]) == {"a", "b"}
+    for req in ("cmpl-steer-1-0-ab", "cmpl-steer-1-1-cd", "cmpl-steer-2-0-ef"):
+        rt.remove_request(req)
+    assert rt.gate_decisions("steer-1-") == live, "finished requests keep their decision for the server"
+    assert rt.gate_decisions("steer-2-")[0]["fired"] is True and rt.gate_decisions("steer-3-") == []

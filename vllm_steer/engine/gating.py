@@ -172,10 +172,18 @@ class GateTable:
 
     def decision(self, slot: int, row: int, decided: bool) -> GateDecision:
         """Read one request's decision back (synchronises with the device: for tests, metrics, audit)."""
-        names = self._slot_gate_names[slot]
-        scores = self.scores[row, : len(names)].tolist()
-        fired = bool(self.fired[row].item() > 0) if decided else None
-        return GateDecision(fired=fired, scores=dict(zip(names, scores, strict=True)))
+        return self.read(self.snapshot(slot, row), decided)
+
+    def snapshot(self, slot: int, row: int) -> tuple[tuple[str, ...], torch.Tensor]:
+        """A copy of a row (fired, then the scores) made on the device, to read later: no host read now."""
+        return self._slot_gate_names[slot], torch.cat([self.fired[row : row + 1], self.scores[row]]).clone()
+
+    @staticmethod
+    def read(snapshot: tuple[tuple[str, ...], torch.Tensor], decided: bool) -> GateDecision:
+        names, values = snapshot
+        host = values.tolist()
+        fired = bool(host[0] > 0) if decided else None
+        return GateDecision(fired=fired, scores=dict(zip(names, host[1 : 1 + len(names)], strict=True)))
 
     # -------------------------------------------------------------------- steps
 

@@ -30,13 +30,14 @@ Nothing here imports vLLM; :mod:`vllm_steer.engine.vllm` feeds it.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vllm_steer.core.gates import GATE_HOOK
+from vllm_steer.core.gates import GATE_HOOK, gate_fires
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
 from vllm_steer.core.profile import Profile
@@ -88,6 +89,10 @@ def every_site(num_layers: int) -> list[Site]:
     return sorted(Site(layer, kind) for layer in range(num_layers) for kind in kinds)
 
 
+FINISHED_DECISIONS = 4096
+"""Finished gated requests whose decision a runtime keeps for the server to read (the oldest go first)."""
+
+
 class SlotsExhaustedError(RuntimeError):
     pass
 
@@ -104,6 +109,8 @@ class _Slot:
     method: Method = Method.NONE
     decide_site: int | None = None
     """Gated profiles: the site of the deepest gate, where a request's decision becomes final."""
+    gate_of: tuple[str, str, str] = ("", "", "")
+    """Gated profiles: the profile id, the gate action and the profile version (for the decisions' records)."""
 
 
 @dataclass
@@ -139,6 +146,10 @@ class SteeringRuntime:
         self.profiles = dict(profiles)
         self._tokenize = tokenize
         self._refusal_ids: dict[str, tuple[int, ...]] = {}
+        self._finished: OrderedDict[str, tuple[tuple[str, str, str], bool, tuple[tuple[str, ...], torch.Tensor]]] = (
+            OrderedDict()
+        )
+        """Finished gated requests (most recent :data:`FINISHED_DECISIONS`): profile, action, decided, row copy."""
         self.sites = list(sites)
         self.site_ids = {site: i for i, site in enumerate(self.sites)}
         # Every version ever loaded, by content digest: a request validated against a version keeps
@@ -238,15 +249,52 @@ class SteeringRuntime:
         if binding is not None:
             self._slots[binding.slot].refs -= 1
             if binding.row is not None:
+                gate_of = self._slots[binding.slot].gate_of
+                self._finished[req_id] = (gate_of, binding.decided, self.gates.snapshot(binding.slot, binding.row))
+                while len(self._finished) > FINISHED_DECISIONS:
+                    self._finished.popitem(last=False)
                 self.gates.release_row(binding.row)
 
     def decision(self, req_id: str) -> GateDecision | None:
-        """A bound gated request's decision (``None``: not bound or not gated). Reads the device: not for the
-        step loop."""
+        """A gated request's decision, bound or among the last finished (``None``: unknown or not gated). Reads
+        the device: not for the step loop."""
         binding = self._bindings.get(req_id)
-        if binding is None or binding.row is None:
-            return None
-        return self.gates.decision(binding.slot, binding.row, binding.decided)
+        if binding is not None and binding.row is not None:
+            return self.gates.decision(binding.slot, binding.row, binding.decided)
+        finished = self._finished.get(req_id)
+        return None if finished is None else self.gates.read(finished[2], finished[1])
+
+    def gate_decisions(self, match: str) -> list[dict[str, object]]:
+        """The decisions of the gated requests (bound, or among the last finished) whose id contains ``match``
+        (the server's request id is part of vLLM's): ``request``, ``profile``, ``action``, ``fired`` (``None``:
+        undecided), ``scores``. Reads the device: for the workers' RPC, between steps."""
+        found = [
+            (req_id, self._slots[b.slot].gate_of, b.decided, self.gates.snapshot(b.slot, b.row))
+            for req_id, b in self._bindings.items()
+            if match in req_id and b.row is not None
+        ]
+        found += [(req_id, *record) for req_id, record in self._finished.items() if match in req_id]
+        out: list[dict[str, object]] = []
+        for req_id, (profile_id, action, digest), decided, snapshot in sorted(found, key=lambda f: f[0]):
+            decision = self.gates.read(snapshot, decided)
+            version = self._versions.get(digest)
+            gates = version.spec.gating.gates if version is not None and version.spec.gating is not None else []
+            fired_gates = [
+                g.name
+                for g in gates
+                if decided and bool(gate_fires(decision.scores[g.name], g.threshold, g.comparison))
+            ]
+            out.append(
+                {
+                    "request": req_id,
+                    "profile": profile_id,
+                    "action": action,
+                    "fired": decision.fired,
+                    "gates": fired_gates,
+                    "scores": decision.scores,
+                }
+            )
+        return out
 
     def add_profiles(self, profiles: Mapping[str, Profile]) -> None:
         """Hot reload: make these the current profiles; older versions stay available by digest.
@@ -307,6 +355,7 @@ class SteeringRuntime:
         gating = profile.spec.gating
         gate_sites = {layer: self.site_ids[Site(layer, GATE_HOOK)] for layer in (gating.layers if gating else ())}
         self._slots[slot].decide_site = self.gates.load_slot(slot, profile, gate_sites)
+        self._slots[slot].gate_of = (profile.id, gating.action, profile.digest) if gating is not None else ("", "", "")
         active: set[int] = set()
         steers = gating is None or gating.action == "steer"  # refuse and flag leave the activations alone
         for layer in (steering.layers or profile.spec.layers) if steers else ():

@@ -9,6 +9,11 @@ Lines go to the standard logging logger ``vllm_steer.audit`` (INFO), and to the 
      "route": "/v1/chat/completions", "decision": "admitted", "status": null, "rows": 1,
      "steering": {"steer_profile": "refusal", "steer_scale": 1.0}, "field": null, "reason": null}
 
+A gated request (its profile has gates: docs/methods.md §3.11) gets a second line once it is answered,
+``"event": "gate"``, with the same ``request_id``, the tenant, tier and route, and per row of the request
+its ``profile``, ``action``, whether it ``fired`` (``null``: cut off before its prompt ended), the ``gates``
+that fired and every gate's ``score``.
+
 ``decision`` is ``admitted`` (``status`` null: what vLLM answers is not the policy's) or ``refused``; a
 refusal has the HTTP ``status``, the refused ``field`` and the
 ``reason`` the client was told. ``request_id`` is the id the server gives the request (vLLM's response ``id``
@@ -91,6 +96,34 @@ class AuditLog:
             for key in ("prompt", "messages"):
                 if key in body:
                     line[key] = body[key]
+        self._write(line)
+
+    def gate(
+        self,
+        *,
+        request_id: str,
+        tenant: str | None,
+        tier: str | None,
+        route: str,
+        decisions: list[dict[str, Any]],
+        client_request_id: str | None = None,
+    ) -> None:
+        """The gate line of an answered gated request: per row, the decision the engine made."""
+        line: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "event": "gate",
+            "request_id": request_id,
+            "client_request_id": printable(client_request_id),
+            "tenant": tenant,
+            "tier": tier,
+            "route": printable(route),
+            "rows": [
+                {key: row.get(key) for key in ("profile", "action", "fired", "gates", "scores")} for row in decisions
+            ],
+        }
+        self._write(line)
+
+    def _write(self, line: dict[str, Any]) -> None:
         text = json.dumps(line, ensure_ascii=True, default=str)
         AUDIT_LOGGER.info(text)
         if self.path is not None:

@@ -1,6 +1,6 @@
 """Prometheus counters of the steering front door (on the server's ``/metrics``), and the usage meter
-that reads each admitted response's token counts. Labels are tiers, profiles and refused fields —
-never tenants' keys or prompt text.
+that reads each admitted response's token counts. Labels are tenant names, tiers, profiles, gate names
+(all the operator's), refused fields from a closed set — never tenants' keys or prompt text.
 
 Every label set lives in the process (and in each scrape) forever, so no label value is the client's
 choice: a refused field is named by :func:`field_label` from the closed :data:`REJECTION_FIELDS`."""
@@ -18,6 +18,8 @@ __all__ = [
     "REQUESTS",
     "TOKENS",
     "REJECTIONS",
+    "GATE_DECISIONS",
+    "count_gate_decisions",
     "REJECTION_FIELDS",
     "OTHER_FIELD",
     "UsageMeter",
@@ -31,6 +33,23 @@ TOKENS = Counter(
     "vllm_steer_tokens", "Tokens of admitted requests (from the response's usage)", ["tier", "profile", "kind"]
 )
 REJECTIONS = Counter("vllm_steer_rejections", "Requests refused by the steering policy", ["reason", "field"])
+GATE_DECISIONS = Counter(
+    "vllm_steer_gate_decisions",
+    "Gate decisions of gated rows: one per row and gate of its profile (fired: that gate fired on the row)",
+    ["tenant", "tier", "profile", "gate", "action", "fired"],
+)
+
+
+def count_gate_decisions(tenant: str, tier: str, decisions: list[dict]) -> None:
+    """Count each decided row of a request once per gate of its profile (an undecided row, cut off before its
+    prompt ended, is not a decision)."""
+    for row in decisions:
+        if row.get("fired") is None:
+            continue
+        fired = set(row.get("gates") or ())
+        for gate in row.get("scores") or {}:
+            labels = {"profile": str(row["profile"]), "gate": gate, "action": str(row["action"])}
+            GATE_DECISIONS.labels(tenant=tenant, tier=tier, fired=str(gate in fired).lower(), **labels).inc()
 
 
 def count_admitted(labels: dict[str, str]) -> None:

@@ -44,6 +44,7 @@ from starlette.websockets import WebSocketClose
 from vllm_steer.core.wire import ADMISSION, Admission, stamp, steering_keys
 from vllm_steer.server.access import WEBSOCKET, Access, classify, route_path
 from vllm_steer.server.body import BadBody, body_limit, declared_length, parse_body_async, read_body
+from vllm_steer.server.decisions import GateReport
 from vllm_steer.server.metrics import UsageMeter, count_admitted, count_rejection
 from vllm_steer.server.state import ServingState, serving_state
 from vllm_steer.server.tenants import PolicyError, Tenant, bearer_token
@@ -174,6 +175,22 @@ class _Decision:
             **fields,
         )
 
+    def gate_report(self, profile_id: str, tenant: Tenant) -> GateReport | None:
+        """The gate report of a request under a gated profile (``None``: ungated, or no engine to ask)."""
+        profile = self.state.profiles().get(profile_id)
+        fetch = getattr(self.state.admin, "gate_decisions", None)
+        if profile is None or profile.spec.gating is None or fetch is None:
+            return None
+        return GateReport(
+            fetch,
+            self.state.audit,
+            request_id=self.request_id,
+            client_request_id=self.client_request_id,
+            tenant=tenant.name,
+            tier=tenant.tier_name,
+            route=self.path,
+        )
+
     def refuse(self, err: PolicyError) -> JSONResponse:
         self.audit("refused", err.status, field=err.field, reason=err.message)
         return error_response(err)
@@ -235,16 +252,24 @@ class _Decision:
         labels = {"tier": tenant.tier_name, "profile": str(profile_id)}
         count_admitted(labels)
         meter = UsageMeter(labels)
+        report = self.gate_report(str(profile_id), tenant)
+        streamed = False
 
         async def send_and_count(message: Message) -> None:
+            nonlocal streamed
             if message["type"] == "http.response.start":
                 meter.start(message.get("headers", []))
+                streamed = meter.streaming
+                if report is not None and not streamed and message.get("status") == 200:
+                    message = {**message, "headers": await report.headers(list(message.get("headers", [])))}
             elif message["type"] == "http.response.body":
                 meter.feed(message.get("body", b""))
                 if not message.get("more_body", False):
                     meter.finish()
                     if slot is not None:
                         slot.release()
+                    if report is not None and streamed:
+                        report.after_stream()
             await send(message)
 
         try:

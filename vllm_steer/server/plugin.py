@@ -16,6 +16,7 @@ from vllm_steer.engine.vllm import (
     apply_reload,
     check_vllm_version,
     engine_status_async,
+    gate_decisions_async,
     profiles_for,
     share_vllm_log_handlers,
     unload_profile,
@@ -101,6 +102,9 @@ class _AdminOps:
 
     async def remove(self, profile_id: str) -> dict[str, Any]:
         return unload_profile(self.vllm_config, profile_id, check=self.policy.check_profiles)
+
+    async def gate_decisions(self, request_id: str) -> list[dict[str, Any]]:
+        return await gate_decisions_async(self.engine_client, request_id)
 
     async def status(self) -> dict[str, Any]:
         status = await engine_status_async(self.engine_client)

@@ -17,6 +17,7 @@ __all__ = [
     "patch_worker_rpcs",
     "engine_status",
     "engine_status_async",
+    "gate_decisions_async",
     "apply_reload",
     "unload_profile",
     "shutdown_engine",
@@ -63,7 +64,12 @@ def patch_worker_rpcs() -> None:
         runtime.add_profiles(loaded)
         return vllm_steer_status(self)
 
-    for rpc in (vllm_steer_status, vllm_steer_reload):  # new methods (collective_rpc calls them by name)
+    def vllm_steer_gate_decisions(self: WorkerBase, match: str) -> list[dict[str, Any]]:
+        """The gate decisions of the requests whose id contains ``match`` (bound or recently finished)."""
+        runtime = getattr(getattr(self, "model_runner", None), "_vllm_steer_runtime", None)
+        return [] if runtime is None else runtime.gate_decisions(match)
+
+    for rpc in (vllm_steer_status, vllm_steer_reload, vllm_steer_gate_decisions):  # collective_rpc calls them by name
         setattr(WorkerBase, rpc.__name__, rpc)
 
 
@@ -130,6 +136,14 @@ def unload_profile(
     set_current(profiles_key(config, vllm_config), new)
     logger.info("vllm-steer: profile %s unloaded (requests already admitted finish with it)", profile_id)
     return {"removed": [profile_id], "profiles": sorted(new)}
+
+
+async def gate_decisions_async(engine_client: Any, match: str) -> list[dict[str, Any]]:
+    """The gate decisions of the requests whose engine id contains ``match`` (the server's request id), as the
+    first worker holds them (every tensor-parallel rank decides alike): ``request``, ``profile``, ``action``,
+    ``fired``, ``scores``. The workers answer between steps; nothing waits inside one."""
+    answers = await engine_client.collective_rpc("vllm_steer_gate_decisions", args=(match,))
+    return list(answers[0]) if answers else []
 
 
 async def engine_status_async(engine_client: Any) -> dict[str, Any]:
