@@ -28,6 +28,9 @@ SETTINGS = [
     {"steer_profile": "tiny-gated-ablation"},
     {"steer_profile": "tiny-flag", "steer_scale": 3.0},
     {"steer_profile": "tiny-refuse"},
+    # the request's own gate action and refusal text (a tier's override travels the same way)
+    {"steer_profile": "tiny-refuse", "steer_gate_action": "flag"},
+    {"steer_profile": "tiny-flag", "steer_gate_action": "refuse", "steer_refusal": "No."},
 ]
 PAIR_SETTING = SETTINGS[1]
 """The setting of the prefix-sharing pair, whose first gate tells the pair apart (the ``gated`` fixture)."""
@@ -96,25 +99,29 @@ def _close(row: dict, ref: dict) -> bool:
     )
 
 
-def _refusal_ids(tokenizer) -> list[int]:
-    text = TINY_GATED["tiny-refuse"]["refusal"]
-    return [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+def _action(setting: dict) -> str:
+    return setting.get("steer_gate_action") or TINY_GATED[setting["steer_profile"]]["action"]
+
+
+def _forced(tokenizer, setting: dict) -> list[int]:
+    """A refused row's tokens: the refusal, its EOS, then EOS again (the driver ignores EOS) up to MAX_TOKENS."""
+    text = setting.get("steer_refusal") or TINY_GATED[setting["steer_profile"]]["refusal"]
+    refusal = [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    return refusal + [tokenizer.eos_token_id] * (MAX_TOKENS - len(refusal))
 
 
 def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, gated_runs, tokenizer):
     _, batch_prompts, _, reference = gated
-    refusal = _refusal_ids(tokenizer)
-    forced = refusal + [tokenizer.eos_token_id] * (MAX_TOKENS - len(refusal))  # the driver ignores EOS: EOS again
     on, off = gated_runs
     rows = [(ids, s) for ids in batch_prompts for s in SETTINGS]
     outcomes: dict[str, set[bool]] = {}
     for row, base, (ids, setting) in zip(on["phases"][0], off["phases"][0], rows, strict=True):
         ref = reference(ids, setting)
         where = (setting, len(ids))
-        if setting is None or setting["steer_profile"] == "tiny-flag" or not ref["fired"]:
+        if setting is None or _action(setting) == "flag" or not ref["fired"]:
             assert (row["tokens"], row["logprobs"]) == (base["tokens"], base["logprobs"]), ("bit-equal", where, ref)
-        elif setting["steer_profile"] == "tiny-refuse":
-            assert row["tokens"] == forced, ("the refusal, token by token", where, row["tokens"])
+        elif _action(setting) == "refuse":
+            assert row["tokens"] == _forced(tokenizer, setting), ("the refusal, token by token", where, row["tokens"])
         else:
             assert _close(row, ref), ("steered like the reference", where, row, ref)
             assert row["logprobs"] != base["logprobs"], ("a fired gate steers", where)

@@ -10,7 +10,7 @@ import torch
 import vllm_steer.engine.runtime as runtime_mod
 from support.runtime import FP, D
 from vllm_steer.core.gates import GateSpec, gate_score
-from vllm_steer.core.request import cache_salt, parse_steering, resolve_steering
+from vllm_steer.core.request import SteeringRequestError, cache_salt, parse_steering, resolve_steering
 from vllm_steer.engine.gating import RowsExhaustedError
 from vllm_steer.engine.runtime import Site, SteeringRuntime, sites_for_profiles
 from vllm_steer.testing.hf_reference import reference_op
@@ -273,3 +273,40 @@ def test_decisions_are_read_back_for_the_server_bound_or_finished():
         rt.remove_request(req)
     assert rt.gate_decisions("steer-1-") == live, "finished requests keep their decision for the server"
     assert rt.gate_decisions("steer-2-")[0]["fired"] is True and rt.gate_decisions("steer-3-") == []
+
+
+def test_a_request_may_name_the_gate_action_and_refusal_where_the_profile_has_gates():
+    def resolve(**keys):
+        return resolve_steering(parse_steering({"steer_profile": "gated", **keys}), PROFILES)
+
+    assert resolve().gate_action == "steer" and resolve().refusal is None
+    flagged = resolve(steer_gate_action="flag")
+    assert flagged.gate_action == "flag" and flagged.slot_key != resolve().slot_key
+    refusing = resolve(steer_gate_action="refuse", steer_refusal="Not here.")
+    assert (refusing.gate_action, refusing.refusal) == ("refuse", "Not here.")
+    assert resolve(steer_gate_action="refuse").refusal == PROFILES["gated"].spec.gating.refusal
+    for keys, field in (
+        ({"steer_gate_action": "block"}, "steer_gate_action"),
+        ({"steer_refusal": "x"}, "steer_refusal"),  # the profile's action is steer
+        ({"steer_gate_action": "refuse", "steer_refusal": ""}, "steer_refusal"),
+        ({"steer_gate_action": "refuse", "steer_refusal": "x" * 2001}, "steer_refusal"),
+        ({"steer_gate_action": "refuse", "steer_refusal": 7}, "steer_refusal"),
+    ):
+        with pytest.raises(SteeringRequestError) as err:
+            resolve(**keys)
+        assert err.value.field == field, (keys, err.value)
+    with pytest.raises(SteeringRequestError) as err:
+        resolve_steering(parse_steering({"steer_profile": "add", "steer_gate_action": "flag"}), PROFILES)
+    assert err.value.field == "steer_gate_action" and "no gates" in err.value.message
+
+
+def test_a_flagging_request_on_a_steering_profile_steers_nothing():
+    rt = make_runtime()
+    rt.add_request("s", steer("gated"))
+    rt.add_request(
+        "f", resolve_steering(parse_steering({"steer_profile": "gated", "steer_gate_action": "flag"}), PROFILES)
+    )
+    assert rt.slots_in_use == 2
+    rt.begin_step(["s", "f"], [2, 2], [0, 0], [2, 2])
+    assert steered_rows(run_step(rt, hidden(True, 4))) == {0: [], 1: [], 2: [], 3: [1]}
+    assert rt.decision("f").fired is True and rt.gate_decisions("f")[0]["action"] == "flag"

@@ -378,7 +378,9 @@ def test_admission_key_normalizes_the_request_spelling():
     stamp = "vllm_steer_digest"
     one = admission_key({"steer_profile": "p", "steer_categories": ["b", "a"], stamp: "d"}, stamp)
     two = admission_key({"steer_profile": "p", "steer_categories": ["a", "b"], "steer_scale": 2.0, stamp: "d"}, stamp)
-    assert one == two == ("p", "d", ("a", "b"), None), "angle and scale travel per token: not part of the slot"
+    assert one == two == ("p", "d", ("a", "b"), None, None), "angle and scale travel per token: not part of the slot"
+    flag = admission_key({"steer_profile": "p", "steer_gate_action": "flag", stamp: "d"}, stamp)
+    assert flag[4] == "flag", "a gate action loads the slot differently: part of the key"
     assert admission_key({"steer_profile": "p", stamp: "other"}, stamp) != admission_key(
         {"steer_profile": "p", stamp: "d"}, stamp
     )

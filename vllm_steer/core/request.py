@@ -3,7 +3,9 @@
 The OpenAI server fills ``extra_args`` from ``vllm_xargs``, which only admits
 flat values, so the keys are flat too: ``steer_profile``, ``steer_angle``,
 ``steer_scale``, ``steer_layers`` (a subset of the profile's layers), ``steer_categories`` (the sum of the named categories' vectors;
-without it, the profile's ``generic`` vector if it has one, else all categories). A request without any ``steer_*`` key is
+without it, the profile's ``generic`` vector if it has one, else all categories); for a gated profile
+(:mod:`vllm_steer.core.gates`) ``steer_gate_action`` (``steer``, ``refuse`` or ``flag`` instead of the profile's
+action) and ``steer_refusal`` (the refusal text, with action ``refuse``). A request without any ``steer_*`` key is
 unsteered. Anything malformed is a :class:`SteeringRequestError` naming the
 key — never silently dropped, because a dropped safety setting means an
 unsteered answer.
@@ -19,6 +21,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from vllm_steer.core.errors import SteerError, field_and_message
+from vllm_steer.core.gates import MAX_REFUSAL_CHARS, GateAction
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.wire import keyed_digest
@@ -39,7 +42,15 @@ __all__ = [
 ]
 
 STEER_PREFIX = "steer_"
-STEER_KEYS = ("steer_profile", "steer_angle", "steer_scale", "steer_categories", "steer_layers")
+STEER_KEYS = (
+    "steer_profile",
+    "steer_angle",
+    "steer_scale",
+    "steer_categories",
+    "steer_layers",
+    "steer_gate_action",
+    "steer_refusal",
+)
 MAX_CATEGORIES = 256
 """Longest ``steer_categories`` list a request may send (offline and served alike)."""
 MAX_LAYERS = 1024
@@ -83,6 +94,8 @@ class SteeringRequest(BaseModel):
     steer_layers: tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None = Field(
         default=None, min_length=1, max_length=MAX_LAYERS
     )
+    steer_gate_action: GateAction | None = None
+    steer_refusal: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_REFUSAL_CHARS)
 
     @field_validator("steer_categories", mode="before")
     @classmethod
@@ -146,10 +159,12 @@ class ResolvedSteering:
     """The profile has gates: what the request gets depends on its own last prompt token."""
     refusal: str | None = None
     """Gate action ``refuse``: the text answered instead when the gate fires (``None``: another action)."""
+    gate_action: str | None = None
+    """Gated profiles: what a fired gate does (``steer``, ``refuse``, ``flag``); ``None``: ungated."""
 
     @property
-    def slot_key(self) -> tuple[str, str, tuple[str, ...], tuple[int, ...] | None]:
-        return (self.profile_id, self.profile_digest, self.categories, self.layers)
+    def slot_key(self) -> tuple[str, str, tuple[str, ...], tuple[int, ...] | None, str | None]:
+        return (self.profile_id, self.profile_digest, self.categories, self.layers, self.gate_action)
 
     @property
     def cos_sin(self) -> tuple[float, float]:
@@ -200,6 +215,18 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             raise SteeringRequestError("steer_categories", "must not repeat a category")
         categories = tuple(sorted(chosen))
 
+    gating = spec.gating
+    if gating is None:
+        for key in ("steer_gate_action", "steer_refusal"):
+            if getattr(request, key) is not None:
+                raise SteeringRequestError(key, f"profile {spec.id!r} has no gates")
+    action = None if gating is None else (request.steer_gate_action or gating.action)
+    if request.steer_refusal is not None and action != "refuse":
+        raise SteeringRequestError("steer_refusal", f"only with gate action 'refuse' (this request's is {action!r})")
+    refusal = None
+    if gating is not None and action == "refuse":
+        refusal = request.steer_refusal if request.steer_refusal is not None else gating.refusal
+
     layers = None
     if request.steer_layers is not None:
         chosen_layers = request.steer_layers
@@ -220,8 +247,9 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         angle=float(angle),
         scale=float(scale),
         layers=layers,
-        gated=spec.gating is not None,
-        refusal=spec.gating.refusal if spec.gating is not None and spec.gating.action == "refuse" else None,
+        gated=gating is not None,
+        refusal=refusal,
+        gate_action=action,
     )
 
 
@@ -260,7 +288,7 @@ def cache_salt(
         if resolved.gated:
             if prompt_len is None:
                 raise ValueError("a gated request's cache salt needs its prompt length")
-            steering.append(prompt_len)
+            steering += [prompt_len, resolved.gate_action]
     return "vllm-steer:" + keyed_digest("prefix-cache-salt", [tenant, steering, client_salt])[:40]
 
 
@@ -282,4 +310,4 @@ def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tupl
         return None
     categories = tuple(sorted(set(request.steer_categories))) if request.steer_categories is not None else None
     layers = tuple(sorted(set(request.steer_layers))) if request.steer_layers is not None else None
-    return (request.steer_profile, extra_args.get(digest_key), categories, layers)
+    return (request.steer_profile, extra_args.get(digest_key), categories, layers, request.steer_gate_action)

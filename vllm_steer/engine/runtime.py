@@ -355,9 +355,10 @@ class SteeringRuntime:
         gating = profile.spec.gating
         gate_sites = {layer: self.site_ids[Site(layer, GATE_HOOK)] for layer in (gating.layers if gating else ())}
         self._slots[slot].decide_site = self.gates.load_slot(slot, profile, gate_sites)
-        self._slots[slot].gate_of = (profile.id, gating.action, profile.digest) if gating is not None else ("", "", "")
+        action = steering.gate_action or ""
+        self._slots[slot].gate_of = (profile.id, action, profile.digest) if gating is not None else ("", "", "")
         active: set[int] = set()
-        steers = gating is None or gating.action == "steer"  # refuse and flag leave the activations alone
+        steers = gating is None or steering.gate_action == "steer"  # refuse and flag leave the activations alone
         for layer in (steering.layers or profile.spec.layers) if steers else ():
             b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
             for kind in entry.hooks:

@@ -145,7 +145,7 @@ def steered(
                 return output
 
             handles.append(model.register_forward_hook(end_of_pass))
-        steers = gating is None or gating.action == "steer"
+        steers = gating is None or steering.gate_action == "steer"  # the request's action (the profile's by default)
         for layer in (steering.layers or profile.spec.layers) if steers else ():
             block = layers[layer]
             fn = reference_op(profile, steering, layer)

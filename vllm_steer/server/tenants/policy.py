@@ -223,7 +223,9 @@ class TenantPolicy:
         if request.steer_layers is not None and not tier.allow_layers_override:
             raise above_tier("steer_layers", "this tier may not override a profile's layers")
         effective = resolve_client(request, tier, profiles)
-        check_within_grant(grant, request, effective)
+        check_within_grant(
+            grant, request, effective, profiles[effective.resolved.profile_id], every_profile=tier.approves_all
+        )
         return effective
 
     def check_controls(
@@ -333,6 +335,8 @@ def _check_grant_fits(source: str, path: str, grant: ProfileGrant, profile: Prof
         if method.roles != "categories" or unknown:
             message = f"not categories of profile {spec.id!r}: {unknown or list(grant.categories)}"
             raise TenantsFileError(source, f"{path}.categories", message)
+    if grant.gate_actions is not None and spec.gating is None:
+        raise TenantsFileError(source, f"{path}.gate_actions", f"profile {spec.id!r} has no gates")
 
 
 def _check_setting(source: str, path: str, tier: Tier, setting: Setting, profiles: Mapping[str, Profile]) -> None:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from vllm_steer.core.gates import MAX_REFUSAL_CHARS, GateAction
 from vllm_steer.server.tenants.controls import ALL_CONTROLS, CONTROL_NAMES
 from vllm_steer.server.tenants.keys import check_key_hash
 
@@ -78,6 +79,12 @@ class ProfileGrant(_Schema):
     angle: Bounds | None = None
     scale: Bounds | None = None
     categories: Annotated[tuple[StrictStr, ...] | None, AfterValidator(_no_repeats)] = Field(default=None, min_length=1)
+    gate_actions: Annotated[tuple[GateAction, ...] | None, AfterValidator(_no_repeats)] = Field(
+        default=None, min_length=1
+    )
+    """Gated profiles: the gate actions a client may ask for (``steer_gate_action``) besides the profile's own;
+    none by default. A client never sets the refusal text (``steer_refusal``) unless the tier approves every
+    profile (``profiles: "*"``)."""
 
 
 class Setting(_Schema):
@@ -90,11 +97,15 @@ class Setting(_Schema):
     layers: Annotated[tuple[Annotated[int, Field(strict=True, ge=0)], ...] | None, AfterValidator(_no_repeats)] = Field(
         default=None, min_length=1
     )
+    gate_action: GateAction | None = None
+    """Gated profiles: what a fired gate does for this tier (default: the profile's action)."""
+    refusal: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_REFUSAL_CHARS)
+    """Gate action ``refuse``: this tier's refusal text (default: the profile's)."""
 
     def steer_keys(self) -> dict[str, Any]:
         """The ``steer_*`` keys that express this setting, as a client would send them."""
         keys: dict[str, Any] = {"steer_profile": self.profile}
-        for name in ("angle", "scale", "categories", "layers"):
+        for name in ("angle", "scale", "categories", "layers", "gate_action", "refusal"):
             value = getattr(self, name)
             if value is not None:
                 keys[f"steer_{name}"] = list(value) if isinstance(value, tuple) else value

@@ -61,6 +61,10 @@ class Effective:
             keys["steer_categories"] = list(r.categories)
         if self.layers is not None:
             keys["steer_layers"] = list(self.layers)
+        if r.gate_action is not None:
+            keys["steer_gate_action"] = r.gate_action
+        if r.refusal is not None:
+            keys["steer_refusal"] = r.refusal
         return keys
 
 
@@ -151,6 +155,8 @@ def refuse_departures_from_forced(request: SteeringRequest, forced: Effective, p
             r.categories if method.roles == "categories" else None,
         ),
         "steer_layers": (_layers(request), forced.layers or tuple(profile.spec.layers)),
+        "steer_gate_action": (request.steer_gate_action, r.gate_action),
+        "steer_refusal": (request.steer_refusal, r.refusal),
     }
     for key, (asked, forced_value) in fixed.items():
         if asked is not None and asked != forced_value:
@@ -166,10 +172,32 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def check_within_grant(grant: ProfileGrant, request: SteeringRequest, effective: Effective) -> None:
-    """403 when the effective angle, scale or categories fall outside the tier's bounds for this profile."""
+def check_within_grant(
+    grant: ProfileGrant,
+    request: SteeringRequest,
+    effective: Effective,
+    profile: Profile | None = None,
+    *,
+    every_profile: bool = False,
+) -> None:
+    """403 when the effective angle, scale or categories fall outside the tier's bounds for this profile, or
+    the request changes a gate's action or refusal text beyond what the tier grants (``every_profile``: a tier
+    approving every profile, which grants every action and its own refusal texts)."""
     r = effective.resolved
     method = METHODS[r.method]
+    gating = None if every_profile or profile is None else profile.spec.gating
+    if gating is not None:
+        own = gating.action
+        if request.steer_gate_action is not None and request.steer_gate_action != own:
+            granted = grant.gate_actions or ()
+            if request.steer_gate_action not in granted:
+                allowed = ", ".join(sorted({own, *granted}))
+                raise above_tier(
+                    "steer_gate_action",
+                    f"{request.steer_gate_action!r} is not granted for {r.profile_id!r} on this tier (granted: {allowed})",
+                )
+        if request.steer_refusal is not None:
+            raise above_tier("steer_refusal", "this tier's clients may not set the refusal text")
     ranged = (
         ("steer_angle", r.angle, request.steer_angle, grant.angle, method.parameter == "angle"),
         ("steer_scale", r.scale, request.steer_scale, grant.scale, method.parameter == "scale"),
