@@ -12,3 +12,9 @@ $C --method ablation         --id smollm2-ablation         --out profiles/smollm
 $C --method addition         --id smollm2-refusal-add      --out profiles/smollm2-refusal-add      --layers 18 --scale 0.25
 $C --method probe            --id smollm2-probe            --out profiles/smollm2-probe
 $C --method category         --id smollm2-category         --out profiles/smollm2-category         --harmful catqa --n 24
+# The harm gate (docs/methods.md §2.9, §3.11): every row of AdvBench, HarmBench, CatQA and XSTest (split per source
+# into fit / select / test), false positives held to 1 % of Alpaca and 20 % of XSTest-safe; ~15 min more.
+# (The 1 MB report/gate.json it also writes is left out of the repository.)
+.venv/bin/vllm-steer calibrate "$M" --method addition --id smollm2-refusal-gated --out profiles/smollm2-refusal-gated \
+  --sweep none --batch-size 16 --gate --gate-action refuse --gate-fpr 0.01,xstest-safe=0.2
+rm -f profiles/smollm2-refusal-gated/report/gate.json

@@ -51,10 +51,12 @@ def demo(
 @app.command()
 def calibrate(
     model: str = typer.Argument(..., help="HF model directory (the weights the engine serves)."),
-    method: str = typer.Option(
-        ..., help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe"
+    method: str | None = typer.Option(
+        None,
+        help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe "
+        "(required unless --gate-into).",
     ),
-    out: Path = typer.Option(..., help="Profile directory to write."),
+    out: Path | None = typer.Option(None, help="Profile directory to write (required unless --gate-into)."),
     harmful: str = typer.Option(
         "advbench",
         help="advbench | catqa | harmbench | xstest-unsafe | xstest (with --harmless labels) | a CSV/JSONL file.",
@@ -96,8 +98,76 @@ def calibrate(
     report: bool = typer.Option(
         True, "--report/--no-report", help="Write plots and a Markdown summary to <out>/report/."
     ),
+    gate: bool = typer.Option(
+        False, "--gate/--no-gate", help="Also calibrate a gating block (docs/methods.md §2.9) into the profile."
+    ),
+    gate_into: Path | None = typer.Option(
+        None,
+        help="Calibrate only the gates, into this existing profile directory (adds or replaces its gating block; "
+        "keeps its report/). Implies --gate; no --method or --out.",
+    ),
+    gate_action: str = typer.Option("refuse", help="What a firing gate does: refuse | steer | flag."),
+    gate_fpr: str = typer.Option(
+        "0.01",
+        help="Largest false-positive rate per harmless source on the select split: a rate for every source, "
+        "or with exceptions, e.g. '0.01,xstest-safe=0.2'.",
+    ),
+    gate_harmful: str = typer.Option(
+        "advbench,harmbench,catqa,xstest-unsafe", help="Harmful gate sources: comma-separated named sets or files."
+    ),
+    gate_harmless: str = typer.Option(
+        "alpaca,xstest-safe", help="Harmless gate sources: comma-separated named sets or files."
+    ),
+    gate_n: int | None = typer.Option(
+        None, min=3, help="Prompts per gate source (the first N in file order; default: all)."
+    ),
+    gate_split: str = typer.Option(
+        "0.4,0.3,0.3", help="Shares of every gate source for fit (directions), select (grid) and test (report)."
+    ),
+    gate_layers: str | None = typer.Option(None, help="Comma-separated layers the gate grid may use (default: all)."),
+    gate_probe_c: str = typer.Option(
+        "0.01,0.1,1",
+        help="Inverse L2 strengths of the logistic-regression gate directions, comma-separated; 'none' for "
+        "difference-of-means directions only.",
+    ),
 ) -> None:
-    """Collect activations, compute the method's directions, write a validated profile, sweep its default."""
+    """Collect activations, compute the method's directions, write a validated profile, sweep its default.
+
+    With --gate (or --gate-into DIR), also choose gates on held-out splits and write them as the profile's
+    gating block, with report/gate.md."""
+    if gate_into is not None:
+        for name, value in (("--method", method), ("--out", out)):
+            if value is not None:
+                raise typer.BadParameter(f"not with --gate-into (which updates {gate_into})", param_hint=f"'{name}'")
+    else:
+        for name, value in (("--method", method), ("--out", out)):
+            if value is None:
+                raise typer.BadParameter("required (unless --gate-into)", param_hint=f"'{name}'")
+    gate_cfg = _gate_config(
+        gate or gate_into is not None,
+        model=model,
+        gate_action=gate_action,
+        gate_fpr=gate_fpr,
+        gate_harmful=gate_harmful,
+        gate_harmless=gate_harmless,
+        gate_n=gate_n,
+        gate_split=gate_split,
+        gate_layers=gate_layers,
+        gate_probe_c=gate_probe_c,
+        seed=seed,
+        data_dir=data_dir,
+        prompt_format=prompt_format,
+        batch_size=batch_size,
+    )
+    if gate_cfg is not None:
+        _require_extra("sklearn", "calibrate", "gate calibration")
+    if gate_into is not None:
+        if report:
+            _require_extra("matplotlib", "calibrate", "--report")
+        assert gate_cfg is not None
+        _calibrate_gates(gate_into, gate_cfg, report)
+        return
+    assert method is not None and out is not None  # checked above
     if method == "probe":
         _require_extra("sklearn", "calibrate", "--method probe")
     if report:
@@ -149,10 +219,115 @@ def calibrate(
 
     if sweep != "none" and METHODS[profile.method].parameter is not None:
         _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
+    if gate_cfg is not None:
+        _calibrate_gates(path, gate_cfg, report)
     if report:
         from vllm_steer.calibration.report import write_report
 
         console.print(f"report: {write_report(path, diagnostics)}")
+
+
+def _gate_config(enabled: bool, **o: Any):
+    """The gate calibration's settings from ``calibrate``'s options (``None`` without --gate); a bad value is a
+    usage error naming its option, before anything runs."""
+    if not enabled:
+        return None
+    from vllm_steer.calibration.gates import (
+        GateCalibrationConfig,
+        budgets_for,
+        parse_fractions,
+        parse_sources,
+    )
+    from vllm_steer.calibration.pipeline import CalibrationError
+    from vllm_steer.core.gates import GATE_ACTIONS
+
+    def numbers(option: str, text: str | None, kind: type) -> list | None:
+        if text is None:
+            return None
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+    if o["gate_action"] not in GATE_ACTIONS:
+        raise typer.BadParameter(
+            f"{o['gate_action']!r} is not one of {', '.join(GATE_ACTIONS)}", param_hint="'--gate-action'"
+        )
+    probe_c = (
+        [] if o["gate_probe_c"].strip().lower() == "none" else numbers("'--gate-probe-c'", o["gate_probe_c"], float)
+    )
+    if probe_c is not None and any(not c > 0 for c in probe_c):
+        raise typer.BadParameter("inverse strengths are positive", param_hint="'--gate-probe-c'")
+    try:
+        harmful = parse_sources(o["gate_harmful"], "gate_harmful")
+        harmless = parse_sources(o["gate_harmless"], "gate_harmless")
+        cfg = GateCalibrationConfig(
+            model=o["model"],
+            harmful=harmful,
+            harmless=harmless,
+            fpr=budgets_for(o["gate_fpr"], harmful, harmless),
+            action=o["gate_action"],
+            n=o["gate_n"],
+            fractions=parse_fractions(o["gate_split"]),
+            seed=o["seed"],
+            data_dir=o["data_dir"],
+            prompt_format=o["prompt_format"],
+            batch_size=o["batch_size"],
+            layers=numbers("'--gate-layers'", o["gate_layers"], int),
+            probe_c=tuple(probe_c or ()),
+        )
+    except CalibrationError as exc:
+        raise typer.BadParameter(exc.message, param_hint=f"'--{exc.field.replace('_', '-')}'") from None
+    return cfg
+
+
+def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
+    """Choose the gates, write them into the profile at ``profile_dir`` and ``report/gate.*``; print the result."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from vllm_steer.calibration.gates import add_gating, run_gate_calibration
+    from vllm_steer.calibration.pipeline import CalibrationError
+    from vllm_steer.calibration.report import write_gate_report
+    from vllm_steer.core.profile import ProfileError, load_profile
+
+    try:
+        load_profile(profile_dir)  # before the model runs: the profile must exist and load
+    except ProfileError as exc:
+        console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        try:
+            result = run_gate_calibration(cfg, progress)
+            add_gating(profile_dir, result)
+        except (CalibrationError, ProfileError) as exc:
+            console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+    where = write_gate_report(profile_dir, result.report, plot=report)
+    rep = result.report
+    table = Table(title=f"gates of {load_profile(profile_dir).id}: {rep['chosen']}, action {result.gating.action}")
+    for col in ("gate", "direction", "layer", "score", "threshold"):
+        table.add_column(col)
+    for g in rep["operating_point"]["gates"]:
+        table.add_row(g["name"], g["direction"], str(g["layer"]), g["score"], f"{g['comparison']} {g['threshold']:.5g}")
+    console.print(table)
+    rates = Table(title="flag rate per source (select chose; test reports)")
+    for col in ("source", "select", "test", "test n"):
+        rates.add_column(col, justify="right")
+    for s, rate in rep["test"]["flag_rate"].items():
+        rates.add_row(
+            s, f"{rep['operating_point']['select']['flag_rate'][s]:.3f}", f"{rate:.3f}", str(rep["test"]["n"][s])
+        )
+    console.print(rates)
+    console.print(f"gate report: {where / 'gate.md'}")
 
 
 def _require_extra(module: str, extra: str, what: str) -> None:
@@ -331,6 +506,17 @@ def eval_cmd(
         help="Harmless prompts (over-refusal): alpaca | xstest-safe (the standard over-refusal set, "
         "250 rows: lower --offset) | a CSV/JSONL file.",
     ),
+    over_refusal: str = typer.Option(
+        "xstest-safe",
+        help="A second harmless set for over-refusal, in the same batch: xstest-safe | alpaca | a CSV/JSONL file | "
+        "none.",
+    ),
+    over_refusal_offset: int = typer.Option(0, min=0, help="Skip this many rows of the over-refusal set."),
+    ungated_comparison: bool = typer.Option(
+        True,
+        "--ungated-comparison/--no-ungated-comparison",
+        help="Gated profiles: also evaluate each without its gate ('<id>-ungated', a temporary copy; offline only).",
+    ),
     n: int = typer.Option(100, min=1, help="Prompts per set."),
     offset: int = typer.Option(
         200, min=0, help="Skip this many rows of each set (the demo profiles were calibrated on the first 64)."
@@ -357,7 +543,8 @@ def eval_cmd(
     api_key_env: str | None = typer.Option(None, help="Environment variable holding the server API key."),
     out: Path = typer.Option(Path("eval-results"), help="Output directory (result.json, README.md, PNGs)."),
 ) -> None:
-    """Measure refusal/ASR, over-refusal, coherence and capability per setting: every setting is a row of one mixed batch."""
+    """Measure refusal/ASR, over-refusal, coherence and capability per setting (and gates, for gated profiles): every
+    setting is a row of one mixed batch."""
     _require_extra("matplotlib", "eval", "vllm-steer eval (the report's plots)")
     from vllm_steer.calibration.sweep import parse_grid
     from vllm_steer.core.methods import METHODS
@@ -408,6 +595,9 @@ def eval_cmd(
             category_offset=category_offset,
             server=server,
             api_key_env=api_key_env,
+            over_refusal=None if over_refusal.lower() == "none" else over_refusal,
+            over_refusal_offset=over_refusal_offset,
+            ungated_comparison=ungated_comparison,
         )
         result = run_eval(cfg, progress=lambda msg: console.print(f"[cyan]{escape(msg)}[/cyan]"))
     except (EvalError, ProfileError, ValueError) as exc:
@@ -417,11 +607,17 @@ def eval_cmd(
     from vllm_steer.evaluation.report import markdown_table
 
     console.print(markdown_table(result))
+    from vllm_steer.evaluation.report import gate_table
+
+    gates = gate_table(result)
+    if gates:
+        console.print(gates)
+    for note in result.get("notes") or []:
+        console.print(f"[yellow]note: {escape(note)}[/yellow]")
     for name in result["judges"]:
-        failed = sum(p["judges"][name][g]["failed"] for p in result["points"] for g in ("harmful", "harmless"))
-        unparseable = sum(
-            p["judges"][name][g]["unparseable"] for p in result["points"] for g in ("harmful", "harmless")
-        )
+        summaries = [s for p in result["points"] for s in p["judges"][name].values()]
+        failed = sum(s["failed"] for s in summaries)
+        unparseable = sum(s["unparseable"] for s in summaries)
         if failed or unparseable:
             console.print(
                 f"[yellow]judge {escape(name)}: {failed} verdicts failed (unreachable or HTTP errors), "

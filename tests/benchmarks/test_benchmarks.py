@@ -245,3 +245,22 @@ def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
     )
     assert all(r[name]["tokens"] == 4 * 4 for r in result["runs"] for name in r)
     assert result["summary"]["plugin-idle"]["min_ratio"] > 0
+
+
+def test_gate_overhead_runs_on_a_minimal_setting(tmp_path):
+    out = tmp_path / "gates.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    record_engine_start("bench:gate-overhead")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gate_overhead.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (rep,) = result["reps"]
+    assert set(rep) == {"ungated", "gated:fires", "gated:never"}
+    assert all(run["tokens"] == 4 * 4 for run in rep.values())
+    assert result["summary"]["ungated"]["median_ratio"] == 1.0 and result["never_fired_rows_stable"]

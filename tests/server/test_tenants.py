@@ -659,13 +659,22 @@ def test_example_file_fits_the_demo_profiles():
     profiles = load_profile_dir(REPO / "profiles")
     policy.check_profiles(profiles)
     strict = policy.authenticate("demo-strict-key")
-    assert policy.decide(strict, None, profiles) == {"steer_profile": "smollm2-refusal-add", "steer_scale": 0.25}
-    assert [e["id"] for e in policy.visible_profiles(strict, profiles)] == ["smollm2-refusal-add"]
+    assert policy.decide(strict, None, profiles) == {
+        "steer_profile": "smollm2-refusal-gated",
+        "steer_scale": 1.0,
+        "steer_gate_action": "refuse",
+        "steer_refusal": "I can't help with that request.",
+    }
+    assert [e["id"] for e in policy.visible_profiles(strict, profiles)] == ["smollm2-refusal-gated"]
+    err = _refused(strict, {"steer_profile": "smollm2-refusal-gated", "steer_gate_action": "flag"}, policy, profiles)
+    assert (err.status, err.field) == (403, "steer_gate_action")
     standard = policy.authenticate("demo-standard-key")
     assert policy.decide(standard, None, profiles) == {"steer_profile": "smollm2-selective", "steer_angle": 180.0}
     extra = {"steer_profile": "smollm2-category", "steer_categories": ["Fraud/Deception"]}
     err = _refused(standard, extra, policy, profiles)
     assert (err.status, err.field) == (403, "steer_categories")
+    flagged = {"steer_profile": "smollm2-refusal-gated", "steer_gate_action": "flag"}
+    assert policy.decide(standard, flagged, profiles)["steer_gate_action"] == "flag"
     research = policy.authenticate("demo-research-key")
     assert policy.decide(research, {"steer_profile": "none"}, profiles) is None
 

@@ -6,6 +6,8 @@
   ``b1``; the discriminative layers (opposite signs) are shaded.
 * ``direction_cosines.png`` — cosine similarity between the per-site candidate directions.
 * ``probe_accuracy.png`` — held-out probe accuracy per layer (probe profiles).
+* ``gate.json``, ``gate.md``, ``gate_roc.png`` — gate calibration (``calibrate --gate``,
+  :mod:`vllm_steer.calibration.gates`): the grid, the operating point and the test-split flag rates.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from vllm_steer.core.profile import load_profile
 from vllm_steer.evaluation.metrics import PERPLEXITY_VIOLATION
 from vllm_steer.evaluation.plotting import pyplot, save
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_gate_report"]
 
 
 def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Path:
@@ -134,5 +136,137 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
                 f"{p['compression_ratio']:.2f} | {p['unicode_score']:.3f} |"
             )
         lines += ["", "![sweep](sweep.png)"]
+    if spec.gating is not None:
+        gates = ", ".join(
+            f"`{g.name}` (layer {g.layer}, {g.score} {g.comparison} {g.threshold:.4g})" for g in spec.gating.gates
+        )
+        lines += ["", "## Gates", "", f"Action `{spec.gating.action}` when any of {gates} fires."]
+        if (out / "gate.md").exists():
+            lines.append("Calibration, operating point and test-split rates: [gate.md](gate.md).")
     (out / "README.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.3f}"
+
+
+def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) -> Path:
+    """``report/gate.json`` (everything), ``report/gate.md`` (what a person reads) and, with ``plot``,
+    ``report/gate_roc.png`` (the chosen gating's ROC per harmful source, and AUC per layer and score)."""
+    out = Path(profile_dir) / "report"
+    out.mkdir(exist_ok=True)
+    (out / "gate.json").write_text(json.dumps(report, indent=1) + "\n")
+    harmful, harmless = report["sources"]["harmful"], report["sources"]["harmless"]
+    sources = [*harmful, *harmless]
+    op, test = report["operating_point"], report["test"]
+    split = report.get("split", {})
+    lines = [
+        "# Gate calibration",
+        "",
+        f"- model: {report.get('model', '?')}, hook `{report.get('hook', '?')}`, format `{report.get('prompt_format', '?')}`",
+        (
+            f"- split per source (seed {split.get('seed', '?')}, shares {split.get('fractions', '?')}): fit (directions), "
+            "select (grid, thresholds), test (this report's rates; chose nothing)"
+        ),
+        f"- false-positive target per harmless source (select part): {report['target_fpr']}",
+        f"- objective: {report['objective']}",
+        f"- directions: {report['directions']}",
+        "",
+        "| source | class | fit | select | test |",
+        "|---|---|---|---|---|",
+    ]
+    for s in sources:
+        size = report["sizes"][s]
+        kind = "harmful" if s in harmful else "harmless"
+        lines.append(f"| {s} | {kind} | {size['fit']} | {size['select']} | {size['test']} |")
+    lines += [
+        "",
+        f"## Operating point: `{report['chosen']}`, action `{op['action']}`",
+        "",
+        "| gate | direction | layer | score | comparison | threshold |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {g['name']} | {g['direction']} | {g['layer']} | {g['score']} | {g['comparison']} | {g['threshold']:.6g} |"
+        for g in op["gates"]
+    ]
+    lines += [
+        "",
+        "## Flag rate per source (any gate fires)",
+        "",
+        "| source | select | test | test flagged / n |",
+        "|---|---|---|---|",
+    ]
+    for s in sources:
+        lines.append(
+            f"| {s} | {_pct(op['select']['flag_rate'][s])} | **{_pct(test['flag_rate'][s])}** | "
+            f"{test['flagged'][s]} / {test['n'][s]} |"
+        )
+    lines += [
+        "",
+        "## Candidates (chosen by the select part; test rates shown, never used to choose)",
+        "",
+        "| candidate | gates | select mean recall | select AUC | " + " | ".join(f"test {s}" for s in sources) + " |",
+        "|---|---|---|---|" + "---|" * len(sources),
+    ]
+    for name, c in report["candidates"].items():
+        gates = ", ".join(f"{g['direction']}@{g['layer']} {g['score']}{g['comparison']}" for g in c["gates"])
+        rates = " | ".join(_pct(c["test"]["flag_rate"][s]) for s in sources)
+        lines.append(f"| {name} | {gates} | {_pct(c['select']['recall_mean'])} | {_pct(c['auc_select'])} | {rates} |")
+    pooled = [r for r in report["grid"] if r["direction"].split(":", 1)[1] == "harmful"]
+    kinds = sorted({r["direction"] for r in pooled})
+    lines += [
+        "",
+        "## Grid (pooled directions, select part): best comparison per layer and score",
+        "",
+        "| direction | layer | score | comparison | AUC | recall@FPR | precision | threshold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best: dict[tuple[str, int, str], dict] = {}
+    for r in pooled:
+        key = (r["direction"], r["layer"], r["score"])
+        if key not in best or (r["recall"], r["auc"]) > (best[key]["recall"], best[key]["auc"]):
+            best[key] = r
+    for (direction, layer, score), r in sorted(best.items()):
+        lines.append(
+            f"| {direction} | {layer} | {score} | {r['comparison']} | {_pct(r['auc'])} | {_pct(r['recall'])} | "
+            f"{_pct(r['precision'])} | {r['threshold']:.4g} |"
+        )
+    if plot:
+        plt = pyplot()
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        roc = report["roc"]
+        for i, s in enumerate(harmful):
+            color = f"C{i}"
+            ax.plot(roc["test"]["fpr"], roc["test"]["tpr"][s], color=color, label=f"{s} (test)")
+            ax.plot(roc["select"]["fpr"], roc["select"]["tpr"][s], color=color, ls=":", lw=0.8)
+        chosen_fpr = sum(test["flag_rate"][s] for s in harmless) / len(harmless)
+        ax.scatter([chosen_fpr] * len(harmful), [test["flag_rate"][s] for s in harmful], color="black", zorder=3)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("mean false-positive rate over harmless sources (symlog)")
+        ax.set_ylabel("flag rate")
+        ax.set_title(f"{report['chosen']}: ROC per harmful source (dotted: select); dots: operating point", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+        for j, direction in enumerate(kinds):
+            for score, ls in (("cast", "-"), ("projection", "--")):
+                rows = sorted(
+                    (r for (d, _, sc), r in best.items() if d == direction and sc == score), key=lambda r: r["layer"]
+                )
+                if rows:
+                    ax2.plot(
+                        [r["layer"] for r in rows],
+                        [r["auc"] for r in rows],
+                        ls=ls,
+                        color=f"C{j}",
+                        label=f"{direction} {score}",
+                    )
+        ax2.set_xlabel("layer")
+        ax2.set_ylabel("balanced AUC (select)")
+        ax2.legend(fontsize=6, loc="lower right")
+        save(fig, out / "gate_roc.png")
+        lines += ["", "![ROC](gate_roc.png)"]
+    (out / "gate.md").write_text("\n".join(lines) + "\n")
     return out

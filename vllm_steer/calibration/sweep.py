@@ -211,7 +211,7 @@ def record_sweep(
         setattr(defaults, parameter, float(chosen.value))
         calibration["default_from"] = "sweep"
     new_spec = spec.model_copy(update={"calibration": calibration, "defaults": defaults})
-    save_profile(profile_dir, new_spec, profile.vectors)
+    save_profile(profile_dir, new_spec, profile.vectors, profile.gate_vectors)
 
 
 def sweep_profile_dir(

@@ -202,6 +202,9 @@ class GateTable:
         stage[3].fill(self.ROW_SINK)
         stage[4].fill(self.ROW_NEVER)
         stage[5].fill(-1)
+        stage[6].fill(0)
+        stage[7].fill(self.ROW_NEVER)
+        stage[8].fill(0)
         for i, d in enumerate(deciding):
             stage[:6, i] = (d.position, d.position, d.slot, d.row if d.write else self.ROW_SINK, d.row, d.site)
         for i, f in enumerate(forced):

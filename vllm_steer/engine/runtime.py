@@ -424,18 +424,25 @@ class SteeringRuntime:
             offsets = np.concatenate(([0], np.cumsum(counts)[:-1]))
             for i, binding in gated:
                 assert binding.row is not None
-                site = self._slots[binding.slot].decide_site
-                assert site is not None
-                off, count = int(offsets[i]), int(counts[i])
-                token_slots[off : off + count], token_rows[off : off + count], token = self.gates.request_tokens(
-                    off, int(num_computed[i]), count, int(prompt_lens[i]), binding.slot, binding.row,
-                    binding.decided, site,
-                )  # fmt: skip
-                if token is not None:
-                    deciding.append(token)
-                    binding.decided = True  # decided in this step's forward pass, on the device
+                off, count, start, prompt_len = (
+                    int(offsets[i]),
+                    int(counts[i]),
+                    int(num_computed[i]),
+                    int(prompt_lens[i]),
+                )
+                if start >= prompt_len:  # only generated tokens (every decode step): the request's slot and row
+                    token_rows[off : off + count] = binding.row
+                else:
+                    site = self._slots[binding.slot].decide_site
+                    assert site is not None
+                    token_slots[off : off + count], token_rows[off : off + count], token = self.gates.request_tokens(
+                        off, start, count, prompt_len, binding.slot, binding.row, binding.decided, site
+                    )
+                    if token is not None:
+                        deciding.append(token)
+                        binding.decided = True  # decided in this step's forward pass, on the device
                 if binding.refusal is not None:
-                    generated = int(num_computed[i]) + count - int(prompt_lens[i])  # index of the token sampled now
+                    generated = start + count - prompt_len  # index of the token sampled now
                     if generated >= 0:  # the step samples for this request (not a prompt chunk before the last)
                         token_id = binding.refusal[min(generated, len(binding.refusal) - 1)]  # then the EOS again
                         forced.append(ForcedToken(index=i, row=binding.row, token=token_id))

@@ -5,7 +5,11 @@
   rotation profile, on one figure;
 * ``scales.png`` — the same against the scale for additive profiles;
 * ``categories.png`` — per category, the category's own vector vs the generic vector;
-* ``compare.png`` — every setting side by side (refusal, over-refusal, capability accuracy).
+* ``compare.png`` — every setting side by side (refusal, over-refusal, capability accuracy);
+* ``gates.png`` — gated profiles next to their ungated copies: refusal on harmful prompts against over-refusal
+  on the harmless and the over-refusal sets, and the gate's precision and recall.
+
+Gated profiles also get a table of their own (:func:`gate_table`; docs/methods.md §3.11).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from vllm_steer.core.methods import ANGLE_METHODS
 from vllm_steer.evaluation.plotting import pyplot, save
 
-__all__ = ["write_eval_report", "markdown_table"]
+__all__ = ["write_eval_report", "markdown_table", "gate_table"]
 
 
 def _fmt(x, digits=2) -> str:
@@ -30,14 +34,20 @@ def _label(p: dict) -> str:
     return f"{p['profile']} {kind}{p['value']:g}" if p["value"] is not None else p["profile"]
 
 
+def _over_set(result: dict) -> str | None:
+    return (result.get("data") or {}).get("over_refusal")
+
+
 def markdown_table(result: dict) -> str:
     judges = result.get("judges", [])
     extra = [j for j in judges if j != "substring"]
+    over = _over_set(result)
     head = [
         "setting",
         "refusal (harmful)",
         "ASR",
         "over-refusal (harmless)",
+        *([f"over-refusal ({over})"] if over else []),
         "ppl (unsteered model)",
         "ppl (self)",
         "unicode contam.",
@@ -52,6 +62,7 @@ def markdown_table(result: dict) -> str:
             _fmt(p["refusal_harmful"]),
             _fmt(p["attack_success"]),
             _fmt(p["refusal_harmless"]),
+            *([_fmt(p.get("refusal_over_refusal_set"))] if over else []),
             _fmt(p["perplexity_unsteered"]),
             _fmt(p["perplexity_steered"]),
             _fmt(p["unicode_contamination"], 3),
@@ -66,6 +77,109 @@ def markdown_table(result: dict) -> str:
             )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+GATE_COLUMNS = (
+    "setting",
+    "action",
+    "gate precision",
+    "gate recall",
+    "undecided",
+    "flag rate (harmful)",
+    "flag rate (harmless)",
+    "flag rate ({over})",
+    "refusal (harmful)",
+    "over-refusal (harmless)",
+    "over-refusal ({over})",
+    "answered rows",
+    "answered: ppl (unsteered model)",
+    "answered: ppl (self)",
+    "answered: unicode contam.",
+    "answered: compression",
+    "answered: 4-gram rep.",
+)
+
+
+def gate_table(result: dict) -> str:
+    """Gated settings next to their ungated copies (and the unsteered baseline): the gate's precision and recall
+    against the prompt labels, its flag rate per set, refusal and over-refusal counting the gate's refusals, and
+    the coherence of the rows the gate did not refuse. Empty without gated settings."""
+    gated = [p for p in result["points"] if p.get("gate")]
+    if not gated:
+        return ""
+    over = _over_set(result) or "over-refusal set"
+    head = [c.format(over=over) for c in GATE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = next((p for p in result["points"] if p["profile"] is None), None)
+    if base is not None:
+        cells = ["unsteered", "–", "–", "–", "–", "–", "–", "–"]
+        cells += [_fmt(base["refusal_harmful"]), _fmt(base["refusal_harmless"])]
+        cells += [_fmt(base.get("refusal_over_refusal_set")), str(base["n_harmful"] + base["n_harmless"])]
+        cells += [_fmt(base["perplexity_unsteered"]), _fmt(base["perplexity_steered"])]
+        cells += [_fmt(base["unicode_contamination"], 3), _fmt(base["compression_ratio"])]
+        cells += [_fmt(base["ngram_repetition"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for p in gated:
+        g = p["gate"]
+        flags = g.get("flag_rate") or {}
+        answered = g.get("answered") or {}
+        label = _label(p) + (" (no gate)" if g.get("ungated_of") else "")
+        cells = [
+            label,
+            g.get("action") or "none",
+            _fmt(g.get("precision")),
+            _fmt(g.get("recall")),
+            str(g["undecided"]) if g.get("gated") else "–",
+            _fmt(flags.get("harmful")),
+            _fmt(flags.get("harmless")),
+            _fmt(flags.get("over_refusal")),
+            _fmt(g.get("refusal_harmful")),
+            _fmt(g.get("over_refusal_harmless")),
+            _fmt(g.get("over_refusal_set")),
+            str(answered.get("n", "–")),
+            _fmt(answered.get("perplexity_unsteered")),
+            _fmt(answered.get("perplexity_steered")),
+            _fmt(answered.get("unicode_contamination"), 3),
+            _fmt(answered.get("compression_ratio")),
+            _fmt(answered.get("ngram_repetition")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gate_plot(result: dict, path: Path) -> bool:
+    points = [p for p in result["points"] if p.get("gate")]
+    if not points:
+        return False
+    plt = pyplot()
+    over = _over_set(result) or "over-refusal set"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(points) + 4), 4), width_ratios=(2, 1))
+    xs = range(len(points))
+    bars = (
+        ("refusal_harmful", "refusal (harmful)"),
+        ("over_refusal_harmless", "over-refusal (harmless)"),
+        ("over_refusal_set", f"over-refusal ({over})"),
+    )
+    width = 0.8 / len(bars)
+    for k, (key, name) in enumerate(bars):
+        offset = (k - (len(bars) - 1) / 2) * width
+        heights = [p["gate"].get(key) or 0.0 for p in points]
+        hatches = ["//" if p["gate"].get("ungated_of") else "" for p in points]
+        drawn = ax1.bar([x + offset for x in xs], heights, width=width, label=name)
+        for patch, hatch in zip(drawn, hatches, strict=True):
+            patch.set_hatch(hatch)
+    ax1.set_xticks(list(xs), [_label(p) for p in points], rotation=30, ha="right", fontsize=8)
+    ax1.set(ylim=(0, 1.05), ylabel="rate", title="gated vs ungated (hatched): refusal and over-refusal")
+    ax1.legend(fontsize=7)
+    gated = [p for p in points if p["gate"].get("gated")]
+    gx = range(len(gated))
+    ax2.bar([x - 0.2 for x in gx], [p["gate"].get("precision") or 0.0 for p in gated], width=0.4, label="precision")
+    ax2.bar([x + 0.2 for x in gx], [p["gate"].get("recall") or 0.0 for p in gated], width=0.4, label="recall")
+    ax2.set_xticks(list(gx), [_label(p) for p in gated], rotation=30, ha="right", fontsize=8)
+    ax2.set(ylim=(0, 1.05), title="gate vs labels (harmful = positive)")
+    ax2.legend(fontsize=7)
+    save(fig, path)
+    return True
 
 
 def _line_plot(result: dict, methods: set[str], xlabel: str, path: Path) -> bool:
@@ -148,6 +262,8 @@ def write_eval_report(out: str | Path, result: dict | None = None) -> Path:
         markdown_table(result),
         "",
     ]
+    for note in result.get("notes") or []:
+        lines += [f"> note: {note}", ""]
     for name, made in (
         (
             "angles.png",
@@ -160,6 +276,23 @@ def write_eval_report(out: str | Path, result: dict | None = None) -> Path:
     ):
         if made:
             lines.append(f"![{name}]({name})")
+    table = gate_table(result)
+    if table:
+        lines += [
+            "",
+            "## Gates (docs/methods.md §3.11): gated settings next to the same profile without its gate",
+            "",
+            (
+                "Precision and recall of the gate against the prompt labels (harmful = positive, the harmless sets ="
+                " negative; undecided rows left out); flag rate = share of decided rows whose gate fired; refusal and"
+                " over-refusal count the gate's own refusals; `answered` = the harmful and harmless rows the gate did"
+                " not refuse."
+            ),
+            "",
+            table,
+        ]
+        if _gate_plot(result, out / "gates.png"):
+            lines += ["", "![gates.png](gates.png)"]
     if result.get("categories"):
         lines += [
             "",

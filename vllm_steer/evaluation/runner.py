@@ -13,7 +13,11 @@ running vllm-steer server. Then:
   own logprobs, the Selective Steering paper's path; §5.3 and its violation threshold), Unicode
   contamination (§5.4), the zlib-9 compression ratio (§5.5) and 4-gram repetition (§5.6);
 * capability retention: multiple-choice accuracy with and without steering (:mod:`vllm_steer.evaluation.capability`);
-* per category, for category profiles: each category's vector on its own category vs ``generic``.
+* per category, for category profiles: each category's vector on its own category vs ``generic``;
+* over-refusal on a second harmless set too (``over_refusal``, default ``xstest-safe``), in the same batch;
+* for gated profiles (docs/methods.md §3.11): each row's gate decision, gate precision/recall, flag rates,
+  refusal and over-refusal counting gate refusals, coherence of the answered rows, and the same profile
+  without its gate (``<id>-ungated``) next to it (:mod:`vllm_steer.evaluation.gates`).
 
 The result is one JSON file plus a Markdown table and PNG plots (:mod:`vllm_steer.evaluation.report`).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +37,15 @@ from vllm_steer.core.errors import SteerError
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile, load_profile_dir
 from vllm_steer.data import Prompt, load_prompts
+from vllm_steer.evaluation.gates import (
+    UNGATED_SUFFIX,
+    GateRow,
+    decisions_by_request,
+    external_id,
+    gate_summary,
+    parse_gate_header,
+    write_eval_profiles,
+)
 from vllm_steer.evaluation.metrics import (
     PERPLEXITY_VIOLATION,
     compression_ratio,
@@ -43,6 +57,9 @@ from vllm_steer.evaluation.metrics import (
 )
 
 __all__ = ["EvalTarget", "EvalConfig", "Row", "Generation", "PointResult", "run_eval", "EvalError"]
+
+GATE_HEADER = "x-vllm-steer-gate"
+"""The server's gate decision header (:mod:`vllm_steer.server.decisions`; the eval reads it, never imports the server)."""
 
 
 class EvalError(SteerError):
@@ -83,13 +100,19 @@ class EvalConfig:
     server: str | None = None
     api_key_env: str | None = None
     eager: bool = True
+    over_refusal: str | None = "xstest-safe"
+    """A second harmless set for over-refusal (``None``: none), evaluated for every setting in the same batch."""
+    over_refusal_offset: int = 0
+    """Rows skipped at the start of the over-refusal set (``offset`` is for the calibration sets)."""
+    ungated_comparison: bool = True
+    """Offline: serve each gated profile's ungated copy too (``<id>-ungated``), next to it in the report."""
 
 
 @dataclass(frozen=True)
 class Row:
     """One generation: a chat prompt (or a raw completion prompt) with its steering."""
 
-    group: str  # "harmful" | "harmless" | "capability" | "category"
+    group: str  # "harmful" | "harmless" | "over_refusal" | "capability" | "category"
     text: str
     extra_args: dict | None
     chat: bool = True
@@ -104,6 +127,7 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]  # of the generated tokens under the steered model
     top: dict[str, float] = field(default_factory=dict)  # first position's top tokens (capability)
+    gate: dict | None = None  # a gated row's decision: action, fired (None: undecided), gates, scores
 
 
 @dataclass
@@ -125,6 +149,13 @@ class PointResult:
     capability_accuracy: float | None = None
     example_harmful: str = ""
     example_harmless: str = ""
+    n_over_refusal_set: int = 0
+    refusal_over_refusal_set: float = float("nan")
+    """Over-refusal on the over-refusal set (``EvalConfig.over_refusal``) by the refusal substrings."""
+    ungated_of: str | None = None
+    """An ungated copy's point: the gated profile it copies."""
+    gate: dict | None = None
+    """Gated profiles and their ungated copies: :func:`vllm_steer.evaluation.gates.gate_summary`."""
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -167,7 +198,7 @@ def _prompt_ids(tokenizer: Any, row: Row) -> list[int]:
 class OfflineBackend:
     """One vLLM engine with the plugin and the profile directory; every call is one mixed batch."""
 
-    name = "offline engine (one LLM.generate call per phase)"
+    name = "offline engine (one mixed batch per phase)"
 
     def __init__(self, model: str, profiles: str, eager: bool = True):
 
@@ -190,16 +221,46 @@ class OfflineBackend:
             )
             for r in rows
         ]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=True)
+        request_ids = self.llm.enqueue([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        outs, decisions = self._run(request_ids)
         result = []
-        for prompt_ids, out in zip(ids, outs, strict=True):
-            c = out.outputs[0]
+        for prompt_ids, request_id in zip(ids, request_ids, strict=True):
+            c = outs[external_id(request_id)].outputs[0]
             logprobs = token_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else []
             top = {}
             if c.logprobs:
                 top = {lp.decoded_token: lp.logprob for lp in c.logprobs[0].values() if lp.decoded_token is not None}
-            result.append(Generation(c.text, prompt_ids, list(c.token_ids), logprobs, top))
+            result.append(Generation(c.text, prompt_ids, list(c.token_ids), logprobs, top, decisions.get(request_id)))
         return result
+
+    def _run(self, request_ids: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict]]:
+        """Step the engine until the enqueued requests are done (LLM.generate's loop), reading the gate decisions
+        (``vllm_steer_gate_decisions``) whenever half the engine's window of finished decisions has finished
+        since the last read, and at the end: no gated row's decision leaves the window unread."""
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        from vllm_steer.engine.runtime import FINISHED_DECISIONS
+
+        engine = self.llm.llm_engine
+        outs: dict[str, Any] = {}
+        decisions: dict[str, dict] = {}
+        since_read = 0
+
+        def read() -> None:
+            decisions.update(decisions_by_request(self.llm.collective_rpc("vllm_steer_gate_decisions", args=("",))))
+
+        with tqdm(total=len(request_ids), desc="Processed prompts", dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        outs[out.request_id] = out
+                        since_read += 1
+                        bar.update(1)
+                if since_read >= FINISHED_DECISIONS // 2:
+                    read()
+                    since_read = 0
+        read()
+        return outs, decisions
 
     def score_unsteered(self, generations: Sequence[Generation]) -> list[float]:
         """Perplexity of each generation under the unsteered model (prompt logprobs of prompt + generation)."""
@@ -237,13 +298,16 @@ class ServerBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
     def _post(self, body: dict) -> dict:
+        return self._post_with_headers(body)[0]
+
+    def _post_with_headers(self, body: dict) -> tuple[dict, Any]:
         import httpx
 
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         response = httpx.post(self.url + "/v1/completions", json=body, headers=headers, timeout=600)
         if response.status_code != 200:
             raise EvalError("server", f"HTTP {response.status_code}: {response.text[:300]}")
-        return response.json()
+        return response.json(), response.headers
 
     def _map(self, fn, items):
         from concurrent.futures import ThreadPoolExecutor
@@ -264,10 +328,14 @@ class ServerBackend:
             }
             if row.extra_args:
                 body["vllm_xargs"] = row.extra_args
-            choice = self._post(body)["choices"][0]
+            # non-streaming: the response's headers carry the gate decision (x-vllm-steer-gate, gated profiles only)
+            data, headers = self._post_with_headers(body)
+            choice = data["choices"][0]
             lp = choice.get("logprobs") or {}
             top = (lp.get("top_logprobs") or [{}])[0] or {}
-            return Generation(choice["text"], ids, choice.get("token_ids") or [], lp.get("token_logprobs") or [], top)
+            gate = parse_gate_header(headers.get(GATE_HEADER))
+            tokens = choice.get("token_ids") or []
+            return Generation(choice["text"], ids, tokens, lp.get("token_logprobs") or [], top, gate)
 
         return self._map(one, rows)
 
@@ -321,6 +389,40 @@ def _load_sets(cfg: EvalConfig) -> tuple[list[Prompt], list[Prompt]]:
     return harmful, harmless
 
 
+def _load_over_refusal(cfg: EvalConfig) -> list[Prompt]:
+    """The over-refusal set's rows (``[]`` without one)."""
+    if not cfg.over_refusal:
+        return []
+    rows = _one_class("over_refusal", cfg.over_refusal, load_prompts(cfg.over_refusal, cfg.data_dir), harmful=False)
+    rows = rows[cfg.over_refusal_offset : cfg.over_refusal_offset + cfg.n]
+    if not rows:
+        raise EvalError(
+            "over_refusal_offset", f"{cfg.over_refusal_offset} leaves no prompts of {cfg.over_refusal!r}; lower it"
+        )
+    return rows
+
+
+def _points(
+    cfg: EvalConfig, profiles: dict[str, Profile], ungated: dict[str, Profile]
+) -> list[tuple[Profile | None, float | None]]:
+    """The evaluated settings, unsteered first; each gated profile's ungated copy (``ungated``, by gated id) next to it:
+    at each evaluated strength for action ``steer``, at the default strength after the profile's last point for
+    ``refuse`` and ``flag`` (their gated rows are never steered)."""
+    points: list[tuple[Profile | None, float | None]] = [(None, None)]
+    for t in cfg.targets:
+        p = profiles[t.profile_id]
+        values = t.values if t.values is not None else (_default_value(p),)
+        copy = ungated.get(p.id)
+        steer = p.spec.gating is not None and p.spec.gating.action == "steer"
+        for v in values:
+            points.append((p, v))
+            if copy is not None and steer:
+                points.append((copy, v))
+        if copy is not None and not steer:
+            points.append((copy, _default_value(copy)))
+    return points
+
+
 def _category_prompts(cfg: EvalConfig, categories: Sequence[str]) -> dict[str, list[str]]:
     rows = load_prompts(cfg.category_data, cfg.data_dir)
     by_cat: dict[str, list[str]] = {}
@@ -332,7 +434,7 @@ def _category_prompts(cfg: EvalConfig, categories: Sequence[str]) -> dict[str, l
 
 def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | None = None) -> dict:
     """Run the evaluation; returns the result dict (also written to ``cfg.out / "result.json"``)."""
-    from vllm_steer.evaluation.judges import JudgeSummary, make_judge
+    from vllm_steer.evaluation.judges import make_judge
 
     say = progress or (lambda _msg: None)
     profiles = load_profile_dir(cfg.profiles)
@@ -341,27 +443,72 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
         raise EvalError("profile", f"unknown {unknown} (in {cfg.profiles}: {sorted(profiles)})")
     judges = [make_judge(spec, cfg.judge_api_key_env) for spec in cfg.judges]
     harmful, harmless = _load_sets(cfg)
+    over_refusal = _load_over_refusal(cfg)
 
-    points: list[tuple[Profile | None, float | None]] = [(None, None)]
-    for t in cfg.targets:
-        p = profiles[t.profile_id]
-        values = t.values if t.values is not None else (_default_value(p),)
-        points += [(p, v) for v in values]
+    gated_ids = [t.profile_id for t in cfg.targets if profiles[t.profile_id].spec.gating is not None]
+    notes: list[str] = []
+    served_profiles, scratch = cfg.profiles, None
+    ungated: dict[str, Profile] = {}
+    if gated_ids and cfg.ungated_comparison:
+        if cfg.server or backend is not None:
+            notes.append(
+                "the ungated comparison was skipped: the engine cannot switch a profile's gate off per request, and "
+                "this backend serves its own profiles; serve an ungated copy of "
+                + ", ".join(repr(pid) for pid in dict.fromkeys(gated_ids))
+                + " (the same profile without its gating block, id '<id>-ungated') and evaluate it with --compare"
+            )
+        else:
+            import tempfile
 
+            scratch = Path(tempfile.mkdtemp(prefix="vllm-steer-eval-profiles-"))
+            try:
+                ungated = write_eval_profiles(profiles, [t.profile_id for t in cfg.targets], scratch)
+            except (ValueError, OSError) as exc:  # a clashing or too long id, a file that cannot be written
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise EvalError("profile", f"could not write the ungated copies: {exc}") from None
+            served_profiles = str(scratch)
+            say(f"serving {', '.join(sorted(c.id for c in ungated.values()))} (ungated copies) from {scratch}")
+    try:
+        return _run(
+            cfg, profiles, ungated, served_profiles, notes, judges, harmful, harmless, over_refusal, backend, say
+        )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(
+    cfg: EvalConfig,
+    profiles: dict[str, Profile],
+    ungated: dict[str, Profile],
+    served_profiles: str,
+    notes: list[str],
+    judges: list,
+    harmful: list[Prompt],
+    harmless: list[Prompt],
+    over_refusal: list[Prompt],
+    backend,
+    say: Callable[[str], None],
+) -> dict:
+    from vllm_steer.evaluation.judges import JudgeSummary
+
+    points = _points(cfg, profiles, ungated)
     rows: list[Row] = []
     for pi, (profile, value) in enumerate(points):
         extra = _setting(profile, value)
-        rows += [Row("harmful", h.text, extra, max_tokens=cfg.max_tokens, meta={"point": pi}) for h in harmful]
-        rows += [Row("harmless", h.text, extra, max_tokens=cfg.max_tokens, meta={"point": pi}) for h in harmless]
+        for group, prompts in (("harmful", harmful), ("harmless", harmless), ("over_refusal", over_refusal)):
+            rows += [Row(group, h.text, extra, max_tokens=cfg.max_tokens, meta={"point": pi}) for h in prompts]
 
     mc_items = []
     if cfg.capability:
         from vllm_steer.evaluation.capability import format_mc_prompt, load_mc_sample
 
         mc_items = load_mc_sample()[: cfg.capability_n]
-        capability_points = [(None, None)] + [
-            (profiles[t.profile_id], _default_value(profiles[t.profile_id])) for t in cfg.targets
-        ]
+        capability_points: list[tuple[Profile | None, float | None]] = [(None, None)]
+        for t in cfg.targets:
+            for p in (profiles[t.profile_id], ungated.get(t.profile_id)):
+                if p is not None:
+                    capability_points.append((p, _default_value(p)))
         for ci, (profile, value) in enumerate(capability_points):
             rows += [
                 Row(
@@ -398,7 +545,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     backend = backend or (
         ServerBackend(cfg.server, cfg.model, _env(cfg.api_key_env))
         if cfg.server
-        else OfflineBackend(cfg.model, cfg.profiles, cfg.eager)
+        else OfflineBackend(cfg.model, served_profiles, cfg.eager)
     )
     say(f"generating {len(rows)} rows ({len(points)} settings) in one mixed batch via {backend.name}")
     t0 = time.time()
@@ -441,12 +588,53 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
             example_harmful=gens[hi[0]].text[:300] if hi else "",
             example_harmless=gens[li[0]].text[:300] if li else "",
         )
+        oi = [i for i, r in enumerate(rows) if r.group == "over_refusal" and r.meta["point"] == pi]
+        point.n_over_refusal_set = len(oi)
+        point.refusal_over_refusal_set = _mean([is_refusal(gens[i].text) for i in oi])
         for name, by_row in judge_results.items():
             point.judges[name] = {
                 "harmful": asdict(JudgeSummary.from_verdicts([by_row[i] for i in hi])),
                 "harmless": asdict(JudgeSummary.from_verdicts([by_row[i] for i in li])),
             }
+            if oi:
+                point.judges[name]["over_refusal"] = asdict(JudgeSummary.from_verdicts([by_row[i] for i in oi]))
+        if profile is not None and profile.id in {c.id for c in ungated.values()}:
+            point.ungated_of = profile.id.removesuffix(UNGATED_SUFFIX)
+        gating = profile.spec.gating if profile is not None else None
+        if gating is not None or point.ungated_of is not None:
+            gate_rows = []
+            for i in [*hi, *li, *oi]:
+                decision = gens[i].gate if gating is not None else None
+                fired = None if decision is None else decision.get("fired")
+                gate_rows.append(
+                    GateRow(
+                        rows[i].group,
+                        gens[i].text,
+                        fired,
+                        refused_by_gate=gating is not None and gating.action == "refuse" and fired is True,
+                        logprobs=gens[i].logprobs,
+                        perplexity_unsteered=ppl_unsteered[i],
+                    )
+                )
+            point.gate = gate_summary(
+                gate_rows,
+                action=gating.action if gating is not None else None,
+                gated=gating is not None,
+                ungated_of=point.ungated_of,
+            )
         results.append(point)
+
+    undecided = sum(p.gate["undecided"] for p in results if p.gate is not None and p.gate["gated"])
+    if undecided:
+        notes.append(
+            f"{undecided} gated rows have no decision (undecided, or none came back"
+            + (
+                ": a server reports decisions only with vllm-steer's plugin, in non-streaming responses"
+                if cfg.server
+                else ""
+            )
+            + "); they are left out of gate precision, recall and flag rates"
+        )
 
     capability = {}
     if mc_items:
@@ -499,7 +687,10 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
             "offset": cfg.offset,
             "max_tokens": cfg.max_tokens,
             "category_data": cfg.category_data,
+            "over_refusal": cfg.over_refusal,
+            "over_refusal_offset": cfg.over_refusal_offset,
         },
+        "notes": notes,
         "perplexity_violation_threshold": PERPLEXITY_VIOLATION,
         "judges": [j.name for j in judges],
         "points": [asdict(p) for p in results],
@@ -524,6 +715,7 @@ def _save_generations(out: Path, rows: Sequence[Row], gens: Sequence[Generation]
                         "meta": row.meta,
                         "text": gen.text,
                         "tokens": len(gen.token_ids),
+                        "gate": gen.gate,
                     }
                 )
                 + "\n"

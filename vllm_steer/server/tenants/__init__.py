@@ -19,6 +19,10 @@ Tiers (``format_version: 1``, :mod:`~vllm_steer.server.tenants.schema`):
 * ``default`` -- applied when a request names no profile.
 * ``profiles`` -- ``"*"`` (every loaded profile, its full ranges) or a mapping
   ``id -> {angle: [lo, hi], scale: [lo, hi], categories: [...]}``.
+* gated profiles (:mod:`vllm_steer.core.gates`): ``forced``/``default`` may set the gate's ``gate_action``
+  and ``refusal`` text (a forced tier's clients may restate them, never change them); a grant's
+  ``gate_actions`` lists the other actions a client may ask for (``steer_gate_action``); only a tier approving
+  every profile lets clients set ``steer_refusal``. Thresholds are the profile's.
 * ``allow_unsteered`` -- may a client send ``steer_profile: "none"``?
 * ``allow_layers_override`` -- may a client send ``steer_layers``?
 * ``max_concurrent_steered`` -- steered sequences in flight per tenant (a request counts ``n`` times its
