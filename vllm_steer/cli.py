@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +174,6 @@ def calibrate(
         _require_extra("sklearn", "calibrate", "--method probe")
     if report:
         _require_extra("matplotlib", "calibrate", "--report")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from vllm_steer.calibration.pipeline import CalibrationConfig, CalibrationError, calibrate_profile
     from vllm_steer.core.profile import ProfileError, load_profile
@@ -197,16 +198,7 @@ def calibrate(
         contrast=contrast,
         prompt_format=prompt_format,
     )
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
+    with _phase_progress() as progress:
         diagnostics: dict = {}
         try:
             path = calibrate_profile(cfg, progress, diagnostics)
@@ -225,6 +217,24 @@ def calibrate(
         from vllm_steer.calibration.report import write_report
 
         console.print(f"report: {write_report(path, diagnostics)}")
+
+
+@contextlib.contextmanager
+def _phase_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Progress bars, one per phase: ``progress(phase, done, total)`` (calibration's and the gates')."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        yield progress
 
 
 def _gate_config(enabled: bool, **o: Any):
@@ -283,7 +293,6 @@ def _gate_config(enabled: bool, **o: Any):
 
 def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
     """Choose the gates, write them into the profile at ``profile_dir`` and ``report/gate.*``; print the result."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from vllm_steer.calibration.gates import add_gating, run_gate_calibration
     from vllm_steer.calibration.pipeline import CalibrationError
@@ -295,16 +304,7 @@ def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
     except ProfileError as exc:
         console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
+    with _phase_progress() as progress:
         try:
             result = run_gate_calibration(cfg, progress)
             add_gating(profile_dir, result)

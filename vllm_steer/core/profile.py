@@ -336,20 +336,9 @@ def _check_tensors(
     for layer in spec.layers:
         vectors[layer] = {}
         for role, name in spec.tensors[layer].items():
-            field = f"tensors.{layer}.{role}"
-            if name not in stored:
-                raise ProfileError(path, field, f"tensor {name!r} is not in the file")
-            t = stored[name]
-            if tuple(t.shape) != (d,):
-                raise ProfileError(
-                    path, field, f"tensor {name!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)"
-                )
-            t = t.to(torch.float32)
-            if not torch.isfinite(t).all():
-                raise ProfileError(path, field, f"tensor {name!r} has NaN or inf values")
-            if float(t.norm()) == 0.0 and method.roles != "categories":  # a category may add nothing
-                raise ProfileError(path, field, f"tensor {name!r} is all zeros")
-            vectors[layer][role] = t
+            # a category may add nothing; every other vector is a direction
+            zero_ok = method.roles == "categories"
+            vectors[layer][role] = _stored_vector(stored, name, d, path, f"tensors.{layer}.{role}", zero_ok=zero_ok)
         if method.norm == "orthonormal":
             b1, b2 = vectors[layer]["b1"], vectors[layer]["b2"]
             for role, vec in (("b1", b1), ("b2", b2)):
@@ -371,6 +360,23 @@ def _check_tensors(
     return vectors
 
 
+def _stored_vector(
+    stored: Mapping[str, torch.Tensor], name: str, d: int, path: Path, field: str, *, zero_ok: bool
+) -> torch.Tensor:
+    """The float32 vector ``name`` of the file: present, ``(d,)``, finite, and not all zeros unless ``zero_ok``."""
+    t = stored.get(name)
+    if t is None:
+        raise ProfileError(path, field, f"tensor {name!r} is not in the file")
+    if tuple(t.shape) != (d,):
+        raise ProfileError(path, field, f"tensor {name!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)")
+    t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise ProfileError(path, field, f"tensor {name!r} has NaN or inf values")
+    if not zero_ok and float(t.norm()) == 0.0:
+        raise ProfileError(path, field, f"tensor {name!r} is all zeros")
+    return t
+
+
 def _check_gate_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Each gate's direction: present, ``(hidden_size,)``, finite, not zero; returned with unit length."""
     if spec.gating is None:
@@ -378,21 +384,8 @@ def _check_gate_tensors(spec: ProfileSpec, stored: Mapping[str, torch.Tensor], p
     d = spec.model.hidden_size
     directions: dict[str, torch.Tensor] = {}
     for i, gate in enumerate(spec.gating.gates):
-        field = f"gating.gates.{i}.tensor"
-        t = stored.get(gate.tensor)
-        if t is None:
-            raise ProfileError(path, field, f"tensor {gate.tensor!r} is not in the file")
-        if tuple(t.shape) != (d,):
-            raise ProfileError(
-                path, field, f"tensor {gate.tensor!r} has shape {tuple(t.shape)}, expected ({d},) (hidden_size)"
-            )
-        t = t.to(torch.float32)
-        if not torch.isfinite(t).all():
-            raise ProfileError(path, field, f"tensor {gate.tensor!r} has NaN or inf values")
-        norm = float(t.norm())
-        if norm == 0.0:
-            raise ProfileError(path, field, f"tensor {gate.tensor!r} is all zeros")
-        directions[gate.name] = t / norm
+        t = _stored_vector(stored, gate.tensor, d, path, f"gating.gates.{i}.tensor", zero_ok=False)
+        directions[gate.name] = t / t.norm()
     return directions
 
 

@@ -120,6 +120,8 @@ class GateTable:
         self._staging = torch.empty(9, m, dtype=i64, pin_memory=pin)
         self.refusing = 0
         """Refusing requests in this step's logits (host)."""
+        self._padded = True
+        """The step buffers hold only padding (as allocated above, or as the last empty step staged them)."""
         self._free_rows = list(range(self.n_rows - 1, -1, -1))
         self._slot_gate_names: list[tuple[str, ...]] = [() for _ in range(max_slots)]
         self._slot_gate_sites: list[frozenset[int]] = [frozenset() for _ in range(max_slots)]
@@ -195,6 +197,9 @@ class GateTable:
         self.count = len(deciding)
         self.refusing = len(forced)
         self.step_sites = frozenset().union(*(self._slot_gate_sites[d.slot] for d in deciding))
+        if self._padded and not deciding and not forced:
+            return  # the buffers hold padding already: nothing to copy (every step of a server without gates)
+        self._padded = not deciding and not forced
         stage = self._staging.numpy()
         stage[0].fill(0)
         stage[1].fill(self.scratch_position)

@@ -173,13 +173,11 @@ class SteeringRuntime:
         self.token_scale = torch.zeros(max_tokens, dtype=f32, device=dev)
         # Gates: each token's decision row, and the slot the op reads (token_slot where the row fired, else -1;
         # one scratch entry past the tokens takes the writes of padding).
-        self.token_row = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        self.token_slot_eff = torch.full((max_tokens + 1,), -1, dtype=torch.int64, device=dev)
         self.gates = GateTable(max_slots, hidden_size, max_requests, max_tokens, self.device)
-        self.token_row.fill_(self.gates.ROW_ALWAYS)
+        self.token_row = torch.full((max_tokens,), self.gates.ROW_ALWAYS, dtype=torch.int64, device=dev)
+        self.token_slot_eff = torch.full((max_tokens + 1,), -1, dtype=torch.int64, device=dev)
         self._gate_sites = frozenset(i for i, site in enumerate(self.sites) if site.kind == GATE_HOOK)
         """Sites a gate may read: a captured graph evaluates gates at all of them."""
-        self._site_layer = [site.layer for site in self.sites]
         pin = self.device.type == "cuda"
         self._staging = {
             "slot": torch.empty(max_tokens, dtype=torch.int64, pin_memory=pin),

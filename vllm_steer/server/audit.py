@@ -77,8 +77,6 @@ class AuditLog:
         body: dict[str, Any] | None = None,
     ) -> None:
         line: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "event": "policy",
             "request_id": request_id,
             "client_request_id": printable(client_request_id),
             "tenant": tenant,
@@ -96,7 +94,7 @@ class AuditLog:
             for key in ("prompt", "messages"):
                 if key in body:
                     line[key] = body[key]
-        self._write(line)
+        self._write("policy", line)
 
     def gate(
         self,
@@ -110,8 +108,6 @@ class AuditLog:
     ) -> None:
         """The gate line of an answered gated request: per row, the decision the engine made."""
         line: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "event": "gate",
             "request_id": request_id,
             "client_request_id": printable(client_request_id),
             "tenant": tenant,
@@ -121,10 +117,12 @@ class AuditLog:
                 {key: row.get(key) for key in ("profile", "action", "fired", "gates", "scores")} for row in decisions
             ],
         }
-        self._write(line)
+        self._write("gate", line)
 
-    def _write(self, line: dict[str, Any]) -> None:
-        text = json.dumps(line, ensure_ascii=True, default=str)
+    def _write(self, event: str, fields: dict[str, Any]) -> None:
+        """One line: the time and the event, then ``fields``."""
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        text = json.dumps({"time": now, "event": event, **fields}, ensure_ascii=True, default=str)
         AUDIT_LOGGER.info(text)
         if self.path is not None:
             with self._lock, open(self.path, "a", encoding="utf-8") as out:
