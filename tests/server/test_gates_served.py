@@ -1,7 +1,8 @@
 """Gates through the OpenAI API (``vllm-steer serve``): a refusing profile answers its fired rows with the refusal,
 token by token when streamed, ending with ``finish_reason: stop``; rows whose gate did not fire are answered as
 unsteered; a refusal cannot be combined with structured outputs (400 naming the field). Every decision reaches the
-client (``x-vllm-steer-gate`` on non-streaming responses), the counters and the audit log."""
+client (``x-vllm-steer-gate`` on non-streaming responses), the counters and the audit log. Under a tenants file, a
+tier that forces a gate keeps its action and refusal text whatever the client sends (403 naming the key)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,42 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import yaml
 
 from support.server import Server, free_port, serve_command, server_env
+from vllm_steer.server.tenants import hash_api_key
 from vllm_steer.testing.tiny import TINY_GATED
 
 pytestmark = pytest.mark.engine
 
 REFUSE = {"steer_profile": "tiny-refuse"}
 REFUSAL = TINY_GATED["tiny-refuse"]["refusal"]
+RESEARCH, STRICT = "gates-research-key-0123", "gates-strict-key-4567"
+STRICT_REFUSAL = "Not for this tier."
 
 
 @pytest.fixture(scope="module")
 def gated_server(gated, tmp_path_factory):
     root, where = gated[0], tmp_path_factory.mktemp("server-gated")
-    cmd = serve_command(root, free_port(), root / "profiles", "--steer-audit-log", str(where / "audit.jsonl"))
+    tiers = {
+        "research": {"profiles": "*", "allow_unsteered": True},
+        # raw completions allowed so the rows compare with the others; the gate is the tier's
+        "strict": {
+            "forced": {"profile": "tiny-refuse", "gate_action": "refuse", "refusal": STRICT_REFUSAL},
+            "allow_controls": ["completions"],
+        },
+    }
+    tenants = {
+        "format_version": 1,
+        "tiers": tiers,
+        "tenants": [
+            {"name": "lab", "tier": "research", "key_hash": hash_api_key(RESEARCH)},
+            {"name": "shop", "tier": "strict", "key_hash": hash_api_key(STRICT)},
+        ],
+    }
+    (where / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    options = ("--steer-audit-log", str(where / "audit.jsonl"), "--steer-tenants", str(where / "tenants.yaml"))
+    cmd = serve_command(root, free_port(), root / "profiles", *options, "--steer-public-metrics")
     srv = Server(cmd, server_env(), where / "server.log", str(root / "model"), root / "profiles", key="server:gated")
     srv.audit = where / "audit.jsonl"
     yield srv
@@ -53,7 +76,7 @@ def test_fired_rows_are_refused_and_the_others_answered_unsteered(gated, gated_s
     refusal_ids = [*tokenizer(REFUSAL, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     bodies = [_body(gated_server, ids, xargs) for ids in prompts for xargs in (REFUSE, None)]
     with ThreadPoolExecutor(8) as pool:  # one mixed batch
-        responses = list(pool.map(lambda b: gated_server.post("/v1/completions", b, None), bodies))
+        responses = list(pool.map(lambda b: gated_server.post("/v1/completions", b, RESEARCH), bodies))
     fired = 0
     audit = _gate_lines(gated_server)
     for i, ids in enumerate(prompts):
@@ -74,12 +97,11 @@ def test_fired_rows_are_refused_and_the_others_answered_unsteered(gated, gated_s
         assert row["gates"] == (["g"] if expected else []) and set(row["scores"]) == {"g"}
     assert 0 < fired < len(prompts), "some rows refused, some answered"
     metrics = requests.get(gated_server.url + "/metrics", timeout=30).text
-    counted = {
-        fired_label: float(value)
-        for fired_label, value in re.findall(
-            r'vllm_steer_gate_decisions_total\{[^}]*action="refuse"[^}]*fired="(true|false)"[^}]*\} ([0-9.]+)', metrics
-        )
-    }
+    counted: dict[str, float] = {}  # this test's tenant (research: "lab"), every label set of it
+    for labels, value in re.findall(r"vllm_steer_gate_decisions_total\{([^}]*)\} ([0-9.]+)", metrics):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if label["tenant"] == "lab" and label["action"] == "refuse":
+            counted[label["fired"]] = counted.get(label["fired"], 0.0) + float(value)
     assert counted.get("true", 0) >= fired and counted.get("false", 0) >= len(prompts) - fired, counted
 
 
@@ -87,7 +109,10 @@ def test_a_refusal_streams_token_by_token(gated, gated_server):
     _, prompts, _, reference = gated
     ids = next(ids for ids in prompts if reference(ids, REFUSE)["fired"])
     body = _body(gated_server, ids, REFUSE, stream=True)
-    with requests.post(gated_server.url + "/v1/completions", json=body, stream=True, timeout=300) as response:
+    auth = {"authorization": f"Bearer {RESEARCH}"}
+    with requests.post(
+        gated_server.url + "/v1/completions", json=body, headers=auth, stream=True, timeout=300
+    ) as response:
         assert response.status_code == 200
         events = [
             json.loads(line[len(b"data: ") :])
@@ -108,7 +133,28 @@ def test_a_refusal_streams_token_by_token(gated, gated_server):
 def test_a_refusal_with_structured_outputs_is_refused_naming_the_field(gated, gated_server):
     _, prompts, _, _ = gated
     body = _body(gated_server, prompts[0], REFUSE, structured_outputs={"choice": ["yes", "no"]})
-    response = gated_server.post("/v1/completions", body, None)
+    response = gated_server.post("/v1/completions", body, RESEARCH)
     assert response.status_code == 400 and "structured_outputs" in response.text, response.text
     # the same request without the refusing profile is served
-    assert gated_server.post("/v1/completions", _body(gated_server, prompts[0], None), None).status_code == 200
+    assert gated_server.post("/v1/completions", _body(gated_server, prompts[0], None), RESEARCH).status_code == 200
+
+
+def test_a_tier_that_forces_a_gate_keeps_its_action_and_refusal(gated, gated_server, tokenizer):
+    _, prompts, _, reference = gated
+    fires = next(ids for ids in prompts if reference(ids, REFUSE)["fired"])
+    passes = next(ids for ids in prompts if not reference(ids, REFUSE)["fired"])
+    for xargs, field in (
+        ({"steer_profile": "tiny-refuse", "steer_gate_action": "flag"}, "steer_gate_action"),
+        ({"steer_profile": "tiny-refuse", "steer_refusal": "Sure, here it is:"}, "steer_refusal"),
+        ({"steer_profile": "none"}, "steer_profile"),
+    ):
+        response = gated_server.post("/v1/completions", _body(gated_server, fires, xargs), STRICT)
+        assert response.status_code == 403 and field in response.text, (xargs, response.text)
+    refused = gated_server.post("/v1/completions", _body(gated_server, fires, None), STRICT)
+    choice = refused.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (STRICT_REFUSAL, "stop"), choice
+    assert refused.headers["x-vllm-steer-gate"] == "action=refuse; fired=1"
+    answered = gated_server.post("/v1/completions", _body(gated_server, passes, None), STRICT)
+    unsteered = gated_server.post("/v1/completions", _body(gated_server, passes, None), RESEARCH)
+    assert answered.json()["choices"][0]["token_ids"] == unsteered.json()["choices"][0]["token_ids"]
+    assert answered.headers["x-vllm-steer-gate"] == "action=refuse; fired=0"
