@@ -31,6 +31,10 @@ SETTINGS = [
     # the request's own gate action and refusal text (a tier's override travels the same way)
     {"steer_profile": "tiny-refuse", "steer_gate_action": "flag"},
     {"steer_profile": "tiny-flag", "steer_gate_action": "refuse", "steer_refusal": "No."},
+    # category routing: each row steered with the vector of the category whose gate fired; an explicit category
+    # request of the same profile shares that category's slot
+    {"steer_profile": "tiny-routed", "steer_categories": "auto", "steer_scale": 3.0},
+    {"steer_profile": "tiny-routed", "steer_categories": ["cat_b"], "steer_scale": -2.0},
 ]
 PAIR_SETTING = SETTINGS[1]
 """The setting of the prefix-sharing pair, whose first gate tells the pair apart (the ``gated`` fixture)."""
@@ -115,6 +119,7 @@ def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, ga
     on, off = gated_runs
     rows = [(ids, s) for ids in batch_prompts for s in SETTINGS]
     outcomes: dict[str, set[bool]] = {}
+    routed: set[str | None] = set()
     for row, base, (ids, setting) in zip(on["phases"][0], off["phases"][0], rows, strict=True):
         ref = reference(ids, setting)
         where = (setting, len(ids))
@@ -125,11 +130,15 @@ def test_gated_rows_match_the_reference_and_ungated_rows_are_untouched(gated, ga
         else:
             assert _close(row, ref), ("steered like the reference", where, row, ref)
             assert row["logprobs"] != base["logprobs"], ("a fired gate steers", where)
+        if setting is not None and setting.get("steer_categories") == "auto":
+            routed.add(ref["category"])
+            assert (ref["category"] is None) == (not ref["fired"]), where
         if setting is not None:
             outcomes.setdefault(setting["steer_profile"], set()).add(bool(ref["fired"]))
             # the thresholds sit in gaps of these prompts' scores: no decision is a matter of rounding
             assert ref["scores"], where
     assert all(seen == {True, False} for seen in outcomes.values()), ("every gate fires on some rows only", outcomes)
+    assert len(routed - {None}) >= 2, ("routed rows steer with different categories", routed)
 
 
 def test_a_row_sharing_a_gated_rows_cached_prefix_decides_on_its_own_last_token(gated, gated_runs):

@@ -2,7 +2,9 @@
 token by token when streamed, ending with ``finish_reason: stop``; rows whose gate did not fire are answered as
 unsteered; a refusal cannot be combined with structured outputs (400 naming the field). Every decision reaches the
 client (``x-vllm-steer-gate`` on non-streaming responses), the counters and the audit log. Under a tenants file, a
-tier that forces a gate keeps its action and refusal text whatever the client sends (403 naming the key)."""
+tier that forces a gate keeps its action and refusal text whatever the client sends (403 naming the key). A routing
+request (``steer_categories: "auto"``) steers each row with the category whose gate fired, as the HF reference does,
+and the header names that category per row."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from support.server import Server, free_port, serve_command, server_env
+from support.server import Server, completion_body, free_port, serve_command, server_env, tokens_and_logprobs
 from vllm_steer.server.tenants import hash_api_key
 from vllm_steer.testing.tiny import TINY_GATED
 
@@ -25,6 +27,7 @@ REFUSE = {"steer_profile": "tiny-refuse"}
 REFUSAL = TINY_GATED["tiny-refuse"]["refusal"]
 RESEARCH, STRICT = "gates-research-key-0123", "gates-strict-key-4567"
 STRICT_REFUSAL = "Not for this tier."
+ROUTED = {"steer_profile": "tiny-routed", "steer_categories": "auto", "steer_scale": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +161,38 @@ def test_a_tier_that_forces_a_gate_keeps_its_action_and_refusal(gated, gated_ser
     unsteered = gated_server.post("/v1/completions", _body(gated_server, passes, None), RESEARCH)
     assert answered.json()["choices"][0]["token_ids"] == unsteered.json()["choices"][0]["token_ids"]
     assert answered.headers["x-vllm-steer-gate"] == "action=refuse; fired=0"
+
+
+def test_a_routing_request_is_steered_with_the_category_of_its_fired_gate(gated, gated_server):
+    _, prompts, _, reference = gated
+    bodies = [completion_body(gated_server.model, ids, xargs) for ids in prompts for xargs in (ROUTED, None)]
+    with ThreadPoolExecutor(8) as pool:  # one mixed batch
+        responses = list(pool.map(lambda b: gated_server.post("/v1/completions", b, RESEARCH), bodies))
+    audit = _gate_lines(gated_server)
+    routed = []
+    for i, ids in enumerate(prompts):
+        response, plain = responses[2 * i : 2 * i + 2]
+        row, base, ref = tokens_and_logprobs(response), tokens_and_logprobs(plain), reference(ids, ROUTED)
+        category = ref["category"]
+        routed.append(category)
+        expected = f"action=steer; fired={int(bool(ref['fired']))}; category={category or '-'}"
+        assert response.headers["x-vllm-steer-gate"] == expected, (i, ref)
+        if category is None:
+            assert row == base, ("a row no gate routed is answered unsteered", i)
+        else:  # steered like the reference, with the fired gate's category
+            assert row["tokens"] == ref["tokens"], (i, category, row, ref)
+            assert all(abs(a - b) < 2e-3 for a, b in zip(row["logprobs"], ref["logprobs"], strict=True)), (i, row)
+            assert row["logprobs"] != base["logprobs"], ("a routed row is steered", i)
+        (line,) = audit[_request_id(response.json()["id"])]["rows"]
+        assert (line["profile"], line["action"], line["category"]) == ("tiny-routed", "steer", category), line
+    assert len(set(routed) - {None}) >= 2 and None in routed, ("rows routed two ways, and one not", routed)
+
+
+def test_auto_where_the_gates_do_not_route_is_a_bad_request(gated, gated_server):
+    _, prompts, _, _ = gated
+    for xargs in (
+        {"steer_profile": "tiny-gated-addition", "steer_categories": "auto"},  # no categories, no routes
+        {**ROUTED, "steer_gate_action": "flag"},  # auto steers by the fired gate: only with action steer
+    ):
+        response = gated_server.post("/v1/completions", _body(gated_server, prompts[0], xargs), RESEARCH)
+        assert response.status_code == 400 and "steer_categories" in response.text, (xargs, response.text)

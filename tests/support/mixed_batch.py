@@ -169,7 +169,14 @@ def hf_reference_for(root: Path, *, eager_attention: bool = False):
             ]
             # a gated profile's decision on the prompt (None: ungated), and its gates' scores
             fired, scores = (record.fired, record.scores) if record is not None else (None, {})
-            cache[key] = {"tokens": tokens, "logprobs": logprobs, "fired": fired, "scores": scores}
+            category = record.category if record is not None else None  # a routing request's category
+            cache[key] = {
+                "tokens": tokens,
+                "logprobs": logprobs,
+                "fired": fired,
+                "scores": scores,
+                "category": category,
+            }
         return cache[key]
 
     return reference

@@ -154,6 +154,7 @@ def test_a_profile_without_gates_is_written_as_before(tmp_path):
         (lambda g: g.update(action="block"), "gating.action"),
         (lambda g: g["gates"][0].update(tensor="nope"), "gating.gates.0.tensor"),
         (lambda g: g["gates"][0].update(tensor="vector.1"), None),  # a steering tensor may be a gate's direction
+        (lambda g: g["gates"][0].update(category="harm"), "gating.gates.0.category"),  # not a category profile
     ],
 )
 def test_bad_gating_refused_at_load_naming_file_and_field(tmp_path, edit, field):
@@ -191,3 +192,46 @@ def test_bad_gate_tensors_refused_naming_the_gate(tmp_path, tensor, message):
     with pytest.raises(ProfileError, match=message) as err:
         load_profile(tmp_path / "p")
     assert err.value.field == "gating.gates.0.tensor" and err.value.path.endswith(TENSORS_FILE)
+
+
+def test_routing_gates_name_categories_of_their_profile(tmp_path):
+    base = random_profile("cp", "category", FP, [1, 2], seed=3, categories=("a", "b"))
+    gates = [GateSpec(name=n, layer=1, tensor=f"gate.{n}", threshold=0.1, category=n) for n in ("a", "b")]
+    directions = {n: torch.randn(D, generator=_gen(i)) for i, n in enumerate(("a", "b"))}
+    profile = with_gates(base, "steer", gates, directions)
+    assert profile.spec.gating.routes == ("a", "b")
+    save_profile(tmp_path / "p", profile.spec, profile.vectors, profile.gate_vectors)
+    path = tmp_path / "p" / PROFILE_FILE
+    assert load_profile(tmp_path / "p").digest == profile.digest
+    for edit, field in (
+        (lambda g: g["gates"][1].update(category="c"), "gating.gates.1.category"),
+        (lambda g: g["gates"][1].pop("category"), "gating.gates"),  # one per gate or none
+    ):
+        raw = json.loads(path.read_text())
+        edit(raw["gating"])
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ProfileError) as err:
+            load_profile(tmp_path / "p")
+        assert err.value.field == field, err.value
+        save_profile(tmp_path / "p", profile.spec, profile.vectors, profile.gate_vectors)
+
+
+def test_route_of_picks_the_fired_gate_with_the_largest_margin():
+    from vllm_steer.core.gates import route_of
+
+    gating = GatingSpec.model_validate(
+        {
+            "action": "steer",
+            "gates": [
+                _gate(name="a", threshold=0.2, category="A"),
+                _gate(name="b", threshold=0.5, category="B"),
+                _gate(name="c", threshold=-0.1, comparison="<", category="C"),
+            ],
+        }
+    )
+    assert route_of(gating, {"a": 0.6, "b": 0.95, "c": 0.0}) == "B"  # margins 0.4, 0.45; c does not fire
+    assert route_of(gating, {"a": 0.6, "b": 0.55, "c": -0.7}) == "C"  # margins 0.4, 0.05, 0.6
+    assert route_of(gating, {"a": 0.1, "b": 0.1, "c": 0.0}) is None
+    assert route_of(gating, {"a": math.nan, "b": 0.6}) == "B", "a missing or NaN score never fires"
+    plain = GatingSpec.model_validate({"action": "steer", "gates": [_gate()]})
+    assert plain.routes == () and route_of(plain, {"harm": 0.9}) is None

@@ -310,3 +310,116 @@ def test_a_flagging_request_on_a_steering_profile_steers_nothing():
     rt.begin_step(["s", "f"], [2, 2], [0, 0], [2, 2])
     assert steered_rows(run_step(rt, hidden(True, 4))) == {0: [], 1: [], 2: [], 3: [1]}
     assert rt.decision("f").fired is True and rt.gate_decisions("f")[0]["action"] == "flag"
+
+
+# ------------------------------------------------------------------ category routing
+
+ROUTED = with_gates(
+    random_profile(
+        "routed", "category", FP, [0, 1, 2, 3], seed=7, vector_norm=3.0, scale=1.5, categories=("x", "y", "z")
+    ),
+    "steer",
+    [
+        GateSpec(name="gx", layer=1, tensor="g.x", score="projection", threshold=0.5, category="x"),
+        GateSpec(name="gy", layer=2, tensor="g.y", score="projection", threshold=0.2, category="y"),
+        GateSpec(name="gz", layer=1, tensor="g.z", score="projection", threshold=-0.5, comparison="<", category="z"),
+    ],
+    {"gx": GATE, "gy": GATE, "gz": GATE},
+)
+ROUTING = {**PROFILES, "routed": ROUTED}
+
+
+def routed(categories: object = "auto"):
+    return resolve_steering(parse_steering({"steer_profile": "routed", "steer_categories": categories}), ROUTING)
+
+
+def routing_runtime(max_slots: int = 6) -> SteeringRuntime:
+    return SteeringRuntime(ROUTING, sites_for_profiles(ROUTING), hidden_size=D, max_slots=max_slots, max_tokens=32)
+
+
+def test_auto_resolves_to_the_gates_categories():
+    auto = routed()
+    assert auto.route == ("x", "y", "z") and auto.categories == () and auto.gate_action == "steer"
+    assert auto.slot_key != routed(["x"]).slot_key
+    for bad, where in (({"steer_profile": "gated", "steer_categories": "auto"}, "no categories"),
+                       ({"steer_profile": "routed", "steer_categories": "auto", "steer_gate_action": "flag"}, "'steer'")):  # fmt: skip
+        with pytest.raises(SteeringRequestError, match=where) as err:
+            resolve_steering(parse_steering(bad), ROUTING)
+        assert err.value.field == "steer_categories"
+
+
+@pytest.mark.parametrize(
+    ("state", "category"),
+    [("along", "y"), ("against", "z"), ("across", None)],
+)
+def test_a_routing_request_steers_with_the_category_whose_gate_fired_by_the_largest_margin(state, category):
+    """Along the gate direction both ``gx`` (margin ~0.45, layer 1) and ``gy`` (~0.75, layer 2) fire: ``y`` wins,
+    decided at the deeper site. Against it only ``gz`` fires; across it none does (unsteered)."""
+    base = {"along": GATE, "against": -GATE, "across": ORTHOGONAL}[state]
+    h = base * 3 + 0.05 * torch.randn(3, D, generator=torch.Generator().manual_seed(0))
+    rt = routing_runtime()
+    rt.add_request("r", routed())
+    assert rt.slots_in_use == 4, "its own slot (the gates) and one per category"
+    rt.begin_step(["r"], [3], [0], [3])
+    deltas = run_step(rt, h)
+    want = None if category is None else routed([category])
+    assert steered_rows(deltas) == {0: [], 1: [], 2: [], 3: [2] if want else []}
+    if want is not None:
+        expected = reference_op(ROUTED, want, 3)(h[2:3]) - h[2:3]
+        torch.testing.assert_close(deltas[3][2:3], expected, rtol=1e-5, atol=1e-5)
+    rt.begin_step(["r"], [1], [3], [3])  # a generated token, on states that would now route elsewhere
+    g = -h[:1]
+    deltas = run_step(rt, g)
+    for layer in range(4):
+        if want is None:
+            assert not deltas[layer].abs().any()
+        else:
+            expected = reference_op(ROUTED, want, layer)(g) - g
+            torch.testing.assert_close(deltas[layer], expected, rtol=1e-5, atol=1e-5)
+    (record,) = rt.gate_decisions("r")
+    assert record["category"] == category and record["fired"] is (category is not None)
+
+
+def test_routing_rows_of_one_step_route_apart_and_share_category_slots():
+    rt = routing_runtime()
+    rt.add_request("a", routed())
+    rt.add_request("b", routed())
+    rt.add_request("explicit", routed(["y"]))  # shares the routing requests' slot for y (same steering)
+    assert rt.slots_in_use == 4
+    h = torch.cat([GATE * 3 + torch.zeros(2, D), -GATE * 3 + torch.zeros(2, D), GATE * 3 + torch.zeros(2, D)])
+    rt.begin_step(["a", "b", "explicit"], [2, 2, 2], [0, 0, 0], [2, 2, 2])
+    deltas = run_step(rt, h)
+    for row, category in ((1, "y"), (3, "z"), (5, "y")):
+        expected = reference_op(ROUTED, routed([category]), 3)(h[row : row + 1]) - h[row : row + 1]
+        torch.testing.assert_close(deltas[3][row : row + 1], expected, rtol=1e-5, atol=1e-5)
+    for req in ("a", "b", "explicit"):
+        rt.remove_request(req)
+    assert rt.slots_in_use == 0
+
+
+def test_a_routing_request_that_finds_too_few_slots_holds_none():
+    rt = routing_runtime(max_slots=4)
+    rt.add_request("other", steer("add"))
+    rt.add_request("x", routed(["x"]))
+    with pytest.raises(runtime_mod.SlotsExhaustedError):
+        rt.add_request("r", routed())  # its own slot, y and z (x is shared): 2 + 3 > 4
+    assert rt.slots_in_use == 2 and not rt.is_bound("r")
+    rt.remove_request("other")
+    rt.add_request("r", routed())
+    assert rt.slots_in_use == 4
+
+
+def test_the_padded_evaluation_routes_as_the_host_sized_one(monkeypatch):
+    def run(capturing: bool):
+        monkeypatch.setattr(runtime_mod, "_capturing_cuda_graph", lambda h: capturing)
+        rt = routing_runtime()
+        rt.add_request("a", routed())
+        rt.add_request("b", routed())
+        rt.begin_step(["a", "b"], [3, 3], [0, 0], [3, 3])
+        h = torch.cat([hidden(True, 3), hidden(False, 3)])
+        return run_step(rt, h), rt.gate_decisions("")
+
+    host, captured = run(False), run(True)
+    for layer in range(4):  # two category slots at a site: the short path vs the captured general op (rounding)
+        torch.testing.assert_close(host[0][layer], captured[0][layer], rtol=1e-6, atol=1e-6)
+    assert host[1] == captured[1] and [r["category"] for r in host[1]] == ["y", "z"]

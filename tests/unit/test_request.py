@@ -372,18 +372,28 @@ def test_steer_layers_picks_a_subset_of_the_profile_layers():
         assert err.value.field == "steer_layers"
 
 
-def test_admission_key_normalizes_the_request_spelling():
-    from vllm_steer.core.request import admission_key
+def test_admission_keys_normalize_the_request_spelling():
+    from vllm_steer.core.request import admission_keys
 
-    stamp = "vllm_steer_digest"
-    one = admission_key({"steer_profile": "p", "steer_categories": ["b", "a"], stamp: "d"}, stamp)
-    two = admission_key({"steer_profile": "p", "steer_categories": ["a", "b"], "steer_scale": 2.0, stamp: "d"}, stamp)
+    stamp, route = "vllm_steer_digest", "vllm_steer_route"
+    (one,) = admission_keys({"steer_profile": "p", "steer_categories": ["b", "a"], stamp: "d"}, stamp)
+    (two,) = admission_keys(
+        {"steer_profile": "p", "steer_categories": ["a", "b"], "steer_scale": 2.0, stamp: "d"}, stamp
+    )
     assert one == two == ("p", "d", ("a", "b"), None, None), "angle and scale travel per token: not part of the slot"
-    flag = admission_key({"steer_profile": "p", "steer_gate_action": "flag", stamp: "d"}, stamp)
+    (flag,) = admission_keys({"steer_profile": "p", "steer_gate_action": "flag", stamp: "d"}, stamp)
     assert flag[4] == "flag", "a gate action loads the slot differently: part of the key"
-    assert admission_key({"steer_profile": "p", stamp: "other"}, stamp) != admission_key(
+    assert admission_keys({"steer_profile": "p", stamp: "other"}, stamp) != admission_keys(
         {"steer_profile": "p", stamp: "d"}, stamp
     )
-    assert admission_key({"steer_profile": "p", "steer_layers": [3, 1]}, stamp)[3] == (1, 3)
-    assert admission_key(None, stamp) is None and admission_key({"other_plugin": 1}, stamp) is None
-    assert admission_key({"steer_angle": 3}, stamp)[0] == "unparsed"
+    assert admission_keys({"steer_profile": "p", "steer_layers": [3, 1]}, stamp)[0][3] == (1, 3)
+    assert admission_keys(None, stamp) == () and admission_keys({"other_plugin": 1}, stamp) == ()
+    assert admission_keys({"steer_angle": 3}, stamp)[0][0] == "unparsed"
+    routed = admission_keys(
+        {"steer_profile": "p", "steer_categories": "auto", stamp: "d", route: ["x", "y"]}, stamp, route
+    )
+    assert routed == (
+        ("p", "d", ("auto",), None, None),
+        ("p", "d", ("x",), None, "steer"),
+        ("p", "d", ("y",), None, "steer"),
+    ), "a routing request holds its own slot and one per category the front end stamped"

@@ -547,21 +547,32 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=200, deadline=None)
 @given(
     budget=st.integers(1, 4),
-    keys=st.lists(st.one_of(st.none(), st.integers(0, 7)), min_size=1, max_size=30),
+    keys=st.lists(
+        st.one_of(st.none(), st.integers(0, 7), st.lists(st.integers(0, 7), min_size=2, max_size=4)),
+        min_size=1,
+        max_size=30,
+    ),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_slot_gate_never_lets_the_worker_bind_more_distinct_settings_than_slots(budget, keys, seed):
     """A toy scheduler loop: arrivals, partial scheduling, preemption, finishing, in random order.
 
     The worker side is the real SteeringRuntime's rule (a slot per distinct key among bound
-    requests); the gate must keep it within budget at every step, and every request must finish.
+    requests; a routing request binds several); the gate must keep it within budget at every step,
+    and every request that fits at all must finish.
     """
     import random
 
+    def slots_of(k):
+        if k is None:
+            return ()
+        return tuple(("p", str(i), None, None) for i in (k if isinstance(k, list) else [k]))
+
     rng = random.Random(seed)
     gate = SlotGate(budget)
-    waiting = [(f"r{i}", None if k is None else ("p", str(k), None, None)) for i, k in enumerate(keys)]
-    bound: dict[str, tuple | None] = {}  # the worker's bindings (unsteered requests bind nothing)
+    fits = [k for k in keys if len(set(slots_of(k))) <= budget]  # a request needing more slots than exist waits forever
+    waiting = [(f"r{i}", slots_of(k)) for i, k in enumerate(fits)]
+    bound: dict[str, tuple] = {}  # the worker's bindings (unsteered requests bind nothing)
     running: list[str] = []
     finishing: set[str] = set()
     done = 0
@@ -571,15 +582,15 @@ def test_slot_gate_never_lets_the_worker_bind_more_distinct_settings_than_slots(
             bound.pop(req_id, None)
         finished_now, finishing = finishing, set()
         new = []
-        for req_id, key in list(waiting):
-            if gate.admit(req_id, key) and rng.random() < 0.8:  # sometimes the token budget runs out
-                waiting.remove((req_id, key))
+        for req_id, slots in list(waiting):
+            if gate.admit(req_id, slots) and rng.random() < 0.8:  # sometimes the token budget runs out
+                waiting.remove((req_id, slots))
                 if req_id not in bound:
-                    new.append((req_id, key))
+                    new.append((req_id, slots))
                 running.append(req_id)
         gate.end_step(new, finished_now)
         bound.update(new)
-        assert len({k for k in bound.values() if k is not None}) <= budget
+        assert len({k for slots in bound.values() for k in slots}) <= budget
         for req_id in list(running):
             roll = rng.random()
             if roll < 0.3:
@@ -589,21 +600,36 @@ def test_slot_gate_never_lets_the_worker_bind_more_distinct_settings_than_slots(
             elif roll < 0.4:  # preempted: back to the front of the queue, still bound in the worker
                 running.remove(req_id)
                 waiting.insert(0, (req_id, bound[req_id]))
-        if done == len(keys):
+        if done == len(fits):
             break
-    assert done == len(keys), "every request is eventually admitted"
+    assert done == len(fits), "every request is eventually admitted"
 
 
 def test_slot_gate_defers_only_a_new_distinct_setting_when_full():
     gate = SlotGate(2)
     a, b, c = ("a", "d1", None, None), ("b", "d2", None, None), ("c", "d3", None, None)
     gate.begin_step(())
-    assert gate.admit("1", a) and gate.admit("2", b)
-    assert not gate.admit("3", c), "a third distinct setting waits"
-    assert gate.admit("4", a) and gate.admit("5", None), "a shared setting and unsteered rows go ahead"
-    gate.end_step([("1", a), ("2", b), ("4", a), ("5", None)], ())
+    assert gate.admit("1", (a,)) and gate.admit("2", (b,))
+    assert not gate.admit("3", (c,)), "a third distinct setting waits"
+    assert gate.admit("4", (a,)) and gate.admit("5", ()), "a shared setting and unsteered rows go ahead"
+    gate.end_step([("1", (a,)), ("2", (b,)), ("4", (a,)), ("5", ())], ())
     assert gate.in_use == 2 and gate.deferred == 1
     gate.begin_step({"2"})  # request 2 finished: the worker frees its slot before binding new ones
-    assert gate.admit("3", c)
-    gate.end_step([("3", c)], {"2"})
+    assert gate.admit("3", (c,))
+    gate.end_step([("3", (c,))], {"2"})
     assert gate.in_use == 2
+
+
+def test_slot_gate_counts_every_slot_of_a_routing_request():
+    gate = SlotGate(3)
+    router, cat1, cat2, other = ("r",), ("c1",), ("c2",), ("o",)
+    gate.begin_step(())
+    assert gate.admit("1", (other,))
+    assert not gate.admit("2", (router, cat1, cat2)), "1 + 3 slots > 3: the routing request waits whole"
+    gate.end_step([("1", (other,))], ())
+    gate.begin_step({"1"})
+    assert gate.admit("2", (router, cat1, cat2))
+    assert gate.admit("3", (cat1,)), "a request on one of its category slots shares it"
+    assert not gate.admit("4", (other,))
+    gate.end_step([("2", (router, cat1, cat2)), ("3", (cat1,))], {"1"})
+    assert gate.in_use == 3

@@ -23,10 +23,11 @@ and pydantic: the reference formulas (:func:`gate_score`), the batched form the 
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 __all__ = [
     "GateScore",
@@ -43,6 +44,7 @@ __all__ = [
     "gate_score",
     "gate_fires",
     "batched_scores",
+    "route_of",
     "SCORE_CODES",
 ]
 
@@ -53,7 +55,7 @@ GATE_SCORES: tuple[str, ...] = ("projection", "cast")
 GATE_ACTIONS: tuple[str, ...] = ("steer", "refuse", "flag")
 SCORE_CODES: dict[str, int] = {name: i for i, name in enumerate(GATE_SCORES)}
 """The integer the engine's tables store per gate for its score (part of the op's contract)."""
-MAX_GATES = 8
+MAX_GATES = 16
 """Most gates one profile may hold (the engine's per-slot gate table has this many columns)."""
 GATE_HOOK = "layer_output"
 """The hook kind a gate reads: the residual stream after its layer (:mod:`vllm_steer.core.layout`)."""
@@ -73,6 +75,16 @@ class GateSpec(BaseModel):
     score: GateScore = "cast"
     threshold: float = Field(allow_inf_nan=False)
     comparison: Comparison = ">"
+    category: str | None = Field(default=None, min_length=1)
+    """Category profiles: the category this gate routes to (``steer_categories: "auto"``); a profile's gates
+    name one each or none do."""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_category(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.category is None:  # a gate that routes nowhere is written (and digested) as before routing existed
+            data.pop("category", None)
+        return data
 
 
 class GatingSpec(BaseModel):
@@ -91,6 +103,20 @@ class GatingSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("gate names must not repeat")
         return gates
+
+    @field_validator("gates")
+    @classmethod
+    def _all_or_no_categories(cls, gates: list[GateSpec]) -> list[GateSpec]:
+        named = [g.category is not None for g in gates]
+        if any(named) and not all(named):
+            i = named.index(False)
+            raise ValueError(f"gate {i} ({gates[i].name!r}) names no category, others do: name one per gate or none")
+        return gates
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The categories the gates route to, distinct and sorted (empty: the gates do not route)."""
+        return tuple(sorted({g.category for g in self.gates if g.category is not None}))
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -146,3 +172,18 @@ def batched_scores(h: torch.Tensor, directions: torch.Tensor, score_codes: torch
     v = torch.tanh(proj.unsqueeze(-1) * directions)  # [k, G, d]
     cast = torch.einsum("kd,kgd->kg", hf, v) / (h_norm * v.norm(dim=-1).clamp_min(1e-30))
     return torch.where(score_codes == SCORE_CODES["cast"], cast, projection)
+
+
+def route_of(gating: GatingSpec, scores: dict[str, float]) -> str | None:
+    """The category a routing request steers with: that of the fired gate with the largest margin
+    (``score − threshold`` for ``>``, ``threshold − score`` for ``<``; ties: the first gate); ``None`` when
+    no gate fired or the gates do not route. ``scores``: gate name → score (a missing or NaN score never fires)."""
+    best: tuple[float, str] | None = None
+    for gate in gating.gates:
+        value = scores.get(gate.name, math.nan)
+        if gate.category is None or math.isnan(value):
+            continue
+        margin = value - gate.threshold if gate.comparison == ">" else gate.threshold - value
+        if margin > 0 and (best is None or margin > best[0]):
+            best = (margin, gate.category)
+    return None if best is None else best[1]

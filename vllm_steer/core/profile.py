@@ -192,6 +192,11 @@ class ProfileSpec(BaseModel):
                     raise ValueError(
                         f"gating.gates.{i}.layer: {gate.layer} does not exist in a {self.model.num_layers}-layer model"
                     )
+                if gate.category is not None and gate.category not in self.categories:
+                    raise ValueError(
+                        f"gating.gates.{i}.category: {gate.category!r} is not a category of this profile "
+                        f"({self.categories or 'it has none: only category profiles route'})"
+                    )
         if set(self.tensors) != set(self.layers):
             raise ValueError(f"tensors: must have exactly one entry per layer in 'layers' ({self.layers})")
         method = METHODS[self.method]

@@ -3,7 +3,8 @@
 The OpenAI server fills ``extra_args`` from ``vllm_xargs``, which only admits
 flat values, so the keys are flat too: ``steer_profile``, ``steer_angle``,
 ``steer_scale``, ``steer_layers`` (a subset of the profile's layers), ``steer_categories`` (the sum of the named categories' vectors;
-without it, the profile's ``generic`` vector if it has one, else all categories); for a gated profile
+without it, the profile's ``generic`` vector if it has one, else all categories; ``"auto"``: the vector of the
+category whose gate fires, on a profile whose gates route to categories); for a gated profile
 (:mod:`vllm_steer.core.gates`) ``steer_gate_action`` (``steer``, ``refuse`` or ``flag`` instead of the profile's
 action) and ``steer_refusal`` (the refusal text, with action ``refuse``). A request without any ``steer_*`` key is
 unsteered. Anything malformed is a :class:`SteeringRequestError` naming the
@@ -13,6 +14,7 @@ unsteered answer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,8 +39,10 @@ __all__ = [
     "ResolvedSteering",
     "parse_steering",
     "resolve_steering",
+    "ROUTE",
+    "route_targets",
     "cache_salt",
-    "admission_key",
+    "admission_keys",
 ]
 
 STEER_PREFIX = "steer_"
@@ -161,15 +165,32 @@ class ResolvedSteering:
     """Gate action ``refuse``: the text answered instead when the gate fires (``None``: another action)."""
     gate_action: str | None = None
     """Gated profiles: what a fired gate does (``steer``, ``refuse``, ``flag``); ``None``: ungated."""
+    route: tuple[str, ...] = ()
+    """``steer_categories: "auto"``: the categories the gates may route to (sorted; ``categories`` is then
+    empty). The request is steered with the vector of the category whose gate fired (:func:`route_targets`)."""
 
     @property
-    def slot_key(self) -> tuple[str, str, tuple[str, ...], tuple[int, ...] | None, str | None]:
-        return (self.profile_id, self.profile_digest, self.categories, self.layers, self.gate_action)
+    def slot_key(self) -> tuple[object, ...]:
+        key: tuple[object, ...] = (self.profile_id, self.profile_digest, self.categories, self.layers, self.gate_action)
+        return (*key, ROUTE, self.route) if self.route else key
 
     @property
     def cos_sin(self) -> tuple[float, float]:
         t = math.radians(self.angle % 360.0)
         return math.cos(t), math.sin(t)
+
+
+ROUTE = "auto"
+"""``steer_categories``' value that routes a request by its gates (:attr:`ResolvedSteering.route`)."""
+
+
+def route_targets(resolved: ResolvedSteering) -> list[ResolvedSteering]:
+    """A routing request's steering per category it may be routed to: each is the request with that one
+    category and action ``steer``, ungated-alike in what it steers (and sharing a slot with such requests)."""
+    return [
+        dataclasses.replace(resolved, categories=(category,), route=(), refusal=None, gate_action="steer")
+        for category in resolved.route
+    ]
 
 
 def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) -> ResolvedSteering:
@@ -200,8 +221,22 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
                 field, f"{value} is outside the range [{allowed.min}, {allowed.max}] profile {spec.id!r} allows"
             )
 
+    gating = spec.gating
     categories: tuple[str, ...] = ()
-    if method.roles == "categories":
+    route: tuple[str, ...] = ()
+    if method.roles == "categories" and request.steer_categories == (ROUTE,) and ROUTE not in spec.categories:
+        route = gating.routes if gating is not None else ()
+        if not route:
+            raise SteeringRequestError(
+                "steer_categories", f"'{ROUTE}' needs gates that route to categories; profile {spec.id!r} has none"
+            )
+        action = request.steer_gate_action or (gating.action if gating is not None else None)
+        if action != "steer":
+            raise SteeringRequestError(
+                "steer_categories",
+                f"'{ROUTE}' steers by the gate that fires: only with gate action 'steer' (not {action!r})",
+            )
+    elif method.roles == "categories":
         default = ("generic",) if "generic" in spec.categories else tuple(spec.categories)
         chosen = request.steer_categories if request.steer_categories is not None else default
         if not chosen:
@@ -215,7 +250,6 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             raise SteeringRequestError("steer_categories", "must not repeat a category")
         categories = tuple(sorted(chosen))
 
-    gating = spec.gating
     if gating is None:
         for key in ("steer_gate_action", "steer_refusal"):
             if getattr(request, key) is not None:
@@ -250,6 +284,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         gated=gating is not None,
         refusal=refusal,
         gate_action=action,
+        route=route,
     )
 
 
@@ -289,25 +324,35 @@ def cache_salt(
             if prompt_len is None:
                 raise ValueError("a gated request's cache salt needs its prompt length")
             steering += [prompt_len, resolved.gate_action]
+        if resolved.route:
+            steering += [ROUTE, resolved.route]
     return "vllm-steer:" + keyed_digest("prefix-cache-salt", [tenant, steering, client_salt])[:40]
 
 
-def admission_key(extra_args: Mapping[str, Any] | None, digest_key: str) -> tuple[Any, ...] | None:
-    """What the scheduler counts as one steering slot, read from a request it has not resolved.
+def admission_keys(
+    extra_args: Mapping[str, Any] | None, digest_key: str, route_key: str | None = None
+) -> tuple[tuple[Any, ...], ...]:
+    """The steering slots the scheduler counts for a request it has not resolved: one key per slot.
 
-    The scheduler never sees resolved settings (only ``extra_args``), so this key is the request's
-    own spelling, normalized: profile, the version the front end stamped under ``digest_key``,
-    sorted categories and layers. Two requests that the worker would put in one slot may get two
-    keys here (e.g. categories omitted vs. spelled out as the default): the gate then admits fewer
-    at once, never more. ``None`` for an unsteered request; a request that does not parse gets a
-    key of its own (the worker refuses it anyway).
+    The scheduler never sees resolved settings (only ``extra_args``), so a key is the request's own
+    spelling, normalized: profile, the version the front end stamped under ``digest_key``, sorted
+    categories and layers, gate action. A routing request (``steer_categories: "auto"``) holds one slot
+    more per category it may be routed to, which the front end stamps under ``route_key``. Two requests
+    that the worker would put in one slot may get two keys here (e.g. categories omitted vs. spelled out as
+    the default): the gate then admits fewer at once, never more. ``()`` for an unsteered request; a
+    request that does not parse gets a key of its own (the worker refuses it anyway).
     """
     try:
         request = parse_steering(extra_args)
     except SteeringRequestError as exc:
-        return ("unparsed", str(exc))
+        return (("unparsed", str(exc)),)
     if request is None or extra_args is None:
-        return None
+        return ()
     categories = tuple(sorted(set(request.steer_categories))) if request.steer_categories is not None else None
     layers = tuple(sorted(set(request.steer_layers))) if request.steer_layers is not None else None
-    return (request.steer_profile, extra_args.get(digest_key), categories, layers, request.steer_gate_action)
+    digest = extra_args.get(digest_key)
+    keys: list[tuple[Any, ...]] = [(request.steer_profile, digest, categories, layers, request.steer_gate_action)]
+    routes = extra_args.get(route_key) if route_key is not None else None
+    if isinstance(routes, (list, tuple)):
+        keys += [(request.steer_profile, digest, (str(c),), layers, "steer") for c in routes]
+    return tuple(keys)

@@ -45,6 +45,7 @@ __all__ = [
     "POLICY_TOKEN_KEY",
     "TENANT_KEY",
     "DIGEST_KEY",
+    "ROUTE_KEY",
     "POLICY_SECRET_ENV",
     "STAMP_TTL_S",
     "StampError",
@@ -64,6 +65,9 @@ RESERVED_XARGS_PREFIX = "vllm_steer_"
 POLICY_TOKEN_KEY = RESERVED_XARGS_PREFIX + "policy"
 TENANT_KEY = RESERVED_XARGS_PREFIX + "tenant"
 DIGEST_KEY = RESERVED_XARGS_PREFIX + "digest"
+ROUTE_KEY = RESERVED_XARGS_PREFIX + "route"
+"""The categories a routing request (``steer_categories: "auto"``) may be steered with, stamped by the engine's
+front end: the scheduler reserves a slot for each."""
 POLICY_SECRET_ENV = "VLLM_STEER_POLICY_SECRET"
 """A shared secret for deployments where middleware and engine are different processes (Ray).
 It travels in the processes' environment (:meth:`vllm_steer.core.settings.SteerConfig.to_env`); never log it."""

@@ -18,6 +18,11 @@ For action ``refuse`` the request's row of the logits is replaced, from its firs
 its row fired, by a one-hot row of the next token of its refusal (:meth:`GateTable.force_refusals`, called by the
 engine's logits processor); the host knows which token is next, the device whether the row fired.
 
+A *routing* request (``steer_categories: "auto"`` on a category profile whose gates name categories) steers with
+the slot of the category whose fired gate has the largest margin: every gate of its slot names a target slot
+(:attr:`GateTable.routes`), the row keeps the best margin so far and its slot (:attr:`GateTable.route`), and the
+effective slot reads that slot instead of the request's own (which steers nothing).
+
 So for action ``steer``: prompt tokens before the last are never steered; the last prompt token is steered at
 the sites of layers after the deepest gate, if gated; every generated token is steered at every site, if
 gated. That is independent of how the prompt was chunked or cached. A request decides once: a recompute of
@@ -100,10 +105,15 @@ class GateTable:
         self.thresholds = torch.zeros(max_slots, g, dtype=f32, device=dev)
         self.signs = torch.zeros(max_slots, g, dtype=f32, device=dev)  # +1 '>', -1 '<', 0 no gate
         self.codes = torch.zeros(max_slots, g, dtype=i64, device=dev)
+        self.routes = torch.full((max_slots, g), -1, dtype=i64, device=dev)
+        """A routing slot's gates: the slot holding each gate's category's steering (-1: the gate routes nowhere)."""
         # Per row: fired (0/1) and every gate's score.
         self.fired = torch.zeros(self.n_rows + 3, dtype=f32, device=dev)
         self.fired[self.ROW_ALWAYS] = 1.0
         self.scores = torch.full((self.n_rows + 3, g), math.nan, dtype=f32, device=dev)
+        # Per row of a routing request: the slot it steers with (-1: its own) and the margin that chose it.
+        self.route = torch.full((self.n_rows + 3,), -1, dtype=i64, device=dev)
+        self.route_margin = torch.full((self.n_rows + 3,), -math.inf, dtype=f32, device=dev)
         # The step's deciding tokens, padded to max_requests (static shapes: a captured graph reads all).
         m = max_requests
         self.dec_position = torch.zeros(m, dtype=i64, device=dev)  # where to read h (padding: token 0)
@@ -140,6 +150,7 @@ class GateTable:
         self.thresholds[slot] = 0.0
         self.signs[slot] = 0.0
         self.codes[slot] = 0
+        self.routes[slot] = -1
         self._slot_gate_names[slot] = ()
         self._slot_gate_sites[slot] = frozenset()
         gating = profile.spec.gating if profile is not None else None
@@ -155,6 +166,11 @@ class GateTable:
         self._slot_gate_sites[slot] = frozenset(site_of_layer[g.layer] for g in gating.gates)
         return site_of_layer[gating.decided_after]
 
+    def set_routes(self, slot: int, targets: Sequence[int]) -> None:
+        """A routing slot's gates: gate ``j`` (in the profile's order) routes to slot ``targets[j]``."""
+        self.routes[slot] = -1
+        self.routes[slot, : len(targets)] = torch.tensor(list(targets), dtype=torch.int64)
+
     def acquire_row(self) -> int:
         if not self._free_rows:
             raise RowsExhaustedError(
@@ -163,6 +179,8 @@ class GateTable:
         row = self._free_rows.pop()
         self.fired[row] = 0.0
         self.scores[row] = math.nan
+        self.route[row] = -1
+        self.route_margin[row] = -math.inf
         return row
 
     def release_row(self, row: int) -> None:
@@ -221,9 +239,12 @@ class GateTable:
             buffer.copy_(values, non_blocking=non_blocking)
 
     def effective_slots(self, token_slot: torch.Tensor, token_row: torch.Tensor, out: torch.Tensor) -> None:
-        """``out = token_slot`` where the token's row has fired, else ``-1`` (device; no host read)."""
+        """``out = token_slot`` where the token's row has fired (its routed slot, for a routing request), else
+        ``-1`` (device; no host read)."""
         fired = self.fired.index_select(0, token_row) > 0
-        torch.where(fired, token_slot, torch.full_like(token_slot, -1), out=out)
+        route = self.route.index_select(0, token_row)
+        chosen = torch.where(route >= 0, route, token_slot)
+        torch.where(fired, chosen, torch.full_like(token_slot, -1), out=out)
 
     def evaluate(self, h: torch.Tensor, site: int, k: int) -> None:
         """Score the first ``k`` deciding tokens' gates that read ``site`` and OR the result into their rows."""
@@ -234,16 +255,25 @@ class GateTable:
         scores = batched_scores(hk, self.directions.index_select(0, slot), self.codes.index_select(0, slot))
         here = self.sites.index_select(0, slot) == site  # [k, G]
         margin = self.signs.index_select(0, slot) * (scores - self.thresholds.index_select(0, slot))
-        fires = ((margin > 0) & here).any(-1)
+        fires_each = (margin > 0) & here
+        fires = fires_each.any(-1)
         self.fired.index_put_((rows,), torch.maximum(self.fired.index_select(0, rows), fires.float()))
         self.scores.index_put_((rows,), torch.where(here, scores, self.scores.index_select(0, rows)))
+        # Routing: the fired gate with the largest margin so far (over every site) names the row's slot.
+        best, which = torch.where(fires_each, margin, -math.inf).max(-1)
+        target = self.routes.index_select(0, slot).gather(1, which[:, None])[:, 0]
+        better = best > self.route_margin.index_select(0, rows)
+        self.route.index_put_((rows,), torch.where(better, target, self.route.index_select(0, rows)))
+        self.route_margin.index_put_((rows,), torch.where(better, best, self.route_margin.index_select(0, rows)))
 
     def complete(self, site: int, k: int, token_slot_eff: torch.Tensor) -> None:
         """For deciding tokens whose last gate is ``site``: from here on, their slot if their row fired."""
         done = self.dec_site[:k] == site
         target = torch.where(done, self.dec_target[:k], self.scratch_position)
-        fired = self.fired.index_select(0, self.dec_read_row[:k]) > 0
-        value = torch.where(fired, self.dec_slot[:k], -1)
+        read = self.dec_read_row[:k]
+        fired = self.fired.index_select(0, read) > 0
+        route = self.route.index_select(0, read)
+        value = torch.where(fired, torch.where(route >= 0, route, self.dec_slot[:k]), -1)
         token_slot_eff.index_put_((target,), value)
 
     def force_refusals(self, logits: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.core.gates import GATE_HOOK, gate_fires
+from vllm_steer.core.gates import GATE_HOOK, gate_fires, route_of
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
 from vllm_steer.core.profile import Profile
-from vllm_steer.core.request import ResolvedSteering
+from vllm_steer.core.request import ResolvedSteering, route_targets
 from vllm_steer.core.settings import FusedChoice
 from vllm_steer.engine.fused import choose_fused_op
 from vllm_steer.engine.gating import DecidingToken, ForcedToken, GateDecision, GateTable, RowsExhaustedError
@@ -109,8 +109,9 @@ class _Slot:
     method: Method = Method.NONE
     decide_site: int | None = None
     """Gated profiles: the site of the deepest gate, where a request's decision becomes final."""
-    gate_of: tuple[str, str, str] = ("", "", "")
-    """Gated profiles: the profile id, the gate action and the profile version (for the decisions' records)."""
+    gate_of: tuple[str, str, str, bool] = ("", "", "", False)
+    """Gated profiles: the profile id, the gate action, the profile version and whether the slot routes (for the
+    decisions' records)."""
 
 
 @dataclass
@@ -125,6 +126,8 @@ class _Binding:
     """Its last prompt token has been scheduled (the decision is on the device)."""
     refusal: tuple[int, ...] | None = None
     """Gate action ``refuse``: the refusal's token ids, ending with the request's end-of-sequence token."""
+    routes: tuple[int, ...] = ()
+    """A routing request: the slots of the categories its gates may route it to (it holds a reference on each)."""
 
 
 class SteeringRuntime:
@@ -146,9 +149,9 @@ class SteeringRuntime:
         self.profiles = dict(profiles)
         self._tokenize = tokenize
         self._refusal_ids: dict[str, tuple[int, ...]] = {}
-        self._finished: OrderedDict[str, tuple[tuple[str, str, str], bool, tuple[tuple[str, ...], torch.Tensor]]] = (
-            OrderedDict()
-        )
+        self._finished: OrderedDict[
+            str, tuple[tuple[str, str, str, bool], bool, tuple[tuple[str, ...], torch.Tensor]]
+        ] = OrderedDict()
         """Finished gated requests (most recent :data:`FINISHED_DECISIONS`): profile, action, decided, row copy."""
         self.sites = list(sites)
         self.site_ids = {site: i for i, site in enumerate(self.sites)}
@@ -217,16 +220,25 @@ class SteeringRuntime:
             if eos_token_id is None:
                 raise RuntimeError(f"request {req_id}: a refusal needs the request's end-of-sequence token")
             refusal = (*self.refusal_ids(steering.refusal), eos_token_id)
-        slot = self._acquire(steering)
+        held: list[int] = []
+        try:
+            slot = self._acquire(steering)
+            held.append(slot)
+            for target in route_targets(steering):
+                held.append(self._acquire(target))
+            row = self.gates.acquire_row() if self._slots[slot].decide_site is not None else None
+        except (SlotsExhaustedError, RowsExhaustedError):
+            for i in held:
+                self._slots[i].refs -= 1
+            raise
+        routes = tuple(held[1:])
+        if routes:
+            by_category = dict(zip(steering.route, routes, strict=True))
+            gating = self._profile_of(steering).spec.gating
+            assert gating is not None
+            self.gates.set_routes(slot, [by_category[g.category] if g.category else -1 for g in gating.gates])
         cos, sin = steering.cos_sin
-        row = None
-        if self._slots[slot].decide_site is not None:
-            try:
-                row = self.gates.acquire_row()
-            except RowsExhaustedError:
-                self._slots[slot].refs -= 1
-                raise
-        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale, row=row, refusal=refusal)
+        self._bindings[req_id] = _Binding(slot, cos, sin, steering.scale, row=row, refusal=refusal, routes=routes)
 
     def refusal_ids(self, text: str) -> tuple[int, ...]:
         """A refusal text's token ids (tokenized once per text)."""
@@ -245,7 +257,8 @@ class SteeringRuntime:
     def remove_request(self, req_id: str) -> None:
         binding = self._bindings.pop(req_id, None)
         if binding is not None:
-            self._slots[binding.slot].refs -= 1
+            for slot in (binding.slot, *binding.routes):
+                self._slots[slot].refs -= 1
             if binding.row is not None:
                 gate_of = self._slots[binding.slot].gate_of
                 self._finished[req_id] = (gate_of, binding.decided, self.gates.snapshot(binding.slot, binding.row))
@@ -273,25 +286,26 @@ class SteeringRuntime:
         ]
         found += [(req_id, *record) for req_id, record in self._finished.items() if match in req_id]
         out: list[dict[str, object]] = []
-        for req_id, (profile_id, action, digest), decided, snapshot in sorted(found, key=lambda f: f[0]):
+        for req_id, (profile_id, action, digest, routes), decided, snapshot in sorted(found, key=lambda f: f[0]):
             decision = self.gates.read(snapshot, decided)
             version = self._versions.get(digest)
-            gates = version.spec.gating.gates if version is not None and version.spec.gating is not None else []
+            gating = version.spec.gating if version is not None else None
             fired_gates = [
                 g.name
-                for g in gates
+                for g in (gating.gates if gating is not None else [])
                 if decided and bool(gate_fires(decision.scores[g.name], g.threshold, g.comparison))
             ]
-            out.append(
-                {
-                    "request": req_id,
-                    "profile": profile_id,
-                    "action": action,
-                    "fired": decision.fired,
-                    "gates": fired_gates,
-                    "scores": decision.scores,
-                }
-            )
+            record: dict[str, object] = {
+                "request": req_id,
+                "profile": profile_id,
+                "action": action,
+                "fired": decision.fired,
+                "gates": fired_gates,
+                "scores": decision.scores,
+            }
+            if routes and gating is not None:  # the category it was steered with (None: not decided, or none fired)
+                record["category"] = route_of(gating, decision.scores) if decided else None
+            out.append(record)
         return out
 
     def add_profiles(self, profiles: Mapping[str, Profile]) -> None:
@@ -342,8 +356,11 @@ class SteeringRuntime:
         self._slots[i].refs = 1
         return i
 
+    def _profile_of(self, steering: ResolvedSteering) -> Profile:
+        return self._versions.get(steering.profile_digest) or self.profiles[steering.profile_id]
+
     def _load_slot(self, slot: int, steering: ResolvedSteering) -> None:
-        profile = self._versions.get(steering.profile_digest) or self.profiles[steering.profile_id]
+        profile = self._profile_of(steering)
         entry = METHODS[profile.method]
         method = entry.op
         self.bases[:, slot].zero_()
@@ -354,9 +371,12 @@ class SteeringRuntime:
         gate_sites = {layer: self.site_ids[Site(layer, GATE_HOOK)] for layer in (gating.layers if gating else ())}
         self._slots[slot].decide_site = self.gates.load_slot(slot, profile, gate_sites)
         action = steering.gate_action or ""
-        self._slots[slot].gate_of = (profile.id, action, profile.digest) if gating is not None else ("", "", "")
+        self._slots[slot].gate_of = (
+            (profile.id, action, profile.digest, bool(steering.route)) if gating is not None else ("", "", "", False)
+        )
         active: set[int] = set()
-        steers = gating is None or steering.gate_action == "steer"  # refuse and flag leave the activations alone
+        # Refuse and flag leave the activations alone; a routing slot only decides (its categories' slots steer).
+        steers = gating is None or (steering.gate_action == "steer" and not steering.route)
         for layer in (steering.layers or profile.spec.layers) if steers else ():
             b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
             for kind in entry.hooks:
@@ -405,9 +425,10 @@ class SteeringRuntime:
                 slots[i], cos[i], sin[i], scale[i] = binding.slot, binding.cos, binding.sin, binding.scale
                 if binding.row is not None:
                     gated.append((i, binding))
-                if binding.slot not in used:
-                    used.add(binding.slot)
-                    active |= self._slots[binding.slot].active_sites
+                for slot in (binding.slot, *binding.routes):  # a routing request may steer with any of its routes
+                    if slot not in used:
+                        used.add(slot)
+                        active |= self._slots[slot].active_sites
         self._site_active = [i in active for i in range(len(self.sites))]
         self._site_method = self._shared_methods(used)
         if active:
@@ -552,19 +573,20 @@ class SlotGate:
     """The scheduler's twin of the worker's slot table, so a step never needs more slots than exist.
 
     vLLM's scheduler does the same for LoRA (``max_loras``): a waiting request whose adapter would
-    exceed the limit is skipped this step and stays first in line. Here a request holds its slot from
+    exceed the limit is skipped this step and stays first in line. Here a request holds its slots from
     the step that first schedules it until the step that reports it finished (preempted requests keep
     theirs, as in :class:`SteeringRuntime`), so the gate mirrors exactly what the worker sees in the
     scheduler outputs: ``scheduled_new_reqs`` bind, ``finished_req_ids`` free. Without it, more
     distinct settings in flight than slots raised :class:`SlotsExhaustedError` in the worker and
-    stopped the engine for every tenant.
+    stopped the engine for every tenant. A request holds one slot per key
+    (:func:`~vllm_steer.core.request.admission_keys`: a routing request holds one per category too).
     """
 
     def __init__(self, budget: int):
         if budget < 1:
             raise ValueError("the slot budget must be at least 1")
         self.budget = budget
-        self._bound: dict[str, tuple[object, ...]] = {}
+        self._bound: dict[str, tuple[tuple[object, ...], ...]] = {}
         self._step: set[tuple[object, ...]] | None = None
         self.deferred = 0
         """Times a request waited a step for a slot (for tests and metrics)."""
@@ -572,30 +594,33 @@ class SlotGate:
     def begin_step(self, finishing: Iterable[str]) -> None:
         """Before a scheduling pass: slots in use, less those the worker frees first this step."""
         finishing = set(finishing)
-        self._step = {key for req_id, key in self._bound.items() if req_id not in finishing}
+        self._step = {key for req_id, keys in self._bound.items() if req_id not in finishing for key in keys}
 
-    def admit(self, req_id: str, key: tuple[object, ...] | None) -> bool:
-        """May this waiting request be scheduled now? Reserves its slot for the pass if so."""
-        if self._step is None or key is None or req_id in self._bound or key in self._step:
+    def admit(self, req_id: str, keys: Sequence[tuple[object, ...]]) -> bool:
+        """May this waiting request be scheduled now? Reserves its slots for the pass if so."""
+        if self._step is None or req_id in self._bound:
             return True
-        if len(self._step) >= self.budget:
+        needed = set(keys) - self._step
+        if not needed:
+            return True
+        if len(self._step) + len(needed) > self.budget:
             self.deferred += 1
             return False
-        self._step.add(key)
+        self._step |= needed
         return True
 
-    def end_step(self, new: Iterable[tuple[str, tuple[object, ...] | None]], finished: Iterable[str]) -> None:
+    def end_step(self, new: Iterable[tuple[str, Sequence[tuple[object, ...]]]], finished: Iterable[str]) -> None:
         """After the pass: what the worker will bind and free from this step's output."""
         self._step = None
         for req_id in finished:
             self._bound.pop(req_id, None)
-        for req_id, key in new:
-            if key is not None:
-                self._bound[req_id] = key
+        for req_id, keys in new:
+            if keys:
+                self._bound[req_id] = tuple(keys)
 
     @property
     def in_use(self) -> int:
-        return len(set(self._bound.values()))
+        return len({key for keys in self._bound.values() for key in keys})
 
 
 def _capturing_cuda_graph(h: torch.Tensor) -> bool:

@@ -12,7 +12,8 @@ Lines go to the standard logging logger ``vllm_steer.audit`` (INFO), and to the 
 A gated request (its profile has gates: docs/methods.md §3.11) gets a second line once it is answered,
 ``"event": "gate"``, with the same ``request_id``, the tenant, tier and route, and per row of the request
 its ``profile``, ``action``, whether it ``fired`` (``null``: cut off before its prompt ended), the ``gates``
-that fired and every gate's ``score``.
+that fired and every gate's ``score``; for a routing request (``steer_categories: "auto"``) also the
+``category`` the row was steered with (``null``: no gate fired, or undecided).
 
 ``decision`` is ``admitted`` (``status`` null: what vLLM answers is not the policy's) or ``refused``; a
 refusal has the HTTP ``status``, the refused ``field`` and the
@@ -46,6 +47,14 @@ def printable(text: Any, limit: int = MAX_TEXT) -> str | None:
     if len(text) > limit:
         text = text[:limit] + f"…(+{len(text) - limit})"
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+def _gate_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One row of a gate line; ``category`` only for a routing request's row (the engine reports it there)."""
+    line = {key: row.get(key) for key in ("profile", "action", "fired", "gates", "scores")}
+    if "category" in row:
+        line["category"] = row["category"]
+    return line
 
 
 class AuditLog:
@@ -113,9 +122,7 @@ class AuditLog:
             "tenant": tenant,
             "tier": tier,
             "route": printable(route),
-            "rows": [
-                {key: row.get(key) for key in ("profile", "action", "fired", "gates", "scores")} for row in decisions
-            ],
+            "rows": [_gate_row(row) for row in decisions],
         }
         self._write("gate", line)
 

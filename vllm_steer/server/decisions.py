@@ -7,11 +7,14 @@ finished); the server asks for the decisions of one request by its request id (t
 
 * a **non-streaming** response gets the header ``x-vllm-steer-gate`` before it is sent: the action and, per row
   of the request (a prompt of ``/v1/completions``), whether it fired — ``action=refuse; fired=1,0``
-  (``-``: undecided, the row was cut off before its prompt ended). A streamed response's headers leave before
+  (``-``: undecided, the row was cut off before its prompt ended); a routing request (``steer_categories:
+  "auto"``) also the category each row was steered with, percent-encoded (``-``: none fired, or undecided) —
+  ``action=steer; fired=1,0; category=cat_a,-``. A streamed response's headers leave before
   any row is decided, so it gets none; its decisions are counted and audited when the stream ends;
 * every decided row is counted once per gate of its profile (``vllm_steer_gate_decisions``:
   :func:`~vllm_steer.server.metrics.count_gate_decisions`);
-* the request's audit log gets a ``gate`` line (:meth:`~vllm_steer.server.audit.AuditLog.gate`).
+* the request's audit log gets a ``gate`` line (:meth:`~vllm_steer.server.audit.AuditLog.gate`), with each row's
+  routed ``category`` for a routing request.
 
 A failure to read the decisions is logged and never fails the response.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,12 +45,24 @@ def _row_index(request_id: str, engine_id: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _category_value(category: Any) -> str:
+    """One row's routed category in the header: percent-encoded (UTF-8), ``-`` for none."""
+    if category is None:
+        return "-"
+    encoded = urllib.parse.quote(str(category), safe="")
+    return "%2D" if encoded == "-" else encoded  # a category named "-" is not "none"
+
+
 def header_value(request_id: str, decisions: list[dict[str, Any]]) -> bytes:
-    """``action=<action>; fired=<1|0|-> per row`` for the response header."""
+    """``action=<action>; fired=<1|0|-> per row`` for the response header; a routing request's decisions (the
+    engine adds ``category`` to them) add ``; category=<category|-> per row``."""
     rows = sorted(decisions, key=lambda d: _row_index(request_id, str(d["request"])))
     fired = ",".join("-" if d["fired"] is None else str(int(bool(d["fired"]))) for d in rows)
     actions = sorted({str(d["action"]) for d in rows}) or ["none"]
-    return f"action={'|'.join(actions)}; fired={fired or '-'}".encode("ascii")
+    value = f"action={'|'.join(actions)}; fired={fired or '-'}"
+    if any("category" in d for d in rows):
+        value += "; category=" + ",".join(_category_value(d.get("category")) for d in rows)
+    return value.encode("ascii")
 
 
 class GateReport:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_steer.core.gates import GATE_HOOK, gate_fires, gate_score
+from vllm_steer.core.gates import GATE_HOOK, GatingSpec, gate_fires, gate_score, route_of
 from vllm_steer.core.layout import DecoderLayout, layout_for
 from vllm_steer.core.methods import METHODS, Setting
 from vllm_steer.core.profile import Profile
-from vllm_steer.core.request import ResolvedSteering
+from vllm_steer.core.request import ResolvedSteering, route_targets
 
 __all__ = ["reference_op", "steered", "GateRecord"]
 
@@ -71,6 +71,8 @@ class GateRecord:
     prompt_pass: bool = True
     """The first forward pass (the whole prompt) is running; later passes are generated tokens."""
     decided_after: int = -1
+    category: str | None = None
+    """A routing request (``steer_categories: "auto"``): the category it is steered with, once decided."""
 
 
 def _gate_reader(profile: Profile, layer: int, record: GateRecord):
@@ -89,6 +91,16 @@ def _gate_reader(profile: Profile, layer: int, record: GateRecord):
         return output
 
     return hook
+
+
+def _routed(ops: dict[str, Callable[[torch.Tensor], torch.Tensor]], gating: GatingSpec, record: GateRecord):
+    """A routing request's op: that of the category whose fired gate has the largest margin (``route_of``)."""
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        record.category = route_of(gating, record.scores)
+        return h if record.category is None else ops[record.category](h)
+
+    return apply
 
 
 def _gated(fn: Callable[[torch.Tensor], torch.Tensor], layer: int, record: GateRecord):
@@ -148,7 +160,12 @@ def steered(
         steers = gating is None or steering.gate_action == "steer"  # the request's action (the profile's by default)
         for layer in (steering.layers or profile.spec.layers) if steers else ():
             block = layers[layer]
-            fn = reference_op(profile, steering, layer)
+            if steering.route:
+                assert gating is not None and record is not None
+                ops = {t.categories[0]: reference_op(profile, t, layer) for t in route_targets(steering)}
+                fn = _routed(ops, gating, record)
+            else:
+                fn = reference_op(profile, steering, layer)
             if record is not None:
                 fn = _gated(fn, layer, record)
             for kind in METHODS[profile.method].hooks:

@@ -180,6 +180,14 @@ TINY_GATED: dict[str, dict[str, Any]] = {
         gates=[("g", 1, "projection", ">")],
         refusal="Sorry, I can't help with that.",
     ),
+    # Category routing (``steer_categories: "auto"``): one gate per category, at two layers, steering after both.
+    "tiny-routed": dict(
+        method="category",
+        layers=[2, 3],
+        action="steer",
+        gates=[("ga", 1, "cast", ">", "cat_a"), ("gb", 1, "projection", ">", "cat_b"), ("gc", 2, "cast", ">", "cat_c")],
+        window=(0.7, 0.92),  # each gate fires on the top ~10-30 % of the prompts: some rows route nowhere
+    ),
 }
 
 
@@ -200,9 +208,16 @@ def gate_scores_hf(
     return out
 
 
-def _threshold(scores: list[float], comparison: str, split: tuple[int, int] | None, margin: float) -> float:
+def _threshold(
+    scores: list[float],
+    comparison: str,
+    split: tuple[int, int] | None,
+    margin: float,
+    window: tuple[float, float] = (0.25, 0.75),
+) -> float:
     """A threshold with some prompts on each side and no score within ``margin`` of it: the midpoint of the
-    widest gap in the middle half of the sorted scores, or of prompts ``split``'s scores."""
+    widest gap in ``window`` (shares of the sorted scores; default the middle half), or of prompts ``split``'s
+    scores."""
     if split is not None:
         a, b = scores[split[0]], scores[split[1]]
         if abs(a - b) < 2 * margin:
@@ -210,7 +225,7 @@ def _threshold(scores: list[float], comparison: str, split: tuple[int, int] | No
         return (a + b) / 2
     ordered = sorted(scores)
     n = len(ordered)
-    lo, hi = max(1, n // 4), max(2, n - n // 4)
+    lo, hi = max(1, int(n * window[0])), max(2, int(n * window[1]))
     gap, i = max((ordered[i] - ordered[i - 1], i) for i in range(lo, hi))
     if gap < 2 * margin:
         raise ValueError(f"no gap of {2 * margin} in the middle of the scores {ordered}")
@@ -236,15 +251,20 @@ def build_tiny_gated(
         base = random_profile(pid, kw["method"], TINY, kw["layers"], seed=seed, vector_norm=8.0, scale=3.0)
         gen = torch.Generator().manual_seed(seed)
         directions = {name: torch.randn(TINY.hidden_size, generator=gen) for name, *_ in kw["gates"]}
-        probe = [GateSpec(name=n, layer=layer, tensor=f"gate.{n}", score=sc, threshold=0.0, comparison=cmp)
-                 for n, layer, sc, cmp in kw["gates"]]  # fmt: skip
+        probe = [GateSpec(name=n, layer=layer, tensor=f"gate.{n}", score=sc, threshold=0.0, comparison=cmp,
+                          category=rest[0] if rest else None)
+                 for n, layer, sc, cmp, *rest in kw["gates"]]  # fmt: skip
         scores = gate_scores_hf(model, with_gates(base, "flag", probe, directions), prompts)
         first = seed == 100
         gates = [
             gate.model_copy(
                 update={
                     "threshold": _threshold(
-                        [s[gate.name] for s in scores], gate.comparison, split if first and j == 0 else None, margin
+                        [s[gate.name] for s in scores],
+                        gate.comparison,
+                        split if first and j == 0 else None,
+                        margin,
+                        kw.get("window", (0.25, 0.75)),
                     )
                 }
             )

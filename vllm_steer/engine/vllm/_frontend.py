@@ -16,7 +16,7 @@ from vllm_steer.core.request import (
     resolve_steering,
 )
 from vllm_steer.core.settings import SteerConfig
-from vllm_steer.core.wire import DIGEST_KEY, StampError, admitted_tenant, without_reserved
+from vllm_steer.core.wire import DIGEST_KEY, ROUTE_KEY, StampError, admitted_tenant, without_reserved
 from vllm_steer.engine.vllm._common import PATCHED_ATTR
 from vllm_steer.engine.vllm._profiles import FRONT_END_REQUESTS, current_profiles
 
@@ -74,7 +74,8 @@ def _admit(vllm_config: Any, params: Any) -> tuple[Any, ResolvedSteering | None,
     """The request's params as the engine may see them (a copy without the server's keys, stamped with
     the profile version; the caller's object and its ``extra_args`` dict are never changed: vLLM hands
     one dict to every prompt of a request), its steering and its tenant. Raises vLLM's validation
-    error naming the field."""
+    error naming the field, also for a routing request that needs more steering slots at once than the
+    scheduler's budget (it would wait forever)."""
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 
@@ -92,11 +93,22 @@ def _admit(vllm_config: Any, params: Any) -> tuple[Any, ResolvedSteering | None,
                 f"profile {steering.profile_id!r} answers a fired gate with a fixed refusal, which a structured-output "
                 "constraint (response_format, structured_outputs) would not allow; send one or the other",
             )
+        if steering is not None and steering.route:
+            budget = config.slot_budget(vllm_config.scheduler_config.max_num_seqs)
+            if 1 + len(steering.route) > budget:  # the scheduler would hold it back forever
+                raise SteeringRequestError(
+                    "steer_categories",
+                    f"'auto' on profile {steering.profile_id!r} holds {1 + len(steering.route)} steering slots at once "
+                    f"(one, and one per category its gates route to: {list(steering.route)}); this server has "
+                    f"{budget} (raise --steer-max-slots or --max-num-seqs, or name the categories)",
+                )
     except SteeringRequestError as exc:
         raise VLLMValidationError(str(exc), parameter=exc.field) from None
     if steering is not None:
         assert clean is not None  # the steering was read from it
         clean[DIGEST_KEY] = steering.profile_digest  # only this process may say which version to use
+        if steering.route:
+            clean[ROUTE_KEY] = list(steering.route)  # the scheduler reserves a slot per category
     if clean is not extra_args:
         params = copy.copy(params)
         params.extra_args = clean or None

@@ -8,9 +8,9 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Literal
 
-from vllm_steer.core.request import admission_key
+from vllm_steer.core.request import admission_keys
 from vllm_steer.core.settings import SteerConfig
-from vllm_steer.core.wire import DIGEST_KEY
+from vllm_steer.core.wire import DIGEST_KEY, ROUTE_KEY
 from vllm_steer.engine.runtime import SlotGate
 from vllm_steer.engine.vllm._common import PATCHED_ATTR
 
@@ -30,9 +30,9 @@ def _gate_of(scheduler: Any) -> SlotGate | None:
     return gate
 
 
-def _request_key(request: Any) -> tuple[Any, ...] | None:
+def _request_keys(request: Any) -> tuple[tuple[Any, ...], ...]:
     params = getattr(request, "sampling_params", None)
-    return admission_key(getattr(params, "extra_args", None), DIGEST_KEY) if params is not None else None
+    return admission_keys(getattr(params, "extra_args", None), DIGEST_KEY, ROUTE_KEY) if params is not None else ()
 
 
 def patch_scheduler() -> None:
@@ -55,7 +55,7 @@ def patch_scheduler() -> None:
             new = (
                 []
                 if output is None
-                else [(r.req_id, _request_key(self.requests.get(r.req_id))) for r in output.scheduled_new_reqs]
+                else [(r.req_id, _request_keys(self.requests.get(r.req_id))) for r in output.scheduled_new_reqs]
             )
             gate.end_step(new, () if output is None else output.finished_req_ids)
         return output
@@ -68,7 +68,7 @@ def patch_scheduler() -> None:
         gate: SlotGate | None = self.__dict__.get("_vllm_steer_gate")
         if not ready or gate is None:
             return ready
-        return gate.admit(request.request_id, _request_key(request))
+        return gate.admit(request.request_id, _request_keys(request))
 
     setattr(schedule, PATCHED_ATTR, True)
     Scheduler.schedule = schedule

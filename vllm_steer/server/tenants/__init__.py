@@ -22,7 +22,10 @@ Tiers (``format_version: 1``, :mod:`~vllm_steer.server.tenants.schema`):
 * gated profiles (:mod:`vllm_steer.core.gates`): ``forced``/``default`` may set the gate's ``gate_action``
   and ``refusal`` text (a forced tier's clients may restate them, never change them); a grant's
   ``gate_actions`` lists the other actions a client may ask for (``steer_gate_action``); only a tier approving
-  every profile lets clients set ``steer_refusal``. Thresholds are the profile's.
+  every profile lets clients set ``steer_refusal``. Thresholds are the profile's. A routing request
+  (``steer_categories: "auto"``, gates that route to categories) passes through as ``auto``; a grant with
+  ``categories`` admits it only if it lists every category the gates route to; ``forced``/``default`` may set
+  ``categories: [auto]`` on a profile whose gates route.
 * ``allow_unsteered`` -- may a client send ``steer_profile: "none"``?
 * ``allow_layers_override`` -- may a client send ``steer_layers``?
 * ``max_concurrent_steered`` -- steered sequences in flight per tenant (a request counts ``n`` times its

@@ -1,4 +1,8 @@
-"""What ``GET /v1/steering/profiles`` shows a caller: the profiles its tier may use, with its ranges."""
+"""What ``GET /v1/steering/profiles`` shows a caller: the profiles its tier may use, with its ranges.
+
+A category profile whose gates route (``steer_categories: "auto"``) shows ``"auto": true`` and the categories
+its gates may pick (``routes``) where the caller may send ``auto``: its tier grants every one of them (a forced
+tier: its forced setting routes). Elsewhere ``"auto": false`` and ``routes: []``."""
 
 from __future__ import annotations
 
@@ -30,7 +34,14 @@ def visible_profiles(tier: Tier, profiles: Mapping[str, Profile]) -> list[dict[s
             continue
         default = _visible_default(tier, pid, profiles)
         described.append(
-            _describe(profiles[pid], grant, default, tier.allow_layers_override, is_default=pid == default_id)
+            _describe(
+                profiles[pid],
+                grant,
+                default,
+                tier.allow_layers_override,
+                is_default=pid == default_id,
+                every_action=tier.approves_all,
+            )
         )
     return described
 
@@ -67,11 +78,22 @@ def _defaults_dict(effective: Effective | None) -> dict[str, Any]:
 
 
 def _describe(
-    profile: Profile, grant: ProfileGrant, default: Effective | None, layers_override: bool, *, is_default: bool
+    profile: Profile,
+    grant: ProfileGrant,
+    default: Effective | None,
+    layers_override: bool,
+    *,
+    is_default: bool,
+    every_action: bool = False,
 ) -> dict[str, Any]:
     spec = profile.spec
     parameter = METHODS[spec.method].parameter
     categories = [c for c in spec.categories if grant.categories is None or c in grant.categories]
+    gating = spec.gating
+    routes = list(gating.routes) if gating is not None else []
+    steers = gating is not None and (gating.action == "steer" or every_action or "steer" in (grant.gate_actions or ()))
+    if not steers or not all(c in categories for c in routes):
+        routes = []  # "auto" steers: not where the tier denies action steer or a category the gates may pick
     return {
         "id": spec.id,
         "method": spec.method,
@@ -79,6 +101,8 @@ def _describe(
         "layers": list(spec.layers),
         "layers_override": layers_override,
         "categories": categories,
+        "auto": bool(routes),
+        "routes": routes,
         "angle": _range_dict(intersect(grant.angle, spec.allowed.angle)) if parameter == "angle" else None,
         "scale": _range_dict(intersect(grant.scale, spec.allowed.scale)) if parameter == "scale" else None,
         "defaults": _defaults_dict(default),
@@ -97,6 +121,8 @@ def _describe_forced(profile: Profile, forced: Effective) -> dict[str, Any]:
         "layers": list(forced.layers or spec.layers),
         "layers_override": False,
         "categories": list(r.categories),
+        "auto": bool(r.route),
+        "routes": list(r.route),
         "angle": {"min": r.angle, "max": r.angle} if parameter == "angle" else None,
         "scale": {"min": r.scale, "max": r.scale} if parameter == "scale" else None,
         "defaults": _defaults_dict(forced),

@@ -13,7 +13,7 @@ from typing import Any, overload
 
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
-from vllm_steer.core.request import SteeringRequest, SteeringRequestError, parse_steering
+from vllm_steer.core.request import ROUTE, SteeringRequest, SteeringRequestError, parse_steering
 from vllm_steer.server.tenants.controls import CONTROLS, used_controls
 from vllm_steer.server.tenants.discovery import intersect, visible_profiles
 from vllm_steer.server.tenants.errors import PolicyError, TenantsFileError, above_tier
@@ -301,7 +301,8 @@ class TenantPolicy:
         Catches what the file alone cannot show: approved or forced profiles that
         are not loaded, bounds on a parameter the method does not take or disjoint
         from the profile's own range, unknown categories, forced/default settings
-        that do not resolve, a default outside its own tier's bounds.
+        that do not resolve (``categories: [auto]`` on a profile whose gates do not route), a default
+        outside its own tier's bounds (``auto`` needs every category its gates route to granted).
         """
         if self._config is None:
             return
@@ -334,6 +335,8 @@ def _check_grant_fits(source: str, path: str, grant: ProfileGrant, profile: Prof
         unknown = [c for c in grant.categories if c not in spec.categories]
         if method.roles != "categories" or unknown:
             message = f"not categories of profile {spec.id!r}: {unknown or list(grant.categories)}"
+            if ROUTE in unknown:
+                message += f" ({ROUTE!r} is granted by granting every category the profile's gates route to)"
             raise TenantsFileError(source, f"{path}.categories", message)
     if grant.gate_actions is not None and spec.gating is None:
         raise TenantsFileError(source, f"{path}.gate_actions", f"profile {spec.id!r} has no gates")

@@ -16,6 +16,7 @@ from typing import Any
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import (
+    ROUTE,
     ResolvedSteering,
     SteeringRequest,
     SteeringRequestError,
@@ -36,11 +37,17 @@ __all__ = [
     "resolve_operator_setting",
     "refuse_departures_from_forced",
     "check_within_grant",
+    "chosen_categories",
     "merge",
 ]
 
 UNSTEERED = "none"
 """The ``steer_profile`` value by which a client asks for no steering (where its tier allows it)."""
+
+
+def chosen_categories(resolved: ResolvedSteering) -> tuple[str, ...]:
+    """The categories a setting chose, as compared with a request's: ``("auto",)`` for a routing one."""
+    return (ROUTE,) if resolved.route else resolved.categories
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,9 @@ class Effective:
         keys: dict[str, Any] = {"steer_profile": r.profile_id}
         if method.parameter is not None:
             keys[f"steer_{method.parameter}"] = getattr(r, method.parameter)
-        if method.roles == "categories":
+        if r.route:
+            keys["steer_categories"] = ROUTE  # routed by its gates: the categories are the fired gate's
+        elif method.roles == "categories":
             keys["steer_categories"] = list(r.categories)
         if self.layers is not None:
             keys["steer_layers"] = list(self.layers)
@@ -152,7 +161,7 @@ def refuse_departures_from_forced(request: SteeringRequest, forced: Effective, p
         "steer_scale": (request.steer_scale, r.scale if method.parameter == "scale" else None),
         "steer_categories": (
             None if request.steer_categories is None else tuple(sorted(request.steer_categories)),
-            r.categories if method.roles == "categories" else None,
+            chosen_categories(r) if method.roles == "categories" else None,
         ),
         "steer_layers": (_layers(request), forced.layers or tuple(profile.spec.layers)),
         "steer_gate_action": (request.steer_gate_action, r.gate_action),
@@ -182,7 +191,8 @@ def check_within_grant(
 ) -> None:
     """403 when the effective angle, scale or categories fall outside the tier's bounds for this profile, or
     the request changes a gate's action or refusal text beyond what the tier grants (``every_profile``: a tier
-    approving every profile, which grants every action and its own refusal texts)."""
+    approving every profile, which grants every action and its own refusal texts). A routing request
+    (``steer_categories: "auto"``) is within the tier's categories only if every category its gates route to is."""
     r = effective.resolved
     method = METHODS[r.method]
     gating = None if every_profile or profile is None else profile.spec.gating
@@ -208,7 +218,15 @@ def check_within_grant(
             span = f"[{bounds[0]:g}, {bounds[1]:g}]"
             allows = f"the range this tier allows for {r.profile_id!r}"
             raise above_tier(key, f"{value:g}{origin} is outside {span}, {allows}")
-    if method.roles == "categories" and grant.categories is not None:
+    if method.roles == "categories" and grant.categories is not None and r.route:
+        ungranted = [c for c in r.route if c not in grant.categories]
+        if ungranted:  # the gates may pick any of them: every one must be granted
+            raise above_tier(
+                "steer_categories",
+                f"{ROUTE!r} may steer with {ungranted}, not approved for this tier (approved: "
+                f"{list(grant.categories)}); name approved categories instead",
+            )
+    elif method.roles == "categories" and grant.categories is not None:
         outside = [c for c in r.categories if c not in grant.categories]
         if outside:
             origin = "" if request.steer_categories is not None else " (the profile's default categories)"
