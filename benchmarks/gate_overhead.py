@@ -4,7 +4,9 @@ The goal (issue 19): gates on every row at batch 64 within 1 % of the same profi
 with the plugin serves both profiles — the demo refusal vector (``smollm2-refusal-add``) and a copy of it with a
 gate that fires on every prompt (so both steer the same rows the same way, and the gated one also scores every
 row's last prompt token and reads its decision at every step) — and, for reference, a copy whose gate never
-fires (action ``steer``: those rows run unsteered). Every repetition runs each scenario once, in rotating
+fires (action ``steer``: those rows run unsteered). Category routing is measured the same way: the demo category
+profile with one gate per category (``steer_categories: "auto"``) against that profile with one named category.
+Every repetition runs each scenario once, in rotating
 order, seconds apart; the report gives per scenario the median and spread over repetitions of its throughput
 ratio to the ungated profile's run of the same repetition.
 
@@ -26,12 +28,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BASE = "smollm2-refusal-add"
+CATEGORY = "smollm2-category"
+ROUTED = f"{CATEGORY}-routed-fires"
 SCENARIOS = {
     "ungated": {"steer_profile": BASE},
     "gated:fires": {"steer_profile": f"{BASE}-gate-fires"},
     "gated:never": {"steer_profile": f"{BASE}-gate-never"},
+    "category": {"steer_profile": CATEGORY, "steer_categories": ["Physical Harm"]},
+    "routed:fires": {"steer_profile": ROUTED, "steer_categories": "auto"},
 }
-"""Each row's steering per scenario; ``ungated`` is the baseline of every ratio."""
+"""Each row's steering per scenario."""
+BASELINES = {"ungated": "ungated", "gated:fires": "ungated", "gated:never": "ungated"}
+BASELINES |= {"category": "category", "routed:fires": "category"}
+"""The scenario each one's ratio is taken against: the gates against the same profile without them; category
+routing (every row steered with the vector of the category whose gate has the largest margin, one gate per
+category) against the category profile steering every row with one named category."""
 
 
 def write_profiles(root: Path, source: Path) -> Path:
@@ -52,6 +63,21 @@ def write_profiles(root: Path, source: Path) -> Path:
         raw["id"] = f"{BASE}-{suffix}"
         spec = ProfileSpec.model_validate(raw)
         save_profile(root / spec.id, spec, gated.vectors, gated.gate_vectors)
+    # Category routing: one gate per category (its own vector at the profile's first layer, threshold -2: every
+    # gate fires, the largest margin picks the row's category).
+    category = load_profile(source / CATEGORY)
+    save_profile(root / CATEGORY, category.spec, category.vectors)
+    first = category.spec.layers[0]
+    names = [c for c in category.spec.categories if c != "generic"]
+    gates = [
+        GateSpec(name=f"c{i}", layer=first, tensor=f"gate.c{i}", score="projection", threshold=-2.0, category=c)
+        for i, c in enumerate(names)
+    ]
+    routed = with_gates(category, "steer", gates, {f"c{i}": category.vectors[first][c] for i, c in enumerate(names)})
+    raw = routed.spec.model_dump()
+    raw["id"] = ROUTED
+    spec = ProfileSpec.model_validate(raw)
+    save_profile(root / spec.id, spec, routed.vectors, routed.gate_vectors)
     return root
 
 
@@ -72,7 +98,8 @@ def run(args: argparse.Namespace) -> dict:
         max_num_seqs=max(args.batch, 8),
         enforce_eager=True,
         max_model_len=1024,
-        additional_config={"vllm_steer": {"profiles": str(profiles)}},
+        # a routing row holds its own slot and one per category (12 with the unsteered default's): 16 at any batch
+        additional_config={"vllm_steer": {"profiles": str(profiles), "max_slots": 16}},
     )
     startup = time.time() - started
     tok = llm.get_tokenizer()
@@ -105,8 +132,9 @@ def run(args: argparse.Namespace) -> dict:
     stable = all(r["gated:never"]["texts"] == reps[0]["gated:never"]["texts"] for r in reps)
     summary = {}
     for name in names:
-        ratios = [r[name]["tok_s"] / r["ungated"]["tok_s"] for r in reps]
+        ratios = [r[name]["tok_s"] / r[BASELINES[name]]["tok_s"] for r in reps]
         summary[name] = {
+            "baseline": BASELINES[name],
             "median_tok_s": statistics.median(r[name]["tok_s"] for r in reps),
             "median_ratio": statistics.median(ratios),
             "min_ratio": min(ratios),
@@ -133,13 +161,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| scenario | tok/s (median) | vs ungated, same repetition: median (min–max) |",
+        "| scenario | tok/s (median) | vs its baseline, same repetition: median (min–max) |",
         "|---|---|---|",
     ]
     for name, s in result["summary"].items():
-        lines.append(
-            f"| {name} | {s['median_tok_s']:.1f} | {s['median_ratio']:.3f} ({s['min_ratio']:.3f}–{s['max_ratio']:.3f}) |"
-        )
+        ratio = f"{s['median_ratio']:.3f} ({s['min_ratio']:.3f}–{s['max_ratio']:.3f})"
+        lines.append(f"| {name} | {s['median_tok_s']:.1f} | {ratio} vs {s.get('baseline', 'ungated')} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -108,7 +109,16 @@ def calibrate(
         help="Calibrate only the gates, into this existing profile directory (adds or replaces its gating block; "
         "keeps its report/). Implies --gate; no --method or --out.",
     ),
-    gate_action: str = typer.Option("refuse", help="What a firing gate does: refuse | steer | flag."),
+    gate_action: str | None = typer.Option(
+        None, help="What a firing gate does: refuse | steer | flag (default: refuse; steer with --gate-route)."
+    ),
+    gate_route: bool = typer.Option(
+        False,
+        "--gate-route",
+        help="Category profiles: one routing gate per category the labelled --gate-harmful data covers "
+        "(--gate-n prompts per category); a request with steer_categories 'auto' steers with the category of "
+        "the gate that fires. Action steer.",
+    ),
     gate_fpr: str = typer.Option(
         "0.01",
         help="Largest false-positive rate per harmless source on the select split: a rate for every source, "
@@ -136,7 +146,7 @@ def calibrate(
     """Collect activations, compute the method's directions, write a validated profile, sweep its default.
 
     With --gate (or --gate-into DIR), also choose gates on held-out splits and write them as the profile's
-    gating block, with report/gate.md."""
+    gating block, with report/gate.md; with --gate-route, routing gates, one per category of a category profile."""
     if gate_into is not None:
         for name, value in (("--method", method), ("--out", out)):
             if value is not None:
@@ -145,10 +155,18 @@ def calibrate(
         for name, value in (("--method", method), ("--out", out)):
             if value is None:
                 raise typer.BadParameter("required (unless --gate-into)", param_hint=f"'{name}'")
+    if gate_route and not gate and gate_into is None:
+        raise typer.BadParameter("routing gates are calibrated with --gate or --gate-into", param_hint="'--gate-route'")
+    if gate_route and gate_into is None and method != "category":
+        raise typer.BadParameter(
+            f"routes to the categories of a category profile (--method category, not {method})",
+            param_hint="'--gate-route'",
+        )
     gate_cfg = _gate_config(
         gate or gate_into is not None,
         model=model,
-        gate_action=gate_action,
+        gate_action=gate_action or ("steer" if gate_route else "refuse"),
+        gate_route=gate_route,
         gate_fpr=gate_fpr,
         gate_harmful=gate_harmful,
         gate_harmless=gate_harmless,
@@ -167,6 +185,7 @@ def calibrate(
         if report:
             _require_extra("matplotlib", "calibrate", "--report")
         assert gate_cfg is not None
+        gate_cfg = _route_config(gate_cfg, gate_into, None)
         _calibrate_gates(gate_into, gate_cfg, report)
         return
     assert method is not None and out is not None  # checked above
@@ -198,6 +217,8 @@ def calibrate(
         contrast=contrast,
         prompt_format=prompt_format,
     )
+    if gate_cfg is not None:
+        gate_cfg = _route_config(gate_cfg, None, cfg)
     with _phase_progress() as progress:
         diagnostics: dict = {}
         try:
@@ -212,6 +233,8 @@ def calibrate(
     if sweep != "none" and METHODS[profile.method].parameter is not None:
         _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
     if gate_cfg is not None:
+        if gate_cfg.route is not None:  # the categories the profile now has (checked against the data above)
+            gate_cfg = dataclasses.replace(gate_cfg, route=tuple(profile.spec.categories))
         _calibrate_gates(path, gate_cfg, report)
     if report:
         from vllm_steer.calibration.report import write_report
@@ -263,6 +286,10 @@ def _gate_config(enabled: bool, **o: Any):
         raise typer.BadParameter(
             f"{o['gate_action']!r} is not one of {', '.join(GATE_ACTIONS)}", param_hint="'--gate-action'"
         )
+    if o["gate_route"] and o["gate_action"] != "steer":
+        raise typer.BadParameter(
+            f"routing gates steer (--gate-route), not {o['gate_action']!r}", param_hint="'--gate-action'"
+        )
     probe_c = (
         [] if o["gate_probe_c"].strip().lower() == "none" else numbers("'--gate-probe-c'", o["gate_probe_c"], float)
     )
@@ -285,10 +312,46 @@ def _gate_config(enabled: bool, **o: Any):
             batch_size=o["batch_size"],
             layers=numbers("'--gate-layers'", o["gate_layers"], int),
             probe_c=tuple(probe_c or ()),
+            route=() if o["gate_route"] else None,  # the profile's categories: _route_config
         )
     except CalibrationError as exc:
         raise typer.BadParameter(exc.message, param_hint=f"'--{exc.field.replace('_', '-')}'") from None
     return cfg
+
+
+def _route_config(cfg: Any, gate_into: Path | None, calibration: Any) -> Any:
+    """With --gate-route: ``cfg`` routing to the profile's categories — those of the profile at ``gate_into``, or
+    those the category method will find in ``calibration``'s data — after checking, before any model runs, that
+    the profile is a category profile and that the labelled --gate-harmful data covers one of its categories
+    (else a usage error naming --gate-route). Without it, ``cfg`` unchanged."""
+    if cfg.route is None:
+        return cfg
+    from vllm_steer.calibration.gates import load_route_sources, route_categories
+    from vllm_steer.calibration.pipeline import CalibrationError, split_data
+    from vllm_steer.core.profile import ProfileError, load_profile
+
+    if gate_into is not None:
+        try:
+            spec = load_profile(gate_into).spec
+        except ProfileError:
+            return cfg  # _calibrate_gates reports the broken profile
+        if spec.method != "category":
+            raise typer.BadParameter(
+                f"routes to the categories of a category profile; {spec.id!r} has method {spec.method!r}",
+                param_hint="'--gate-route'",
+            )
+        categories = list(spec.categories)
+    else:
+        try:
+            harmful_train, *_ = split_data(calibration)
+        except CalibrationError:
+            return cfg  # the calibration itself reports it
+        categories = sorted({p.category for p in harmful_train if p.category is not None})
+    try:
+        load_route_sources(cfg.harmful, cfg.harmless, route_categories(categories), cfg.data_dir, cfg.n)
+    except CalibrationError as exc:
+        raise typer.BadParameter(exc.message, param_hint=f"'--{exc.field.replace('_', '-')}'") from None
+    return dataclasses.replace(cfg, route=tuple(categories))
 
 
 def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
@@ -314,11 +377,27 @@ def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
     where = write_gate_report(profile_dir, result.report, plot=report)
     rep = result.report
     table = Table(title=f"gates of {load_profile(profile_dir).id}: {rep['chosen']}, action {result.gating.action}")
-    for col in ("gate", "direction", "layer", "score", "threshold"):
+    routing = rep.get("routing")
+    for col in ("gate", "direction", "layer", "score", "threshold", *(("routes to",) if routing else ())):
         table.add_column(col)
     for g in rep["operating_point"]["gates"]:
-        table.add_row(g["name"], g["direction"], str(g["layer"]), g["score"], f"{g['comparison']} {g['threshold']:.5g}")
+        table.add_row(
+            g["name"],
+            g["direction"],
+            str(g["layer"]),
+            g["score"],
+            f"{g['comparison']} {g['threshold']:.5g}",
+            *((escape(g["category"]),) if routing else ()),
+        )
     console.print(table)
+    if routing:
+        routed = Table(title="routing per category (test split; route_of: the fired gate with the largest margin)")
+        for col in ("category", "test n", "recall", "routing accuracy"):
+            routed.add_column(col, justify="right")
+        for category, r in routing["test"]["per_category"].items():
+            routed.add_row(escape(category), str(r["n"]), f"{r['recall']:.3f}", f"{r['accuracy']:.3f}")
+        routed.add_row("mean", "", f"{routing['test']['recall_mean']:.3f}", f"{routing['test']['accuracy_mean']:.3f}")
+        console.print(routed)
     rates = Table(title="flag rate per source (select chose; test reports)")
     for col in ("source", "select", "test", "test n"):
         rates.add_column(col, justify="right")

@@ -261,6 +261,7 @@ def test_gate_overhead_runs_on_a_minimal_setting(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     (rep,) = result["reps"]
-    assert set(rep) == {"ungated", "gated:fires", "gated:never"}
+    assert set(rep) == {"ungated", "gated:fires", "gated:never", "category", "routed:fires"}
     assert all(run["tokens"] == 4 * 4 for run in rep.values())
     assert result["summary"]["ungated"]["median_ratio"] == 1.0 and result["never_fired_rows_stable"]
+    assert result["summary"]["routed:fires"]["baseline"] == "category"

@@ -2,7 +2,8 @@
 
 Started the documented way (``vllm-steer serve-ray CONFIG``) from a Serve config written here. Mixed
 requests of several tenants are spread over both replicas and equal the single-engine rows; the tiers
-hold through the Ray path; hot reload reaches every replica; a replica killed mid-load is replaced,
+hold through the Ray path; hot reload reaches every replica; a gated request's decisions reach the client
+(``x-vllm-steer-gate``) and the audit log, whichever replica served it; a replica killed mid-load is replaced,
 and every request sent meanwhile either completes or gets an error the client can see and retry.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +24,7 @@ import pytest
 import requests
 import yaml
 
-# tenants_file and profiles_dir (a copy of this module's own) come from tests/server/conftest.py.
+# tenants_file comes from tests/server/conftest.py; profiles_dir (this module's own copy) is overridden below.
 from support.mixed_batch import MAX_TOKENS, SETTINGS
 from support.server import (
     ADMIN_KEY,
@@ -37,14 +40,19 @@ from support.server import (
 from vllm_steer.core.profile import save_profile
 from vllm_steer.testing.engines import record_engine_start
 from vllm_steer.testing.synthetic import random_profile
-from vllm_steer.testing.tiny import TINY
+from vllm_steer.testing.tiny import TINY, TINY_GATED
 
 pytestmark = [pytest.mark.engine, pytest.mark.ray]
 
 MODEL_ID = "tiny"
+REFUSE = {"steer_profile": "tiny-refuse"}
+GATED_PROFILE = "tiny-refuse"
 
 
 class RayApp:
+    audit: Path
+    """The ingress's audit log (set by the fixture)."""
+
     def __init__(self, config: Path, log: Path):
         self.port = yaml.safe_load(config.read_text())["http_options"]["port"]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,6 +102,24 @@ class RayApp:
 
 
 @pytest.fixture(scope="module")
+def ray_profiles(tiny_root, gated, tmp_path_factory) -> Path:
+    """What the app serves: the tiny profiles plus the gated refusing one of ``build_tiny_gated`` (whose model is
+    ``build_tiny``'s, weight for weight, so the profile fits the served model). The research tier grants ``*``."""
+    path = tmp_path_factory.mktemp("ray-profiles") / "profiles"
+    shutil.copytree(tiny_root / "profiles", path)
+    shutil.copytree(gated[0] / "profiles" / GATED_PROFILE, path / GATED_PROFILE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profiles_dir(ray_profiles, tmp_path_factory) -> Path:
+    """This module's served copy of ``ray_profiles``, which the hot-reload test changes (and restores)."""
+    path = tmp_path_factory.mktemp("ray-served") / "profiles"
+    shutil.copytree(ray_profiles, path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("ray")
     config = work / "serve.yaml"
@@ -125,6 +151,7 @@ def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
                             "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"},
                             "health_check_period_s": 2,
                             "health_check_timeout_s": 30,
+                            "audit_log": str(work / "audit.jsonl"),
                         },
                     }
                 ],
@@ -132,6 +159,7 @@ def ray_app(tiny_root, tenants_file, profiles_dir, tmp_path_factory):
         )
     )
     app = RayApp(config, work / "serve-ray.log")
+    app.audit = work / "audit.jsonl"
     yield app
     app.stop()
 
@@ -180,10 +208,10 @@ def test_tiers_hold_through_the_ray_path(ray_app, prompt_ids):
 
 
 @pytest.fixture
-def restore_profiles_after(ray_app, profiles_dir, tiny_root):
+def restore_profiles_after(ray_app, profiles_dir, ray_profiles):
     """The other tests compare against the fixture's profiles: put them back after a test that changes them."""
     yield
-    restore_profiles(ray_app.url, profiles_dir, tiny_root / "profiles")
+    restore_profiles(ray_app.url, profiles_dir, ray_profiles)
 
 
 @pytest.mark.usefixtures("restore_profiles_after")
@@ -204,6 +232,91 @@ def test_hot_reload_reaches_every_replica(ray_app, profiles_dir, prompt_ids):
     # Every request now gets the new vectors, whichever replica serves it.
     after = [tokens_and_logprobs(ray_app.complete(prompt_ids[0], add, KEYS["research"])) for _ in range(6)]
     assert all(a == after[0] for a in after) and after[0]["logprobs"] != before["logprobs"]
+
+
+def _gate_lines(ray_app: RayApp) -> dict[str, dict]:
+    lines = [json.loads(line) for line in ray_app.audit.read_text().splitlines()]
+    return {line["request_id"]: line for line in lines if line["event"] == "gate"}
+
+
+def _request_id(response_id: str) -> str:
+    return re.sub(r"^(chat)?cmpl-", "", response_id)
+
+
+def _gated_post(ray_app: RayApp, ids: list[int], xargs: dict | None, headers: dict | None = None, **extra):
+    body = {"model": MODEL_ID, "prompt": ids, "max_tokens": 24, "temperature": 0.0, "return_token_ids": True}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    auth = {"authorization": f"Bearer {KEYS['research']}", **(headers or {})}
+    return requests.post(ray_app.url + "/v1/completions", json={**body, **extra}, headers=auth, timeout=300)
+
+
+def test_gate_decisions_reach_the_client_and_the_audit_log_through_ray(ray_app, gated):
+    """As tests/server/test_gates_served.py on ``vllm-steer serve``: the header per response, the audit line per
+    gated request, whichever of the two replicas served it (the ingress asks both)."""
+    _, prompts, _, reference = gated
+    refusal = TINY_GATED[GATED_PROFILE]["refusal"]
+    before = {r["replica"]: r["requests"] for r in ray_app.replicas()}
+    jobs = [(ids, xargs) for ids in prompts for xargs in (REFUSE, None)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda job: _gated_post(ray_app, *job), jobs))
+    served = {r["replica"]: r["requests"] - before.get(r["replica"], 0) for r in ray_app.replicas()}
+    assert all(n > 0 for n in served.values()), f"both replicas serve some, so both are asked: {served}"
+    audit = _gate_lines(ray_app)
+    fired = 0
+    for i, ids in enumerate(prompts):
+        response, plain = responses[2 * i : 2 * i + 2]
+        assert response.status_code == 200 and plain.status_code == 200, (response.text, plain.text)
+        expected = bool(reference(ids, REFUSE)["fired"])
+        fired += expected
+        refused, answered = response.json()["choices"][0], plain.json()["choices"][0]
+        if expected:
+            assert (refused["text"], refused["finish_reason"]) == (refusal, "stop"), refused
+        else:
+            assert refused["token_ids"] == answered["token_ids"], ("answered unsteered", i)
+        assert response.headers.get("x-vllm-steer-gate") == f"action=refuse; fired={int(expected)}", (i, expected)
+        assert "x-vllm-steer-gate" not in plain.headers, "an ungated request has no gate header"
+        # the engine named the request after the middleware's id: the response's id and the audit line's agree
+        line = audit[_request_id(response.json()["id"])]
+        assert (line["tenant"], line["tier"]) == ("acme-research", "research"), line
+        (row,) = line["rows"]
+        assert (row["profile"], row["action"], row["fired"]) == (GATED_PROFILE, "refuse", expected), row
+        assert row["gates"] == (["g"] if expected else []) and set(row["scores"]) == {"g"}
+    assert 0 < fired < len(prompts), "some rows refused, some answered"
+
+
+def test_a_client_cannot_choose_the_engine_request_id_through_ray(ray_app, gated):
+    """The client's ``X-Request-Id`` and body ``request_id`` are not the engine's (Ray would pass either on):
+    the engine's is the middleware's, so no client names its request into another's gate report."""
+    _, prompts, _, reference = gated
+    ids = next(ids for ids in prompts if reference(ids, REFUSE)["fired"])
+    response = _gated_post(ray_app, ids, REFUSE, headers={"x-request-id": "mine-1"}, request_id="mine-2")
+    assert response.status_code == 200, response.text
+    request_id = _request_id(response.json()["id"])
+    assert request_id.startswith("steer-") and "mine" not in request_id, request_id
+    assert response.headers.get("x-vllm-steer-gate") == "action=refuse; fired=1"
+    line = _gate_lines(ray_app)[request_id]
+    assert line["client_request_id"] == "mine-1" and line["rows"][0]["fired"] is True, line
+
+
+def test_a_streamed_gated_request_is_audited_when_it_ends(ray_app, gated):
+    _, prompts, _, reference = gated
+    ids = next(ids for ids in prompts if reference(ids, REFUSE)["fired"])
+    with _gated_post(ray_app, ids, REFUSE, stream=True) as response:
+        assert response.status_code == 200, response.text
+        events = [
+            json.loads(line[len(b"data: ") :])
+            for line in response.iter_lines()
+            if line.startswith(b"data: ") and line != b"data: [DONE]"
+        ]
+    assert "x-vllm-steer-gate" not in response.headers, "a stream's headers leave before any decision"
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text == TINY_GATED[GATED_PROFILE]["refusal"], text
+    request_id = _request_id(events[0]["id"])
+    deadline = time.time() + 30
+    while request_id not in _gate_lines(ray_app) and time.time() < deadline:
+        time.sleep(0.2)  # reported in the background once the stream has ended
+    assert _gate_lines(ray_app)[request_id]["rows"][0]["fired"] is True
 
 
 def test_a_replica_killed_mid_load_is_replaced_and_no_request_is_silently_lost(ray_app, eager_on, prompt_ids):

@@ -17,6 +17,12 @@ the prompt's last token. This module chooses the gates honestly (``docs/methods.
   the targets;
 * the test part then gives the flag rate per source of the chosen gating.
 
+*Routing gates* (``--gate-route``, category profiles): every category of the profile that the labelled harmful
+data covers is a harmful source of its own (split in three like any source), with one gate: its best per-source
+gate from the same grid, naming the category (``GateSpec.category``); the OR of those gates meets the budgets as
+above, and the test part also gives, per category, where :func:`~vllm_steer.core.gates.route_of` routes its
+prompts (the routing accuracy and a confusion table).
+
 Everything after the activations is pure tensor arithmetic (:func:`calibrate_gating`), so the tests plant a
 direction in synthetic activations; :func:`run_gate_calibration` runs the model and :func:`add_gating` writes
 the result into a profile directory.
@@ -37,7 +43,16 @@ import torch
 from vllm_steer.calibration.pipeline import CalibrationError, _fingerprint, _load_model, _load_tokenizer
 from vllm_steer.calibration.stats import collect_activations, format_prompts, resolve_prompt_format
 from vllm_steer.core.extras import require
-from vllm_steer.core.gates import GATE_ACTIONS, GATE_HOOK, GATE_SCORES, MAX_GATES, GateSpec, GatingSpec, gate_score
+from vllm_steer.core.gates import (
+    GATE_ACTIONS,
+    GATE_HOOK,
+    GATE_SCORES,
+    MAX_GATES,
+    GateSpec,
+    GatingSpec,
+    gate_score,
+    route_of,
+)
 from vllm_steer.core.profile import load_profile, save_profile
 from vllm_steer.data import NAMED_SETS, DatasetError, Prompt, load_prompts
 
@@ -60,6 +75,8 @@ __all__ = [
     "source_labels",
     "budgets_for",
     "load_sources",
+    "load_route_sources",
+    "route_categories",
     "collect_gate_activations",
     "fit_directions",
     "layer_scores",
@@ -84,6 +101,12 @@ DEFAULT_PROBE_C: tuple[float, ...] = (0.01, 0.1, 1.0)
 """The probe directions' inverse L2 strengths (a grid dimension: the select part chooses)."""
 POOLED_GATE = "harmful"
 """The name of the pooled gate (and of its direction set)."""
+ROUTE = "route"
+"""The one candidate gating of a routing calibration: one gate per category."""
+GENERIC = "generic"
+"""The category profiles' pooled vector: no gate routes to it."""
+NO_ROUTE = "none"
+"""The routing confusion table's column for rows no gate fired on."""
 _ROC_POINTS = 200
 
 Activations = Mapping[str, Mapping[str, torch.Tensor]]
@@ -178,16 +201,21 @@ def source_labels(origins: Sequence[str]) -> list[str]:
     """The label of each source, in order: a named set's name, or a file's stem made gate-name-safe and unique
     (never :data:`POOLED_GATE`, the pooled gate's name)."""
     taken = {POOLED_GATE}
-    labels = []
-    for origin in origins:
-        base = origin if origin in NAMED_SETS else Path(origin).stem
-        base = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-._")[:48] or "source"
-        label, i = base, 2
-        while label in taken:
-            label, i = f"{base}-{i}", i + 1
-        taken.add(label)
-        labels.append(label)
-    return labels
+    return [_unique(_slug(origin if origin in NAMED_SETS else Path(origin).stem), taken) for origin in origins]
+
+
+def _slug(text: str) -> str:
+    """``text`` made gate-name-safe (``^[a-z0-9][a-z0-9._-]{0,63}$``, at most 48 characters before a suffix)."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:48] or "source"
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    """``base``, or ``base-2``, ``base-3``... whichever is not ``taken`` yet (it is then)."""
+    label, i = base, 2
+    while label in taken:
+        label, i = f"{base}-{i}", i + 1
+    taken.add(label)
+    return label
 
 
 def budgets_for(
@@ -226,24 +254,91 @@ def load_sources(
 
     A harmful source with rows labelled harmless (``xstest``), or the reverse, is refused: name the labelled
     half (``xstest-unsafe``, ``xstest-safe``)."""
-    sources: list[GateSource] = []
-    labels = iter(source_labels([*harmful, *harmless]))
-    for is_harmful, names, option in ((True, harmful, "gate_harmful"), (False, harmless, "gate_harmless")):
-        for origin in names:
-            label = next(labels)
-            try:
-                prompts = load_prompts(origin, data_dir, n)
-            except DatasetError as exc:
-                raise CalibrationError(option, str(exc)) from None
-            wrong = [p for p in prompts if p.harmful is (not is_harmful)]
-            if wrong:
-                other = "harmless" if is_harmful else "harmful"
-                raise CalibrationError(
-                    option, f"{origin} has {len(wrong)} row(s) labelled {other}; name only one class of it"
-                )
-            fit, select, test = split_three(prompts, fractions, seed, label)
-            sources.append(GateSource(label, is_harmful, tuple(fit), tuple(select), tuple(test), origin))
-    return sources
+    labels = source_labels([*harmful, *harmless])
+    classes = [True] * len(harmful) + [False] * len(harmless)
+    return [
+        _gate_source(label, is_harmful, _load_class(origin, is_harmful, data_dir, n), fractions, seed, origin)
+        for origin, label, is_harmful in zip([*harmful, *harmless], labels, classes, strict=True)
+    ]
+
+
+def _load_class(origin: str, is_harmful: bool, data_dir: str | None, n: int | None) -> list[Prompt]:
+    """One source's prompts (the first ``n``), refused if any row is labelled with the other class."""
+    option = "gate_harmful" if is_harmful else "gate_harmless"
+    try:
+        prompts = load_prompts(origin, data_dir, n)
+    except DatasetError as exc:
+        raise CalibrationError(option, str(exc)) from None
+    wrong = [p for p in prompts if p.harmful is (not is_harmful)]
+    if wrong:
+        other = "harmless" if is_harmful else "harmful"
+        raise CalibrationError(option, f"{origin} has {len(wrong)} row(s) labelled {other}; name only one class of it")
+    return prompts
+
+
+def _gate_source(
+    label: str, is_harmful: bool, prompts: Sequence[Prompt], fractions: Sequence[float], seed: int, origin: str
+) -> GateSource:
+    fit, select, test = split_three(prompts, fractions, seed, label)
+    return GateSource(label, is_harmful, tuple(fit), tuple(select), tuple(test), origin)
+
+
+def route_categories(categories: Sequence[str]) -> list[str]:
+    """The categories of a category profile that routing gates may route to: all but :data:`GENERIC`."""
+    return [c for c in categories if c != GENERIC]
+
+
+def load_route_sources(
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    categories: Sequence[str],
+    data_dir: str | None = None,
+    n: int | None = None,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+) -> tuple[list[GateSource], dict[str, str]]:
+    """The sources of a routing calibration: one harmful source per category of ``categories`` (the profile's,
+    :func:`route_categories`) that the harmful sets label with at least 3 prompts — its prompts from every
+    harmful set, the first ``n`` in file order (``n`` counts per category, as the category method does) —
+    labelled by a gate-name-safe slug of the category, then the harmless sources as :func:`load_sources` loads
+    them. Returns ``(sources, routes)``, ``routes`` the category of each harmful source's label. Rows without a
+    category, or with one the profile lacks, are left out; none left is an error (``gate_route``)."""
+    wanted = route_categories(categories)
+    by_category: dict[str, list[Prompt]] = {c: [] for c in wanted}
+    origins: dict[str, list[str]] = {c: [] for c in wanted}
+    seen: set[str] = set()
+    for origin in harmful:
+        for p in _load_class(origin, True, data_dir, None):
+            if p.category is not None:
+                seen.add(p.category)
+            if p.category in by_category:
+                by_category[p.category].append(p)
+                if origin not in origins[p.category]:
+                    origins[p.category].append(origin)
+    covered = [c for c in wanted if len(by_category[c]) >= 3]
+    if not covered:
+        have = sorted(seen)
+        raise CalibrationError(
+            "gate_route",
+            f"no category of the profile ({wanted or 'it has none but generic'}) labels 3 or more prompts of "
+            f"{list(harmful)} (their categories: {have[:12] if have else 'none'}{' ...' if len(have) > 12 else ''});"
+            " name labelled harmful sets with --gate-harmful",
+        )
+    if len(covered) > MAX_GATES:
+        raise CalibrationError(
+            "gate_route", f"{len(covered)} categories to route, a gating holds at most {MAX_GATES} gates"
+        )
+    harmless_labels = source_labels([*harmful, *harmless])[len(harmful) :]
+    taken = {POOLED_GATE, *harmless_labels}
+    sources, routes = [], {}
+    for c in covered:
+        label = _unique(_slug(c), taken)
+        prompts = by_category[c][:n] if n else by_category[c]
+        sources.append(_gate_source(label, True, prompts, fractions, seed, f"{'+'.join(origins[c])}: {c}"))
+        routes[label] = c
+    for origin, label in zip(harmless, harmless_labels, strict=True):
+        sources.append(_gate_source(label, False, _load_class(origin, False, data_dir, n), fractions, seed, origin))
+    return sources, routes
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -347,26 +442,54 @@ def fit_directions(
     harmless: Sequence[str],
     probe_c: Sequence[float] = (),
     seed: int = 0,
+    pooled: bool = True,
+    tick: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Unit candidate directions per layer (``[L, d]``) from the fit parts, named ``"<kind>:<target>"``.
 
     ``mean:harmful``: the mean of the harmful sources' means minus the mean of the harmless sources' means;
-    ``mean:<source>``, per harmful source: that source's mean minus the harmless sources' balanced mean.
+    ``mean:<source>``, per harmful source: that source's mean minus the harmless sources' balanced mean (routing
+    gates, without ``pooled``: minus the average of that and the other harmful sources' balanced mean).
     With ``probe_c``, also ``probe-c<C>:harmful`` and ``probe-c<C>:<source>``: source-balanced logistic
-    regressions (:func:`_probe_directions`), one per inverse regularization strength ``C``."""
+    regressions (:func:`_probe_directions`), one per inverse regularization strength ``C``. Without ``pooled``
+    (routing gates) only the per-source sets, also for a single source. ``tick(1)`` after each set."""
     negative = _balanced_mean([acts[s]["fit"] for s in harmless])
-    directions = {f"mean:{POOLED_GATE}": _unit(_balanced_mean([acts[s]["fit"] for s in harmful]) - negative)}
-    for s in harmful:
-        directions[f"mean:{s}"] = _unit(acts[s]["fit"].double().mean(0) - negative)
     neg_fit = [acts[s]["fit"] for s in harmless]
+    per_source = list(harmful) if not pooled or len(harmful) > 1 else []
+    directions: dict[str, torch.Tensor] = {}
+    if pooled:
+        directions[f"mean:{POOLED_GATE}"] = _unit(_balanced_mean([acts[s]["fit"] for s in harmful]) - negative)
+
+    def against(s: str) -> list[str]:
+        """Routing gates (``not pooled``) tell their category from the other categories too, not only from the
+        harmless sources: fitted against the others, a gate fires less on them, so its margin names its own."""
+        return [o for o in harmful if o != s] if not pooled else []
+
+    for s in harmful:
+        others = against(s)
+        base = negative if not others else (negative + _balanced_mean([acts[o]["fit"] for o in others])) / 2
+        directions[f"mean:{s}"] = _unit(acts[s]["fit"].double().mean(0) - base)
+    if tick:
+        tick(len(directions))
     for c in probe_c:
-        directions[f"probe-c{c:g}:{POOLED_GATE}"] = _probe_directions(
-            [acts[s]["fit"] for s in harmful], neg_fit, c, seed
-        )
-        if len(harmful) > 1:
-            for s in harmful:
-                directions[f"probe-c{c:g}:{s}"] = _probe_directions([acts[s]["fit"]], neg_fit, c, seed)
+        if pooled:
+            directions[f"probe-c{c:g}:{POOLED_GATE}"] = _probe_directions(
+                [acts[s]["fit"] for s in harmful], neg_fit, c, seed
+            )
+            if tick:
+                tick(1)
+        for s in per_source:
+            negatives = neg_fit + [acts[o]["fit"] for o in against(s)]
+            directions[f"probe-c{c:g}:{s}"] = _probe_directions([acts[s]["fit"]], negatives, c, seed)
+            if tick:
+                tick(1)
     return directions
+
+
+def _direction_count(harmful: Sequence[str], probe_c: Sequence[float], pooled: bool) -> int:
+    """How many direction sets :func:`fit_directions` fits (the progress bar's total)."""
+    per_source = len(harmful) if not pooled or len(harmful) > 1 else 0
+    return (int(pooled) + len(harmful)) + len(probe_c) * (int(pooled) + per_source)
 
 
 def layer_scores(acts: torch.Tensor, directions: torch.Tensor, score: str) -> torch.Tensor:
@@ -650,6 +773,8 @@ def calibrate_gating(
     layers: Sequence[int] | None = None,
     probe_c: Sequence[float] = (),
     seed: int = 0,
+    routes: Mapping[str, str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> GatingResult:
     """Choose the gating from activations (pure: no model, no files).
 
@@ -659,7 +784,12 @@ def calibrate_gating(
     source's best gate) and ``pooled+per-source`` (the OR of the best pooled gate and those). Each OR's
     thresholds are set together (:func:`or_thresholds`) so that the OR meets every harmless source's budget on
     the select part. The candidate with the higher mean recall on the select part wins (ties: its AUC, then
-    fewer gates); every candidate's rates on the test parts are reported, and none of them chose anything."""
+    fewer gates); every candidate's rates on the test parts are reported, and none of them chose anything.
+
+    With ``routes`` (harmful source → the category it stands for; action ``steer``), the one candidate is
+    :data:`ROUTE`: each source's best gate, named by the source and routing to its category, the thresholds set
+    together as above; the report adds ``routing`` (per split, where
+    :func:`~vllm_steer.core.gates.route_of` sends each source's rows)."""
     if action not in GATE_ACTIONS:
         raise CalibrationError("gate_action", f"unknown {action!r} (one of {', '.join(GATE_ACTIONS)})")
     if not harmful or not harmless:
@@ -667,11 +797,29 @@ def calibrate_gating(
     missing = [s for s in harmless if s not in budgets]
     if missing:
         raise CalibrationError("gate_fpr", f"no false-positive target for {missing}")
-    directions = fit_directions(acts, harmful, harmless, probe_c, seed)
+    if routes is not None:
+        if action != "steer":
+            raise CalibrationError("gate_action", f"routing gates steer (--gate-route), not {action!r}")
+        unrouted = [s for s in harmful if s not in routes]
+        if unrouted:
+            raise CalibrationError("gate_route", f"no category for the harmful source(s) {unrouted}")
+        if len(harmful) > MAX_GATES:
+            raise CalibrationError("gate_route", f"{len(harmful)} categories, a gating holds at most {MAX_GATES}")
+    pooled = routes is None
+    directions = fit_directions(
+        acts,
+        harmful,
+        harmless,
+        probe_c,
+        seed,
+        pooled,
+        _ticker(progress, "gate: directions (fit)", _direction_count(harmful, probe_c, pooled)),
+    )
     select = _scores_for(acts, directions, "select")
     test = _scores_for(acts, directions, "test")
 
     grid: dict[str, list[GridRow]] = {}
+    tick = _ticker(progress, "gate: grid (select)", len(directions))
     for name in directions:
         target = direction_target(name)
         targets = list(harmful) if target == POOLED_GATE else [target]
@@ -680,6 +828,7 @@ def calibrate_gating(
             for score in GATE_SCORES
             for row in grid_search(select[(name, score)], name, score, targets, harmless, budgets, layers)
         ]
+        tick(1)
 
     def best_of(target: str, kind: str | None = None) -> GateConfig:
         rows = [
@@ -691,14 +840,18 @@ def calibrate_gating(
         row = _best(rows)
         return GateConfig(target, row.direction, row.layer, row.score, row.comparison)
 
-    candidates: dict[str, list[GateConfig]] = {"mean": [best_of(POOLED_GATE, "mean:")]}
-    if probe_c:
-        candidates["probe"] = [best_of(POOLED_GATE, "probe-")]
-    if 1 < len(harmful) <= MAX_GATES:
-        per_source = [best_of(s) for s in harmful]
-        candidates[PER_SOURCE] = per_source
-        if len(harmful) < MAX_GATES:
-            candidates["pooled+per-source"] = [best_of(POOLED_GATE), *per_source]
+    candidates: dict[str, list[GateConfig]] = {}
+    if routes is not None:
+        candidates[ROUTE] = [best_of(s) for s in harmful]
+    else:
+        candidates["mean"] = [best_of(POOLED_GATE, "mean:")]
+        if probe_c:
+            candidates["probe"] = [best_of(POOLED_GATE, "probe-")]
+        if 1 < len(harmful) <= MAX_GATES:
+            per_source = [best_of(s) for s in harmful]
+            candidates[PER_SOURCE] = per_source
+            if len(harmful) < MAX_GATES:
+                candidates["pooled+per-source"] = [best_of(POOLED_GATE), *per_source]
 
     summaries: dict[str, dict[str, Any]] = {}
     for cname, configs in candidates.items():
@@ -731,6 +884,7 @@ def calibrate_gating(
             score=c.score,
             threshold=_threshold(c, tau[g]),
             comparison=c.comparison,
+            category=routes[c.name] if routes is not None else None,
         )
         for g, c in enumerate(configs)
     ]
@@ -744,6 +898,11 @@ def calibrate_gating(
             "mean over harmful sources of the share flagged on the select part, at the most permissive thresholds "
             "whose false-positive rate (any gate firing) on every harmless source's select part is at most its "
             "target; ties: AUC, then fewer gates"
+            if routes is None
+            else "one gate per category: its best grid point (the category's share flagged on the select part at "
+            "the target false-positive rates, then AUC); the OR's thresholds set together so that any gate firing "
+            "meets every harmless source's target on the select part, maximizing the mean share of the categories "
+            "flagged"
         ),
         "directions": (
             "per layer, fitted on the fit parts with every source weighing the same: 'mean:*' = unit difference of "
@@ -774,7 +933,62 @@ def calibrate_gating(
         "test": win["test"],
         "roc": _curve(configs, select, {"select": select, "test": test}, harmful, harmless),
     }
+    if routes is not None:
+        report["routes"] = dict(routes)
+        report["routing"] = {
+            split: _routing(gating, configs, scores, routes, harmful, harmless)
+            for split, scores in (("select", select), ("test", test))
+        }
     return GatingResult(gating, gate_vectors, report)
+
+
+def _routing(
+    gating: GatingSpec,
+    configs: Sequence[GateConfig],
+    scores: Scores,
+    routes: Mapping[str, str],
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+) -> dict[str, Any]:
+    """Where :func:`~vllm_steer.core.gates.route_of` (the engine's rule: the fired gate with the largest margin)
+    sends every row of one split: ``confusion`` (true category → routed category or :data:`NO_ROUTE` → rows),
+    per category its ``recall`` (any gate fires) and ``accuracy`` (routed to its own category), and per harmless
+    source the same counts (every routed row a false positive)."""
+    columns = [*(routes[s] for s in harmful), NO_ROUTE]
+
+    def routed(source: str) -> dict[str, int]:
+        raw = torch.stack([scores[(c.direction, c.score)][source][:, c.layer] for c in configs], 1)
+        counts = dict.fromkeys(columns, 0)
+        for row in raw.tolist():
+            category = route_of(gating, {g.name: v for g, v in zip(gating.gates, row, strict=True)})
+            counts[category if category is not None else NO_ROUTE] += 1
+        return counts
+
+    confusion = {routes[s]: routed(s) for s in harmful}
+    per_category: dict[str, dict[str, Any]] = {}
+    for s in harmful:
+        category, counts = routes[s], confusion[routes[s]]
+        n = sum(counts.values())
+        fired = n - counts[NO_ROUTE]
+        per_category[category] = {
+            "gate": s,
+            "n": n,
+            "recall": fired / n if n else float("nan"),
+            "accuracy": counts[category] / n if n else float("nan"),
+            "accuracy_when_fired": counts[category] / fired if fired else float("nan"),
+        }
+    harmless_routed = {s: routed(s) for s in harmless}
+    return {
+        "confusion": confusion,
+        "per_category": per_category,
+        "accuracy_mean": _mean([c["accuracy"] for c in per_category.values()]),
+        "recall_mean": _mean([c["recall"] for c in per_category.values()]),
+        "harmless": harmless_routed,
+        "false_positive_rate": {
+            s: 1.0 - counts[NO_ROUTE] / sum(counts.values()) if sum(counts.values()) else float("nan")
+            for s, counts in harmless_routed.items()
+        },
+    }
 
 
 def _threshold(c: GateConfig, tau: torch.Tensor) -> float:
@@ -825,6 +1039,9 @@ class GateCalibrationConfig:
     """Restrict the grid to these layers (default: every layer)."""
     probe_c: Sequence[float] = DEFAULT_PROBE_C
     """Inverse L2 strengths of the probe directions (empty: difference-of-means directions only)."""
+    route: Sequence[str] | None = None
+    """Routing gates (``--gate-route``): the category profile's categories (:func:`route_categories` drops
+    ``generic``); one gate per category the harmful sets label, ``n`` prompts per category. ``None``: none."""
 
 
 def run_gate_calibration(
@@ -839,7 +1056,13 @@ def run_gate_calibration(
     overlap = sorted(set(harmful) & set(harmless))
     if overlap:
         raise CalibrationError("gate_harmless", f"{overlap} named as both harmful and harmless")
-    sources = load_sources(harmful, harmless, cfg.data_dir, cfg.n, fractions, cfg.seed)
+    routes: dict[str, str] | None = None
+    if cfg.route is not None:
+        if cfg.action != "steer":
+            raise CalibrationError("gate_action", f"routing gates steer (--gate-route), not {cfg.action!r}")
+        sources, routes = load_route_sources(harmful, harmless, cfg.route, cfg.data_dir, cfg.n, fractions, cfg.seed)
+    else:
+        sources = load_sources(harmful, harmless, cfg.data_dir, cfg.n, fractions, cfg.seed)
     harmful_labels = [s.name for s in sources if s.harmful]
     harmless_labels = [s.name for s in sources if not s.harmful]
     budgets = budgets_for(cfg.fpr, harmful, harmless)
@@ -855,7 +1078,7 @@ def run_gate_calibration(
         raise CalibrationError("gate_layers", f"{bad} do not exist in {fp.name} ({fp.num_layers} layers)")
     acts = collect_gate_activations(model, tokenizer, sources, prompt_format, cfg.batch_size, progress)
     result = calibrate_gating(
-        acts, harmful_labels, harmless_labels, budgets, cfg.action, cfg.layers, cfg.probe_c, cfg.seed
+        acts, harmful_labels, harmless_labels, budgets, cfg.action, cfg.layers, cfg.probe_c, cfg.seed, routes, progress
     )
     result.report.update(
         {
@@ -864,10 +1087,19 @@ def run_gate_calibration(
             "hook": f"{GATE_HOOK}, last prompt token",
             "prompt_format": prompt_format,
             "origins": {s.name: s.origin for s in sources},
-            "split": {"fractions": list(fractions), "seed": cfg.seed, "n_per_source": cfg.n},
+            "split": {
+                "fractions": list(fractions),
+                "seed": cfg.seed,
+                "n_per_source" if routes is None else "n_per_category": cfg.n,
+            },
             "data_dir": cfg.data_dir,
         }
     )
+    if routes is not None:
+        result.report["harmful_sets"] = list(harmful)
+        result.report["unrouted_categories"] = [
+            c for c in route_categories(cfg.route or ()) if c not in routes.values()
+        ]
     result.report["fingerprint"] = fp.model_dump()
     return result
 
@@ -887,8 +1119,24 @@ def add_gating(profile_dir: str | Path, result: GatingResult) -> Path:
     report = result.report
     calibration["gating"] = {
         key: report[key]
-        for key in ("sources", "origins", "split", "sizes", "target_fpr", "prompt_format", "chosen", "objective")
+        for key in (
+            "sources",
+            "origins",
+            "split",
+            "sizes",
+            "target_fpr",
+            "prompt_format",
+            "chosen",
+            "objective",
+            "routes",
+            "unrouted_categories",
+        )
         if key in report
     } | {"test_flag_rate": report["test"]["flag_rate"], "report": "report/gate.md"}
+    if "routing" in report:
+        test = report["routing"]["test"]
+        calibration["gating"]["test_routing"] = {
+            c: {"recall": r["recall"], "accuracy": r["accuracy"]} for c, r in test["per_category"].items()
+        }
     new_spec = spec.model_copy(update={"gating": result.gating, "calibration": calibration})
     return save_profile(profile_dir, new_spec, profile.vectors, result.directions)

@@ -7,7 +7,8 @@
 * ``direction_cosines.png`` — cosine similarity between the per-site candidate directions.
 * ``probe_accuracy.png`` — held-out probe accuracy per layer (probe profiles).
 * ``gate.json``, ``gate.md``, ``gate_roc.png`` — gate calibration (``calibrate --gate``,
-  :mod:`vllm_steer.calibration.gates`): the grid, the operating point and the test-split flag rates.
+  :mod:`vllm_steer.calibration.gates`): the grid, the operating point and the test-split flag rates; for
+  routing gates (``--gate-route``) also the routing accuracy and confusion table per category.
 """
 
 from __future__ import annotations
@@ -138,9 +139,16 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
         lines += ["", "![sweep](sweep.png)"]
     if spec.gating is not None:
         gates = ", ".join(
-            f"`{g.name}` (layer {g.layer}, {g.score} {g.comparison} {g.threshold:.4g})" for g in spec.gating.gates
+            f"`{g.name}` (layer {g.layer}, {g.score} {g.comparison} {g.threshold:.4g}"
+            f"{f'; routes to {g.category}' if g.category else ''})"
+            for g in spec.gating.gates
         )
         lines += ["", "## Gates", "", f"Action `{spec.gating.action}` when any of {gates} fires."]
+        if spec.gating.routes:
+            lines.append(
+                'With `steer_categories: "auto"` a gated row steers with the category of the fired gate with the '
+                "largest margin."
+            )
         if (out / "gate.md").exists():
             lines.append("Calibration, operating point and test-split rates: [gate.md](gate.md).")
     (out / "README.md").write_text("\n".join(lines) + "\n")
@@ -149,6 +157,60 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
 
 def _pct(x: float | None) -> str:
     return "—" if x is None or x != x else f"{x:.3f}"
+
+
+def _routing_lines(report: dict) -> list[str]:
+    """gate.md's routing section: per category, on the test part, the recall, the routing accuracy and where
+    the rows went; per harmless source, the false-positive rate and where those rows went."""
+    test = report["routing"]["test"]
+    select = report["routing"]["select"]
+    confusion = test["confusion"]
+    columns = list(next(iter(confusion.values())))
+    lines = [
+        "",
+        "## Routing (test part): where `route_of` sends each category's prompts",
+        "",
+        (
+            "A routed row steers with the category of the fired gate with the largest margin (`steer_categories: "
+            '"auto"`); recall: any gate fires; accuracy: routed to its own category (share of all its test prompts).'
+        ),
+        "",
+        "| category | gate | test n | recall | **routing accuracy** | accuracy when fired | select accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for category, r in test["per_category"].items():
+        lines.append(
+            f"| {category} | {r['gate']} | {r['n']} | {_pct(r['recall'])} | **{_pct(r['accuracy'])}** | "
+            f"{_pct(r['accuracy_when_fired'])} | {_pct(select['per_category'][category]['accuracy'])} |"
+        )
+    lines.append(
+        f"| mean | | | {_pct(test['recall_mean'])} | **{_pct(test['accuracy_mean'])}** | | "
+        f"{_pct(select['accuracy_mean'])} |"
+    )
+    lines += [
+        "",
+        "### False positives per harmless source (test part: any gate fires)",
+        "",
+        "| source | target (select) | test false-positive rate | test n |",
+        "|---|---|---|---|",
+    ]
+    for source, rate in test["false_positive_rate"].items():
+        n = sum(test["harmless"][source].values())
+        lines.append(f"| {source} | {_pct(report['target_fpr'][source])} | **{_pct(rate)}** | {n} |")
+    short = {c: report["routing"]["test"]["per_category"][c]["gate"] for c in columns if c in test["per_category"]}
+    lines += [
+        "",
+        "### Confusion (test part): true category (rows) → routed category (columns), prompts",
+        "",
+        "| true → routed | " + " | ".join(short.get(c, c) for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for category, counts in [*confusion.items(), *test["harmless"].items()]:
+        cells = [f"**{counts[c]}**" if c == category else str(counts[c] or "·") for c in columns]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    if report.get("unrouted_categories"):
+        lines += ["", f"Categories of the profile without labelled prompts (no gate): {report['unrouted_categories']}"]
+    return lines
 
 
 def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) -> Path:
@@ -214,11 +276,20 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
         gates = ", ".join(f"{g['direction']}@{g['layer']} {g['score']}{g['comparison']}" for g in c["gates"])
         rates = " | ".join(_pct(c["test"]["flag_rate"][s]) for s in sources)
         lines.append(f"| {name} | {gates} | {_pct(c['select']['recall_mean'])} | {_pct(c['auc_select'])} | {rates} |")
-    pooled = [r for r in report["grid"] if r["direction"].split(":", 1)[1] == "harmful"]
+    if "routing" in report:
+        lines += _routing_lines(report)
+    routing = "routes" in report
+    pooled = [
+        r
+        for r in report["grid"]
+        if r["direction"].split(":", 1)[1] == "harmful" or (routing and r["direction"].startswith("mean:"))
+    ]
     kinds = sorted({r["direction"] for r in pooled})
     lines += [
         "",
-        "## Grid (pooled directions, select part): best comparison per layer and score",
+        "## Grid ("
+        + ("per-category difference-of-means directions" if routing else "pooled directions")
+        + ", select part): best comparison per layer and score",
         "",
         "| direction | layer | score | comparison | AUC | recall@FPR | precision | threshold |",
         "|---|---|---|---|---|---|---|---|",
@@ -249,9 +320,9 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
         ax.set_xlabel("mean false-positive rate over harmless sources (symlog)")
         ax.set_ylabel("flag rate")
         ax.set_title(f"{report['chosen']}: ROC per harmful source (dotted: select); dots: operating point", fontsize=8)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7 if len(harmful) <= 6 else 5, loc="lower right")
         for j, direction in enumerate(kinds):
-            for score, ls in (("cast", "-"), ("projection", "--")):
+            for score, ls in (("cast", "-"), ("projection", "--")) if not routing else (("cast", "-"),):
                 rows = sorted(
                     (r for (d, _, sc), r in best.items() if d == direction and sc == score), key=lambda r: r["layer"]
                 )
@@ -265,7 +336,7 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
                     )
         ax2.set_xlabel("layer")
         ax2.set_ylabel("balanced AUC (select)")
-        ax2.legend(fontsize=6, loc="lower right")
+        ax2.legend(fontsize=6 if len(kinds) <= 6 else 4, loc="lower right")
         save(fig, out / "gate_roc.png")
         lines += ["", "![ROC](gate_roc.png)"]
     (out / "gate.md").write_text("\n".join(lines) + "\n")

@@ -65,7 +65,8 @@ GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 ADMIN_PREFIX = "/v1/steering/admin"
 """The admin routes check admin keys themselves (:mod:`vllm_steer.server.routes`)."""
 REQUEST_ID_HEADER = b"x-request-id"
-"""vLLM names a request after this header; the middleware sets it to the audit log's request id."""
+"""vLLM names a request after this header; the middleware sets it (and the body's ``request_id``, which Ray
+Serve LLM forwards instead) to the audit log's request id."""
 
 
 def error_response(err: PolicyError) -> JSONResponse:
@@ -239,6 +240,9 @@ class _Decision:
             body.pop("vllm_xargs", None)
         else:
             body["vllm_xargs"] = effective
+        # The engine names the request (and its rows) after this id, never the client's: vLLM takes the
+        # X-Request-Id header below; Ray's LLMServer takes the body's request_id (and sets the header from it).
+        body["request_id"] = self.request_id
         new_body = json.dumps(body).encode()
         forwarded = dict(scope)
         forwarded["headers"] = [

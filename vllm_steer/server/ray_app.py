@@ -29,6 +29,12 @@ each of which reloads its engine exactly as ``vllm serve`` does (workers first, 
 only when all have answered does the ingress admit requests for the new version. A replica started
 later reads the directory as it is then, i.e. the new version.
 
+Gate decisions (docs/methods.md §3.11) reach the client, the counters and the audit log as on ``vllm serve``
+(:mod:`vllm_steer.server.decisions`): the middleware puts its request id in the body's ``request_id``, which
+Ray's ``LLMServer`` keeps and hands vLLM as ``X-Request-Id`` (so the engine names the request's rows after it,
+``cmpl-<id>-<row>``), and :meth:`_RayAdmin.gate_decisions` asks every replica for them — only the one that
+served the request has any. That is one control call per replica for each gated request.
+
 Run it with ``vllm-steer serve-ray deploy/serve.yaml`` (or ``serve run deploy/serve.yaml`` on a cluster
 with enough logical CPUs/GPUs); the YAML names :func:`build_app` and its :class:`RayAppArgs`.
 """
@@ -60,6 +66,9 @@ logger = logging.getLogger("vllm_steer.ray")
 
 RAY_VERSION = "2.60.0"
 """The Ray Serve LLM this module was written against (``ray[serve]==2.60.0``)."""
+GATE_TIMEOUT_S = 60.0
+"""How long a non-streaming gated response waits at most for the replicas' gate decisions (they answer
+between engine steps)."""
 
 
 class RayAppArgsError(SteerError):
@@ -279,6 +288,13 @@ class _ServerMixin:
 
         return {"replica": _replica_name(), **await engine_status_async(self._engine_client())}
 
+    async def vllm_steer_gate_decisions(self, request_id: str) -> list[dict[str, Any]]:
+        """The gate decisions this replica's engine holds for the requests whose engine id contains
+        ``request_id`` (none unless this replica served it)."""
+        from vllm_steer.engine import gate_decisions_async
+
+        return await gate_decisions_async(self._engine_client(), request_id)
+
 
 def _replica_name() -> str:
     try:
@@ -295,7 +311,7 @@ def _server_class() -> type:
     from ray.serve.llm.deployment import LLMServer
 
     class SteerLLMServer(_ServerMixin, LLMServer):
-        """Ray's ``LLMServer`` plus the steering control methods (reload, unload, status)."""
+        """Ray's ``LLMServer`` plus the steering control methods (reload, unload, status, gate decisions)."""
 
     SteerLLMServer.__module__, SteerLLMServer.__qualname__ = __name__, "SteerLLMServer"
     return SteerLLMServer
@@ -327,16 +343,38 @@ class _RayAdmin:
     def profiles(self) -> dict[str, Profile]:
         return self.current
 
+    async def _ask_every_replica(self, method: str, *args: Any, timeout_s: float = 600) -> list[Any]:
+        """Every running replica's answer, or the exception it raised instead."""
+        return await self.handle.broadcast(method, *args).results_async(timeout_s=timeout_s, return_exceptions=True)
+
     async def _broadcast(self, method: str, *args: Any) -> list[dict[str, Any]]:
-        results = await self.handle.broadcast(method, *args).results_async(timeout_s=600, return_exceptions=True)
+        results = await self._ask_every_replica(method, *args)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            cause = getattr(failed[0], "cause", None) or failed[0]  # Ray wraps the replica's own exception
+            cause = _cause(failed[0])
             raise RuntimeError(
                 f"{len(failed)} of {len(results)} replicas refused ({type(cause).__name__}: {cause}); "
                 "the others applied it — fix the cause and retry"
             )
         return results
+
+    async def gate_decisions(self, request_id: str) -> list[dict[str, Any]]:
+        """The gate decisions of one answered request (the middleware's request id, which the replica's vLLM
+        names the request's rows after): every replica is asked, only the one that served it has any.
+
+        A replica that cannot answer (starting, or just replaced) is ignored when another has the rows; if
+        none has them and one failed, that one may have served the request, so it raises (the report is
+        then logged and left out rather than told as "no decision")."""
+        results = await self._ask_every_replica("vllm_steer_gate_decisions", request_id, timeout_s=GATE_TIMEOUT_S)
+        rows = [row for r in results if not isinstance(r, BaseException) for row in r]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed and not rows:
+            cause = _cause(failed[0])
+            raise RuntimeError(
+                f"{len(failed)} of {len(results)} replicas did not answer for the gate decisions of {request_id} "
+                f"({type(cause).__name__}: {cause})"
+            )
+        return rows
 
     async def reload(self) -> dict[str, Any]:
         async with self._lock:
@@ -367,6 +405,10 @@ class _RayAdmin:
             "profiles": {pid: p.digest for pid, p in sorted(self.current.items())},
             "replicas": sorted(replicas, key=lambda r: r["replica"]),
         }
+
+
+def _cause(error: BaseException) -> BaseException:
+    return getattr(error, "cause", None) or error  # Ray wraps the replica's own exception
 
 
 def _ingress_class():
