@@ -18,11 +18,6 @@ $C --method category         --id smollm2-category         --out profiles/smollm
 .venv/bin/vllm-steer calibrate "$M" --method addition --id smollm2-refusal-gated --out profiles/smollm2-refusal-gated \
   --sweep none --batch-size 16 --gate --gate-action refuse --gate-fpr 0.01,xstest-safe=0.2
 rm -f profiles/smollm2-refusal-gated/report/gate.json
-# Routing gates (docs/methods.md §2.9): the category vectors above plus one gate per CatQA category, each fitted on
-# its category's prompts against Alpaca and XSTest-safe, the OR held to the same false-positive targets; a request
-# with steer_categories "auto" steers with the category of the gate that fires. Kept small to fit the 2-core box
-# (~10 min more): 40 prompts per category and per harmless source, one probe strength.
-$C --method category --id smollm2-category-routed --out profiles/smollm2-category-routed --harmful catqa --n 24 \
-  --sweep none --batch-size 16 --gate --gate-route --gate-harmful catqa --gate-fpr 0.01,xstest-safe=0.2 \
-  --gate-n 40 --gate-probe-c 0.1
-rm -f profiles/smollm2-category-routed/report/gate.json
+# No routing profile is shipped: on the default model the routing gates calibrated by
+#   calibrate "$M" --gate-into DIR --gate-route --gate-harmful catqa --gate-fpr 0.01,xstest-safe=0.2 --gate-n 40 --gate-probe-c 0.1
+# on a copy of smollm2-category catch every CatQA category but route only 0.10 of them to their own (docs/methods.md §2.9).

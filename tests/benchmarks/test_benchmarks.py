@@ -265,3 +265,21 @@ def test_gate_overhead_runs_on_a_minimal_setting(tmp_path):
     assert all(run["tokens"] == 4 * 4 for run in rep.values())
     assert result["summary"]["ungated"]["median_ratio"] == 1.0 and result["never_fired_rows_stable"]
     assert result["summary"]["routed:fires"]["baseline"] == "category"
+
+
+def test_gate_tradeoff_reproduces_the_shipped_gates_test_rates(tmp_path):
+    """The shipped harm gate on its own XSTest test parts: the rates the README and report/gate.md give."""
+    out = tmp_path / "tradeoff.json"
+    command = [sys.executable, str(BENCH / "gate_tradeoff.py"), "--sources", "xstest-unsafe,xstest-safe"]
+    proc = subprocess.run(
+        [*command, "--recalls", "0.95", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    shipped, point = result["points"]
+    assert result["sizes"] == {"xstest-unsafe": 60, "xstest-safe": 75}
+    assert (round(shipped["xstest-unsafe"], 3), round(shipped["xstest-safe"], 3)) == (0.717, 0.08)
+    assert point["xstest-unsafe"] >= 0.95 - 1e-6 and point["threshold"] < shipped["threshold"]

@@ -448,8 +448,7 @@ def fit_directions(
     """Unit candidate directions per layer (``[L, d]``) from the fit parts, named ``"<kind>:<target>"``.
 
     ``mean:harmful``: the mean of the harmful sources' means minus the mean of the harmless sources' means;
-    ``mean:<source>``, per harmful source: that source's mean minus the harmless sources' balanced mean (routing
-    gates, without ``pooled``: minus the average of that and the other harmful sources' balanced mean).
+    ``mean:<source>``, per harmful source: that source's mean minus the harmless sources' balanced mean.
     With ``probe_c``, also ``probe-c<C>:harmful`` and ``probe-c<C>:<source>``: source-balanced logistic
     regressions (:func:`_probe_directions`), one per inverse regularization strength ``C``. Without ``pooled``
     (routing gates) only the per-source sets, also for a single source. ``tick(1)`` after each set."""
@@ -459,16 +458,8 @@ def fit_directions(
     directions: dict[str, torch.Tensor] = {}
     if pooled:
         directions[f"mean:{POOLED_GATE}"] = _unit(_balanced_mean([acts[s]["fit"] for s in harmful]) - negative)
-
-    def against(s: str) -> list[str]:
-        """Routing gates (``not pooled``) tell their category from the other categories too, not only from the
-        harmless sources: fitted against the others, a gate fires less on them, so its margin names its own."""
-        return [o for o in harmful if o != s] if not pooled else []
-
     for s in harmful:
-        others = against(s)
-        base = negative if not others else (negative + _balanced_mean([acts[o]["fit"] for o in others])) / 2
-        directions[f"mean:{s}"] = _unit(acts[s]["fit"].double().mean(0) - base)
+        directions[f"mean:{s}"] = _unit(acts[s]["fit"].double().mean(0) - negative)
     if tick:
         tick(len(directions))
     for c in probe_c:
@@ -479,8 +470,7 @@ def fit_directions(
             if tick:
                 tick(1)
         for s in per_source:
-            negatives = neg_fit + [acts[o]["fit"] for o in against(s)]
-            directions[f"probe-c{c:g}:{s}"] = _probe_directions([acts[s]["fit"]], negatives, c, seed)
+            directions[f"probe-c{c:g}:{s}"] = _probe_directions([acts[s]["fit"]], neg_fit, c, seed)
             if tick:
                 tick(1)
     return directions
