@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from support.tenants import FP
+from support.tenants import FP, tenant_entries
 from vllm_steer.core.gates import GateSpec
 from vllm_steer.core.request import parse_steering, resolve_steering
 from vllm_steer.core.settings import SteerConfig
 from vllm_steer.server.audit import AuditLog
 from vllm_steer.server.decisions import header_value
-from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError, hash_api_key
+from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError
 from vllm_steer.testing.synthetic import random_profile, with_gates
 
 CATEGORIES = ("cat_a", "cat_b", "cat_c")
@@ -52,10 +52,7 @@ def _config(**tiers) -> dict:
     return {
         "format_version": 1,
         "tiers": {**base, **tiers},
-        "tenants": [
-            {"name": name, "tier": name.split("-")[1], "key_hash": hash_api_key(key, salt=bytes([i + 1]) * 16)}
-            for i, (name, key) in enumerate(KEYS.items())
-        ],
+        "tenants": tenant_entries(KEYS),
     }
 
 

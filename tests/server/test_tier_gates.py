@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.tenants import FP
+from support.tenants import FP, tenant_entries
 from vllm_steer.core.gates import GateSpec
-from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError, hash_api_key
+from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError
 from vllm_steer.testing.synthetic import random_profile, with_gates
 
 GATE = [GateSpec(name="harm", layer=2, tensor="gate.harm", threshold=0.1)]
@@ -37,10 +37,7 @@ def _config(**tiers) -> dict:
     return {
         "format_version": 1,
         "tiers": {**base, **tiers},
-        "tenants": [
-            {"name": name, "tier": name.split("-")[1], "key_hash": hash_api_key(key, salt=bytes([i + 1]) * 16)}
-            for i, (name, key) in enumerate(KEYS.items())
-        ],
+        "tenants": tenant_entries(KEYS),
     }
 
 

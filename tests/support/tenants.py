@@ -36,6 +36,15 @@ PROFILES = _profiles()
 KEYS = {"acme-strict": "key-strict-0123", "beta-standard": "key-standard-4567", "gamma-research": "key-research-89ab"}
 
 
+def tenant_entries(keys: dict[str, str]) -> list[dict]:
+    """A tenants file's ``tenants`` list: one tenant per ``name -> API key``, its tier the name's second part
+    (``acme-strict`` → ``strict``), each key hashed with its own salt."""
+    return [
+        {"name": name, "tier": name.split("-")[1], "key_hash": hash_api_key(key, salt=bytes([i + 1]) * 16)}
+        for i, (name, key) in enumerate(keys.items())
+    ]
+
+
 def tenants_config() -> dict:
     return {
         "format_version": 1,
@@ -54,10 +63,7 @@ def tenants_config() -> dict:
             },
             "research": {"profiles": "*", "allow_layers_override": True, "allow_unsteered": True},
         },
-        "tenants": [
-            {"name": name, "tier": name.split("-")[1], "key_hash": hash_api_key(key, salt=bytes([i + 1]) * 16)}
-            for i, (name, key) in enumerate(KEYS.items())
-        ],
+        "tenants": tenant_entries(KEYS),
     }
 
 
