@@ -12,7 +12,7 @@ VLLM_VERSION := 0.32.0
 # (pipefail keeps pip's own exit status.)
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup demo serve serve-ray test test-fast gpu-e2e lint format clean
+.PHONY: setup demo serve serve-ray test test-exhaustive test-fast gpu-e2e lint format clean
 
 setup: $(STAMP)
 
@@ -51,11 +51,16 @@ serve: setup
 serve-ray: setup
 	$(VENV)/bin/vllm-steer serve-ray deploy/serve.yaml --num-cpus 8 $(ARGS)
 
+# The default suite (CI's). `make test-exhaustive` adds the tests marked `exhaustive` (pyproject.toml): every
+# model family eager and traced, Gemma 2 under Inductor, the slower benchmark smoke runs.
 test: setup
+	$(PY) -m pytest -q -m "not exhaustive"
+
+test-exhaustive: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not engine"
+	$(PY) -m pytest -q -m "not engine and not exhaustive"
 
 # The plugin inside CUDA vLLM, end to end, on a machine with an NVIDIA GPU: the mixed-batch tests of every
 # family (eager and CUDA graphs), the enforcement and gate tests, the throughput and plugin-overhead

@@ -90,6 +90,7 @@ def test_step_overhead_runs_on_a_minimal_setting(tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.exhaustive  # make test-exhaustive: an engine start each, scripts the benchmark results come from
 def test_throughput_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "tp.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -191,6 +192,7 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
 
 
 @pytest.mark.engine
+@pytest.mark.exhaustive  # make test-exhaustive: an engine start each, scripts the benchmark results come from
 def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
     out = tmp_path / "b1.json"
     settings = {"unsteered": None, "selective": {"steer_profile": "tiny-selective", "steer_angle": 90.0}}
@@ -226,6 +228,7 @@ def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
 
 
 @pytest.mark.engine
+@pytest.mark.exhaustive  # make test-exhaustive: an engine start each, scripts the benchmark results come from
 def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "overhead.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}

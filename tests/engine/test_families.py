@@ -8,7 +8,8 @@ Hugging Face run of the same model with hooks at the sites the table names for i
 and the reference find their sites independently (vLLM's tree and HF's), so a wrong entry on either side
 shows up as a mismatch (the tiny models' norm weights are random, so a site on the wrong side of a norm
 does not act like the right one). Then again under vLLM's compilation: traced by Dynamo for every family,
-and compiled by Inductor for Gemma 2. The Llama family's full proof (compiled too) is
+and compiled by Inductor for Gemma 2. The default suite runs four families eager and two traced
+(:data:`EVERY_COMMIT`); ``make test-exhaustive`` runs them all. The Llama family's full proof (compiled too) is
 tests/engine/test_engine.py; tensor parallelism is tests/engine/test_parallel.py, quantized weights
 tests/engine/test_quantized.py.
 """
@@ -32,6 +33,18 @@ from vllm_steer.testing.tiny import TINY_FAMILIES, build_tiny
 pytestmark = pytest.mark.engine
 
 FAMILY_MODELS = [name for name in TINY_FAMILIES if name != "llama"]
+EVERY_COMMIT = ("qwen3_moe", "olmo2", "gemma3", "phi3")
+"""The families of the default suite (``make test``): a mixture of experts (also the tensor-parallel family of
+tests/engine/test_parallel.py), vLLM's Transformers backend (also served, tests/server/test_families_served.py),
+the sandwich norms and query/key norms of Gemma 3, fused QKV and gate/up projections. The other families, the
+traced runs beyond :data:`TRACED_EVERY_COMMIT` and Gemma 2 under Inductor run in the exhaustive suite
+(``make test-exhaustive``, marker ``exhaustive``): each run is an engine start of one to two minutes on a CPU,
+two or three per family, more than the CI budget holds for all of them."""
+TRACED_EVERY_COMMIT = ("qwen3_moe", "olmo2")
+
+
+def _tiered(families: list[str], every_commit: tuple[str, ...]) -> list:
+    return [f if f in every_commit else pytest.param(f, marks=pytest.mark.exhaustive) for f in families]
 
 
 def _architecture(model_type: str) -> str:
@@ -88,13 +101,13 @@ TRACED_TOL = 1e-4
 """A traced run's unsteered rows against the eager plugin-off run (measured ≤ 2e-6)."""
 
 
-@pytest.mark.parametrize("family", FAMILY_MODELS)
+@pytest.mark.parametrize("family", _tiered(FAMILY_MODELS, EVERY_COMMIT))
 def test_family_mixed_batch(family, family_eager, prompt_ids):
     _, on, off, reference = family_eager(family)
     _check_rows(family, on, off, reference, prompt_ids)
 
 
-@pytest.mark.parametrize("family", TRACED_FAMILIES)
+@pytest.mark.parametrize("family", _tiered(TRACED_FAMILIES, TRACED_EVERY_COMMIT))
 def test_family_mixed_batch_traced(family, family_eager, prompt_ids, tmp_path_factory):
     """The family under vLLM's compilation (Dynamo traces the hooked model, vLLM splits it into pieces around
     attention) with the ``eager`` backend (no Inductor code generation). What tracing can break (the hooks
@@ -113,6 +126,7 @@ def test_family_mixed_batch_traced(family, family_eager, prompt_ids, tmp_path_fa
     _check_rows(family, traced, off, reference, prompt_ids, unsteered_tol=TRACED_TOL)
 
 
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("family", COMPILED_FAMILIES)
 def test_family_mixed_batch_compiled(family, family_eager, prompt_ids, tmp_path_factory):
     root, _, _, reference = family_eager(family)
