@@ -53,14 +53,15 @@ serve-ray: setup
 
 # The default suite (CI's). `make test-exhaustive` adds the tests marked `exhaustive` (pyproject.toml): every
 # model family eager and traced, Gemma 2 under Inductor, the slower benchmark smoke runs.
+DEFAULT_SUITE := not exhaustive
 test: setup
-	$(PY) -m pytest -q -m "not exhaustive"
+	$(PY) -m pytest -q -m "$(DEFAULT_SUITE)"
 
 test-exhaustive: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not engine and not exhaustive"
+	$(PY) -m pytest -q -m "not engine and $(DEFAULT_SUITE)"
 
 # The plugin inside CUDA vLLM, end to end, on a machine with an NVIDIA GPU: the mixed-batch tests of every
 # family (eager and CUDA graphs), the enforcement and gate tests, the throughput and plugin-overhead
