@@ -41,8 +41,8 @@ SCENARIOS = {
 BASELINES = {"ungated": "ungated", "gated:fires": "ungated", "gated:never": "ungated"}
 BASELINES |= {"category": "category", "routed:fires": "category"}
 """The scenario each one's ratio is taken against: the gates against the same profile without them; category
-routing (every row steered with the vector of the category whose gate has the largest margin, one gate per
-category) against the category profile steering every row with one named category."""
+routing (every row gated and steered with the vector of the category whose routing gate has the largest margin,
+one routing gate per category) against the category profile steering every row with one named category."""
 
 
 def write_profiles(root: Path, source: Path) -> Path:
@@ -63,17 +63,19 @@ def write_profiles(root: Path, source: Path) -> Path:
         raw["id"] = f"{BASE}-{suffix}"
         spec = ProfileSpec.model_validate(raw)
         save_profile(root / spec.id, spec, gated.vectors, gated.gate_vectors)
-    # Category routing: one gate per category (its own vector at the profile's first layer, threshold -2: every
-    # gate fires, the largest margin picks the row's category).
+    # Category routing: a deciding gate that always fires (threshold -2) and one routing gate per category (its own
+    # vector at the profile's first layer: the largest margin picks the row's category).
     category = load_profile(source / CATEGORY)
     save_profile(root / CATEGORY, category.spec, category.vectors)
     first = category.spec.layers[0]
     names = [c for c in category.spec.categories if c != "generic"]
-    gates = [
-        GateSpec(name=f"c{i}", layer=first, tensor=f"gate.c{i}", score="projection", threshold=-2.0, category=c)
+    gates = [GateSpec(name="harm", layer=first, tensor="gate.harm", score="projection", threshold=-2.0)]
+    gates += [
+        GateSpec(name=f"c{i}", layer=first, tensor=f"gate.c{i}", score="projection", threshold=0.0, category=c)
         for i, c in enumerate(names)
     ]
-    routed = with_gates(category, "steer", gates, {f"c{i}": category.vectors[first][c] for i, c in enumerate(names)})
+    vectors = {f"c{i}": category.vectors[first][c] for i, c in enumerate(names)}
+    routed = with_gates(category, "steer", gates, {"harm": category.vectors[first]["generic"], **vectors})
     raw = routed.spec.model_dump()
     raw["id"] = ROUTED
     spec = ProfileSpec.model_validate(raw)

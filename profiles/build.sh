@@ -18,6 +18,9 @@ $C --method category         --id smollm2-category         --out profiles/smollm
 .venv/bin/vllm-steer calibrate "$M" --method addition --id smollm2-refusal-gated --out profiles/smollm2-refusal-gated \
   --sweep none --batch-size 16 --gate --gate-action refuse --gate-fpr 0.01,xstest-safe=0.2
 rm -f profiles/smollm2-refusal-gated/report/gate.json
-# No routing profile is shipped: on the default model the routing gates calibrated by
-#   calibrate "$M" --gate-into DIR --gate-route --gate-harmful catqa --gate-fpr 0.01,xstest-safe=0.2 --gate-n 40 --gate-probe-c 0.1
-# on a copy of smollm2-category catch every CatQA category but route only 0.10 of them to their own (docs/methods.md §2.9).
+# Category routing (docs/methods.md §2.9): the category profile again, a deciding gate (CatQA's categories against
+# Alpaca and XSTest-safe) and a router of one gate per category; 40 CatQA questions per category; ~9 min.
+$C --method category         --id smollm2-category-routed  --out profiles/smollm2-category-routed  --harmful catqa --n 24 \
+  --sweep none --batch-size 16 --gate --gate-route --gate-harmful catqa --gate-fpr 0.01,xstest-safe=0.2 --gate-n 40 \
+  --gate-probe-c 0.1
+rm -f profiles/smollm2-category-routed/report/gate.json

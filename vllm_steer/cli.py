@@ -387,16 +387,22 @@ def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
             str(g["layer"]),
             g["score"],
             f"{g['comparison']} {g['threshold']:.5g}",
-            *((escape(g["category"]),) if routing else ()),
+            *((escape(g.get("category") or "— (decides)"),) if routing else ()),
         )
     console.print(table)
     if routing:
-        routed = Table(title="routing per category (test split; route_of: the fired gate with the largest margin)")
-        for col in ("category", "test n", "recall", "routing accuracy"):
+        routed = Table(
+            title=f"routing per category (test split; router at layer {rep['router']['layer']}: the routing gate "
+            "with the largest margin)"
+        )
+        for col in ("category", "test n", "gated", "routed to it", "gated and routed to it"):
             routed.add_column(col, justify="right")
-        for category, r in routing["test"]["per_category"].items():
-            routed.add_row(escape(category), str(r["n"]), f"{r['recall']:.3f}", f"{r['accuracy']:.3f}")
-        routed.add_row("mean", "", f"{routing['test']['recall_mean']:.3f}", f"{routing['test']['accuracy_mean']:.3f}")
+        test = routing["test"]
+        for category, r in test["per_category"].items():
+            cells = (f"{r[k]:.3f}" for k in ("recall", "route_accuracy", "accuracy"))
+            routed.add_row(escape(category), str(r["n"]), *cells)
+        means = (f"{test[k]:.3f}" for k in ("recall_mean", "route_accuracy_mean", "accuracy_mean"))
+        routed.add_row("mean", "", *means)
         console.print(routed)
     rates = Table(title="flag rate per source (select chose; test reports)")
     for col in ("source", "select", "test", "test n"):

@@ -1,11 +1,11 @@
-"""Routing gates (``calibrate --gate-route``): one gate per category of a category profile, the OR meeting the
-false-positive budgets, and the routing (``route_of``) reported per category on the test split.
+"""Routing (``calibrate --gate-route``): a deciding gate meeting the false-positive budgets, and one routing gate per
+category of a category profile (a nearest-centroid router), the routing (``fired_gates``, ``route_of``) reported
+per category on the test split.
 
-The pure part plants one direction per category (plus a harm direction they share, so that several gates fire
-and the margin decides) in synthetic activations; every routing the calibration claims is recomputed with the
-reference formulas of ``vllm_steer.core.gates``. The command runs end to end on the tiny random model with
-synthetic labelled prompts whose categories differ in their last word (``--prompt-format plain``: the gate
-reads that token).
+The pure part plants a harm direction every category shares and one direction per category in synthetic
+activations; every decision and routing the calibration claims is recomputed with the reference formulas of
+``vllm_steer.core.gates``. The command runs end to end on the tiny random model with synthetic labelled prompts
+whose categories differ in their last word (``--prompt-format plain``: the gate reads that token).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import pytest
 import torch
 
-from vllm_steer.calibration.gates import NO_ROUTE, calibrate_gating, load_route_sources
+from vllm_steer.calibration.gates import NO_ROUTE, calibrate_gating, fit_router, load_route_sources
 from vllm_steer.calibration.pipeline import CalibrationError
-from vllm_steer.core.gates import gate_fires, gate_score, route_of
+from vllm_steer.core.gates import fired_gates, gate_score, route_of
 from vllm_steer.core.profile import load_profile
 
 L, D = 4, 16
@@ -33,7 +33,8 @@ def _orthonormal(gen: torch.Generator, k: int) -> list[torch.Tensor]:
 
 
 def _planted(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Every category at layer 2: a shared harm direction (3h) plus its own (2u_c); harmless rows: neither."""
+    """Every category at layer 2: a shared harm direction (3h) plus its own (2u_c); harmless rows: neither.
+    Layer 1 carries the harm direction only (it decides, but cannot route)."""
     gen = torch.Generator().manual_seed(seed)
     h, *us = _orthonormal(gen, 1 + len(ROUTES))
     offset = 2.0 * torch.randn(D, generator=gen)
@@ -44,79 +45,110 @@ def _planted(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
             x = 0.4 * torch.randn(n, L, D, generator=gen) + offset
             if source in ROUTES:
                 x[:, 2] += 3.0 * h + 2.0 * us[i]
+                x[:, 1] += 3.0 * h
             acts[source][split] = x
     return acts
 
 
-def _routed(acts: torch.Tensor, gating, vectors) -> list[str | None]:
-    """Per row: the category the reference ``route_of`` picks from reference scores of the stored gates."""
+def _decided(acts: torch.Tensor, gating, vectors) -> list[tuple[bool, str | None]]:
+    """Per row: gated (a deciding gate fires) and the category ``route_of`` picks, from reference scores."""
     scores = {g.name: gate_score(acts[:, g.layer], vectors[g.name], g.score) for g in gating.gates}
-    return [route_of(gating, {name: float(s[i]) for name, s in scores.items()}) for i in range(len(acts))]
+    rows = [{name: float(s[i]) for name, s in scores.items()} for i in range(len(acts))]
+    return [(bool(fired_gates(gating, r)), route_of(gating, r)) for r in rows]
 
 
-def test_routing_gates_name_their_categories_and_route_the_test_split():
+def test_routing_calibration_writes_a_deciding_gate_and_a_router_and_routes_the_test_split():
     acts = _planted()
     budgets = {"n1": 0.05, "n2": 0.05}
     harmful = list(ROUTES)
     result = calibrate_gating(acts, harmful, HARMLESS, budgets, action="steer", routes=ROUTES)
-    gating = result.gating
+    gating, report = result.gating, result.report
     assert gating.action == "steer"
-    assert [g.category for g in gating.gates] == list(ROUTES.values())
-    assert [g.name for g in gating.gates] == harmful
+    deciding, *routing_gates = gating.gates
+    assert deciding.category is None and [g.name for g in gating.deciding] == [deciding.name]
+    assert [g.category for g in routing_gates] == list(ROUTES.values())
+    assert [g.name for g in routing_gates] == harmful
     assert gating.routes == tuple(sorted(ROUTES.values()))
-    assert result.report["chosen"] == "route" and list(result.report["candidates"]) == ["route"]
-    assert not any(r["direction"].endswith(":harmful") for r in result.report["grid"]), "no pooled directions"
-    assert {g.layer for g in gating.gates} == {2}
+    assert report["chosen"] == "mean" and list(report["candidates"]) == ["mean"], "pooled candidates only"
+    assert all(r["direction"].endswith(":harmful") for r in report["grid"]), "no per-source directions"
+    assert report["router"]["layer"] == 2 and {g.layer for g in routing_gates} == {2}
+    assert all(g.score == "projection" and g.comparison == ">" for g in routing_gates)
+    by_layer = {r["layer"]: r["select"] for r in report["router"]["grid"]}
+    assert by_layer[2] == max(by_layer.values()) >= 0.95 and by_layer[1] < 0.6, by_layer
 
-    # the OR of all gates meets every harmless budget on the select split (reference formulas)
+    # the router: one-vs-rest centred directions, thresholds the balanced mean fit score (reference formulas)
+    fit_means = torch.stack([acts[s]["fit"][:, 2].double().mean(0) for s in harmful])
+    for k, g in enumerate(routing_gates):
+        want = fit_means[k] - fit_means.mean(0)
+        assert torch.nn.functional.cosine_similarity(result.directions[g.name].double(), want, dim=0) > 0.9999
+        centred = torch.stack([gate_score(acts[s]["fit"][:, 2], result.directions[g.name], "projection").mean()
+                               for s in harmful]).mean()  # fmt: skip
+        assert g.threshold == pytest.approx(float(centred), abs=1e-5)
+
+    # the deciding gate alone meets every harmless budget on the select split
     for source in HARMLESS:
-        fired = torch.zeros(SPLIT["select"], dtype=torch.bool)
-        for g in gating.gates:
-            s = gate_score(acts[source]["select"][:, g.layer], result.directions[g.name], g.score)
-            fired |= torch.as_tensor(gate_fires(s, g.threshold, g.comparison))
-        assert float(fired.double().mean()) <= 0.05
+        gated = [d for d, _ in _decided(acts[source]["select"], gating, result.directions)]
+        assert sum(gated) / SPLIT["select"] <= 0.05
 
-    routing = result.report["routing"]["test"]
+    routing = report["routing"]["test"]
     assert set(routing["confusion"]) == set(ROUTES.values())
     for label, category in ROUTES.items():
-        routed = _routed(acts[label]["test"], gating, result.directions)
+        rows = _decided(acts[label]["test"], gating, result.directions)
         counts = routing["confusion"][category]
         assert list(counts) == [*ROUTES.values(), NO_ROUTE]
         for column, count in counts.items():
-            assert count == sum((r or NO_ROUTE) == column for r in routed), (category, column)
+            assert count == sum((c if d else NO_ROUTE) == column for d, c in rows), (category, column)
         row = routing["per_category"][category]
         assert row["gate"] == label and row["n"] == SPLIT["test"]
-        assert row["accuracy"] == pytest.approx(routed.count(category) / SPLIT["test"])
-        assert row["recall"] == pytest.approx(result.report["test"]["flag_rate"][label])
+        assert row["recall"] == pytest.approx(sum(d for d, _ in rows) / SPLIT["test"])
+        assert row["recall"] == pytest.approx(report["test"]["flag_rate"][label])
+        assert row["route_accuracy"] == pytest.approx(sum(c == category for _, c in rows) / SPLIT["test"])
+        assert row["accuracy"] == pytest.approx(sum(d and c == category for d, c in rows) / SPLIT["test"])
         assert row["accuracy"] >= 0.9, (category, counts)
-    assert routing["accuracy_mean"] >= 0.9
-    for source in HARMLESS:  # false positives: every harmless row routed somewhere
-        routed = _routed(acts[source]["test"], gating, result.directions)
-        fp = sum(r is not None for r in routed) / SPLIT["test"]
-        assert routing["false_positive_rate"][source] == pytest.approx(fp)
-        assert routing["false_positive_rate"][source] == pytest.approx(result.report["test"]["flag_rate"][source])
-    assert result.report["routing"]["select"]["accuracy_mean"] >= 0.9
+    assert routing["accuracy_mean"] >= 0.9 and routing["route_accuracy_mean"] >= 0.95
+    for source in HARMLESS:  # false positives: the gated harmless rows
+        rows = _decided(acts[source]["test"], gating, result.directions)
+        assert routing["false_positive_rate"][source] == pytest.approx(sum(d for d, _ in rows) / SPLIT["test"])
+        assert routing["false_positive_rate"][source] == pytest.approx(report["test"]["flag_rate"][source])
+    assert report["routing"]["select"]["accuracy_mean"] >= 0.9
 
 
-def test_routing_with_probe_directions_fits_one_per_category_even_alone():
+def test_routing_with_probe_directions_and_a_restricted_layer_grid():
     pytest.importorskip("sklearn")
     acts = _planted(seed=1)
-    one = {"poisoning": "Poisoning"}
-    acts = {s: acts[s] for s in [*one, *HARMLESS]}
-    result = calibrate_gating(acts, list(one), HARMLESS, {"n1": 0.05, "n2": 0.05}, "steer", probe_c=(1.0,), routes=one)
-    assert {r["direction"] for r in result.report["grid"]} == {"mean:poisoning", "probe-c1:poisoning"}
-    (gate,) = result.gating.gates
-    assert gate.category == "Poisoning" and result.gating.routes == ("Poisoning",)
-    assert result.report["routing"]["test"]["per_category"]["Poisoning"]["accuracy"] >= 0.9
+    budgets = {"n1": 0.05, "n2": 0.05}
+    result = calibrate_gating(
+        acts, list(ROUTES), HARMLESS, budgets, "steer", layers=[1, 2], probe_c=(1.0,), routes=ROUTES
+    )
+    assert {r["direction"] for r in result.report["grid"]} == {"mean:harmful", "probe-c1:harmful"}
+    assert set(result.report["candidates"]) == {"mean", "probe"}
+    assert [r["layer"] for r in result.report["router"]["grid"]] == [1, 2]
+    assert {g.layer for g in result.gating.gates} <= {1, 2}
 
 
-def test_routing_refuses_other_actions_and_unrouted_sources():
+def test_fit_router_is_the_nearest_centroid_rule():
+    gen = torch.Generator().manual_seed(4)
+    centres = 3.0 * torch.randn(3, D, generator=gen)
+    acts = {
+        f"c{k}": {split: centres[k] + 0.3 * torch.randn(n, L, D, generator=gen) for split, n in SPLIT.items()}
+        for k in range(3)
+    }
+    router = fit_router(acts, list(acts))
+    assert all(r["select"] == 1.0 for r in router.grid) and router.layer == 0, "ties: the shallower layer"
+    assert set(router.directions) == {"c0", "c1", "c2"}
+    assert all(abs(float(v.norm()) - 1) < 1e-5 for v in router.directions.values())
+
+
+def test_routing_refuses_other_actions_unrouted_sources_and_a_single_category():
     acts = _planted()
     budgets = {"n1": 0.05, "n2": 0.05}
     with pytest.raises(CalibrationError, match="gate_action: routing gates steer"):
         calibrate_gating(acts, list(ROUTES), HARMLESS, budgets, action="refuse", routes=ROUTES)
     with pytest.raises(CalibrationError, match="gate_route: no category for the harmful source"):
         calibrate_gating(acts, list(ROUTES), HARMLESS, budgets, action="steer", routes={"poisoning": "Poisoning"})
+    one = {"poisoning": "Poisoning"}
+    with pytest.raises(CalibrationError, match="gate_route: 1 categories: routing needs 2 to 15"):
+        calibrate_gating(acts, list(one), HARMLESS, budgets, action="steer", routes=one)
 
 
 # ------------------------------------------------------------------------------------------- data, command
@@ -167,6 +199,14 @@ def test_load_route_sources_groups_by_category_per_n_and_names_safely(tmp_path):
         load_route_sources([str(harmless_file)], [str(harmless_file)], categories)
     with pytest.raises(CalibrationError, match="gate_route"):
         load_route_sources([str(harmful_file)], [str(harmless_file)], ["Other", "generic"])
+    with pytest.raises(
+        CalibrationError, match=r"gate_route: 1 categories to route \(\['Poisoning'\]\): routing needs 2"
+    ):
+        load_route_sources([str(harmful_file)], [str(harmless_file)], ["Poisoning", "Other", "generic"])
+
+
+def saved_layer(profile_dir) -> int:
+    return json.loads((profile_dir / "report" / "gate.json").read_text())["router"]["layer"]
 
 
 def _invoke(args):
@@ -184,7 +224,7 @@ def test_calibrate_gate_route_cli_writes_a_routed_category_profile(tiny_root, tm
     sets = ["--harmful", str(harmful_file), "--harmless", str(harmless_file), "--prompt-format", "plain"]
     base = ["calibrate", model, "--method", "category", "--out", str(out), "--n", "12", "--sweep", "none", *sets]
     gate = ["--gate-harmful", str(harmful_file), "--gate-harmless", str(harmless_file), "--gate-n", "15"]
-    gate += ["--gate-probe-c", "none", "--gate-fpr", "0.1", "--gate-split", "0.4,0.3,0.3"]
+    gate += ["--gate-probe-c", "1", "--gate-fpr", "0.1", "--gate-split", "0.4,0.3,0.3"]
     result = _invoke([*base, "--gate", "--gate-route", *gate])
     assert result.exit_code == 0, result.output
     assert "routing per category" in result.output
@@ -193,16 +233,18 @@ def test_calibrate_gate_route_cli_writes_a_routed_category_profile(tiny_root, tm
     gating = profile.spec.gating
     assert gating is not None and gating.action == "steer"
     assert gating.routes == tuple(sorted(CATEGORIES)), "every category but generic gets its gate"
-    assert all(g.category is not None for g in gating.gates)
+    assert [g.name for g in gating.deciding] == ["harmful"]
     assert {g.name: g.category for g in gating.gates} == {
+        "harmful": None,
         "weapons-arms": "Weapons/Arms",
         "cyber-crime": "Cyber Crime",
         "poisoning": "Poisoning",
     }
     assert set(profile.gate_vectors) == {g.name for g in gating.gates}
     record = profile.spec.calibration["gating"]
-    assert record["routes"] == {g.name: g.category for g in gating.gates}
+    assert record["routes"] == {g.name: g.category for g in gating.gates if g.category}
     assert set(record["test_routing"]) == set(CATEGORIES)
+    assert record["router_layer"] == saved_layer(out)
     assert record["split"]["n_per_category"] == 15
 
     report = out / "report"
@@ -210,11 +252,13 @@ def test_calibrate_gate_route_cli_writes_a_routed_category_profile(tiny_root, tm
     test = saved["routing"]["test"]
     for category in CATEGORIES:
         assert test["per_category"][category]["n"] == 5
-        assert test["per_category"][category]["accuracy"] >= 0.8, test["confusion"]
-    assert test["accuracy_mean"] >= 0.9
+        row = test["per_category"][category]
+        assert row["route_accuracy"] >= 0.8, test["confusion"]
+        assert row["accuracy"] <= min(row["recall"], row["route_accuracy"]), row
+    assert test["route_accuracy_mean"] >= 0.9 and test["recall_mean"] >= 0.5, test
     assert set(test["false_positive_rate"]) == {"plain"}
     md = (report / "gate.md").read_text()
-    assert "## Routing (test part)" in md and "routing accuracy" in md
+    assert "## Routing (test part)" in md and "**gated and routed to it**" in md and "Routing accuracy per layer" in md
     assert "| true → routed | cyber-crime | poisoning | weapons-arms | none |" in md
     assert "False positives per harmless source" in md
     assert "routes to Poisoning" in (report / "README.md").read_text()

@@ -23,8 +23,10 @@ from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileErro
 from vllm_steer.testing.synthetic import random_profile, with_gates
 
 CATEGORIES = ("cat_a", "cat_b", "cat_c")
-ROUTED_GATES = [GateSpec(name=f"g{c[-1]}", layer=1, tensor=f"gate.{c}", threshold=0.1, category=c) for c in CATEGORIES]
 PLAIN_GATES = [GateSpec(name="harm", layer=1, tensor="gate.harm", threshold=0.1)]
+ROUTED_GATES = PLAIN_GATES + [
+    GateSpec(name=f"g{c[-1]}", layer=1, tensor=f"gate.{c}", threshold=0.1, category=c) for c in CATEGORIES
+]
 PROFILES = {
     "routed": with_gates(
         random_profile("routed", "category", FP, [2, 3], seed=11, scale=2.0),

@@ -154,7 +154,8 @@ def test_a_profile_without_gates_is_written_as_before(tmp_path):
         (lambda g: g.update(action="block"), "gating.action"),
         (lambda g: g["gates"][0].update(tensor="nope"), "gating.gates.0.tensor"),
         (lambda g: g["gates"][0].update(tensor="vector.1"), None),  # a steering tensor may be a gate's direction
-        (lambda g: g["gates"][0].update(category="harm"), "gating.gates.0.category"),  # not a category profile
+        (lambda g: g["gates"].append({**g["gates"][0], "name": "r", "category": "harm"}), "gating.gates.1.category"),
+        (lambda g: g["gates"][0].update(category="harm"), "gating.gates"),  # routing gates only: none decides
     ],
 )
 def test_bad_gating_refused_at_load_naming_file_and_field(tmp_path, edit, field):
@@ -194,44 +195,58 @@ def test_bad_gate_tensors_refused_naming_the_gate(tmp_path, tensor, message):
     assert err.value.field == "gating.gates.0.tensor" and err.value.path.endswith(TENSORS_FILE)
 
 
-def test_routing_gates_name_categories_of_their_profile(tmp_path):
+def test_routing_gates_name_categories_of_their_profile_beside_a_deciding_gate(tmp_path):
     base = random_profile("cp", "category", FP, [1, 2], seed=3, categories=("a", "b"))
-    gates = [GateSpec(name=n, layer=1, tensor=f"gate.{n}", threshold=0.1, category=n) for n in ("a", "b")]
-    directions = {n: torch.randn(D, generator=_gen(i)) for i, n in enumerate(("a", "b"))}
+    gates = [GateSpec(name="harm", layer=1, tensor="gate.harm", threshold=0.1)]
+    gates += [GateSpec(name=n, layer=1, tensor=f"gate.{n}", threshold=0.1, category=n) for n in ("a", "b")]
+    directions = {n: torch.randn(D, generator=_gen(i)) for i, n in enumerate(("harm", "a", "b"))}
     profile = with_gates(base, "steer", gates, directions)
     assert profile.spec.gating.routes == ("a", "b")
+    assert [g.name for g in profile.spec.gating.deciding] == ["harm"]
     save_profile(tmp_path / "p", profile.spec, profile.vectors, profile.gate_vectors)
     path = tmp_path / "p" / PROFILE_FILE
     assert load_profile(tmp_path / "p").digest == profile.digest
-    for edit, field in (
-        (lambda g: g["gates"][1].update(category="c"), "gating.gates.1.category"),
-        (lambda g: g["gates"][1].pop("category"), "gating.gates"),  # one per gate or none
+    for edit, field, text in (
+        (lambda g: g["gates"][2].update(category="c"), "gating.gates.2.category", "not a category"),
+        (lambda g: g["gates"][0].update(category="a"), "gating.gates", "add a gate without a category"),
     ):
         raw = json.loads(path.read_text())
         edit(raw["gating"])
         path.write_text(json.dumps(raw))
-        with pytest.raises(ProfileError) as err:
+        with pytest.raises(ProfileError, match=text) as err:
             load_profile(tmp_path / "p")
         assert err.value.field == field, err.value
         save_profile(tmp_path / "p", profile.spec, profile.vectors, profile.gate_vectors)
 
 
-def test_route_of_picks_the_fired_gate_with_the_largest_margin():
-    from vllm_steer.core.gates import route_of
+def test_only_deciding_gates_fire_and_route_of_picks_the_largest_routing_margin_fired_or_not():
+    from vllm_steer.core.gates import fired_gates, margin, route_of
 
     gating = GatingSpec.model_validate(
         {
             "action": "steer",
             "gates": [
+                _gate(name="harm", threshold=0.3),
+                _gate(name="low", threshold=0.1, comparison="<"),
                 _gate(name="a", threshold=0.2, category="A"),
                 _gate(name="b", threshold=0.5, category="B"),
                 _gate(name="c", threshold=-0.1, comparison="<", category="C"),
             ],
         }
     )
-    assert route_of(gating, {"a": 0.6, "b": 0.95, "c": 0.0}) == "B"  # margins 0.4, 0.45; c does not fire
+    assert margin(gating.gates[1], 0.0) == pytest.approx(0.1) and margin(gating.gates[0], 0.2) == pytest.approx(-0.1)
+    assert fired_gates(gating, {"harm": 0.4, "low": 0.2, "a": 0.9}) == ["harm"]
+    assert fired_gates(gating, {"harm": 0.4, "low": 0.0}) == ["harm", "low"]
+    assert fired_gates(gating, {"harm": 0.2, "low": 0.2, "a": 0.9, "b": 0.9, "c": -0.9}) == [], "routing never fires"
+    assert fired_gates(gating, {"harm": math.nan}) == [], "a missing or NaN score never fires"
+    assert route_of(gating, {"a": 0.6, "b": 0.95, "c": 0.0}) == "B"  # margins 0.4, 0.45, -0.1
     assert route_of(gating, {"a": 0.6, "b": 0.55, "c": -0.7}) == "C"  # margins 0.4, 0.05, 0.6
-    assert route_of(gating, {"a": 0.1, "b": 0.1, "c": 0.0}) is None
-    assert route_of(gating, {"a": math.nan, "b": 0.6}) == "B", "a missing or NaN score never fires"
+    assert route_of(gating, {"a": -0.5, "b": 0.1, "c": 0.5}) == "B", "none fires (-0.7, -0.4, -0.6): the largest"
+    assert route_of(gating, {"a": math.nan, "b": -2.0}) == "B", "a missing or NaN score never routes"
+    assert route_of(gating, {"harm": 0.9}) is None, "no routing score"
+    tied = [_gate(name="h"), _gate(name="x", layer=2, threshold=0.0, category="X")]
+    tied.append(_gate(name="y", layer=1, threshold=0.0, category="Y"))
+    shallow = GatingSpec.model_validate({"action": "steer", "gates": tied})
+    assert route_of(shallow, {"x": 0.25, "y": 0.25}) == "Y", "ties: the shallower gate, as the engine reads them"
     plain = GatingSpec.model_validate({"action": "steer", "gates": [_gate()]})
     assert plain.routes == () and route_of(plain, {"harm": 0.9}) is None

@@ -320,11 +320,12 @@ ROUTED = with_gates(
     ),
     "steer",
     [
+        GateSpec(name="harm", layer=1, tensor="g.harm", score="cast", threshold=0.5),  # decides: along ±GATE
         GateSpec(name="gx", layer=1, tensor="g.x", score="projection", threshold=0.5, category="x"),
         GateSpec(name="gy", layer=2, tensor="g.y", score="projection", threshold=0.2, category="y"),
         GateSpec(name="gz", layer=1, tensor="g.z", score="projection", threshold=-0.5, comparison="<", category="z"),
     ],
-    {"gx": GATE, "gy": GATE, "gz": GATE},
+    {"harm": GATE, "gx": GATE, "gy": GATE, "gz": GATE},
 )
 ROUTING = {**PROFILES, "routed": ROUTED}
 
@@ -350,12 +351,14 @@ def test_auto_resolves_to_the_gates_categories():
 
 @pytest.mark.parametrize(
     ("state", "category"),
-    [("along", "y"), ("against", "z"), ("across", None)],
+    [("along", "y"), ("against", "z"), ("across", None), ("weak", None)],
 )
-def test_a_routing_request_steers_with_the_category_whose_gate_fired_by_the_largest_margin(state, category):
-    """Along the gate direction both ``gx`` (margin ~0.45, layer 1) and ``gy`` (~0.75, layer 2) fire: ``y`` wins,
-    decided at the deeper site. Against it only ``gz`` fires; across it none does (unsteered)."""
-    base = {"along": GATE, "against": -GATE, "across": ORTHOGONAL}[state]
+def test_a_gated_routing_request_steers_with_the_category_of_the_largest_routing_margin(state, category):
+    """The cast gate ``harm`` decides (it fires along and against the direction, not across it, nor on a state
+    mostly across it). Along it, the routing margins are ~0.45 (``gx``, layer 1), ~0.75 (``gy``, layer 2) and
+    ~-1.45 (``gz``): ``y`` wins, decided at the deeper site. Against it ``z`` wins. The weak state's ``gy``
+    score (~0.29) passes its threshold, but routing gates do not decide: not gated, unsteered."""
+    base = {"along": GATE, "against": -GATE, "across": ORTHOGONAL, "weak": 0.3 * GATE + ORTHOGONAL}[state]
     h = base * 3 + 0.05 * torch.randn(3, D, generator=torch.Generator().manual_seed(0))
     rt = routing_runtime()
     rt.add_request("r", routed())
@@ -378,6 +381,18 @@ def test_a_routing_request_steers_with_the_category_whose_gate_fired_by_the_larg
             torch.testing.assert_close(deltas[layer], expected, rtol=1e-5, atol=1e-5)
     (record,) = rt.gate_decisions("r")
     assert record["category"] == category and record["fired"] is (category is not None)
+    assert record["gates"] == (["harm"] if category else []) and record["route_gates"] == ["gx", "gy", "gz"]
+    if state == "weak":
+        assert record["scores"]["gy"] > 0.2 and record["scores"]["harm"] < 0.5, record["scores"]
+
+
+def test_a_request_naming_its_category_on_a_routing_profile_is_decided_by_the_deciding_gate_alone():
+    rt = routing_runtime()
+    rt.add_request("x", routed(["x"]))
+    h = (0.3 * GATE + ORTHOGONAL) * 3 + torch.zeros(2, D)  # gy's score passes its threshold; harm's does not
+    rt.begin_step(["x"], [2], [0], [2])
+    assert not any(d.abs().any() for d in run_step(rt, h).values())
+    assert rt.decision("x").fired is False
 
 
 def test_routing_rows_of_one_step_route_apart_and_share_category_slots():

@@ -17,11 +17,15 @@ the prompt's last token. This module chooses the gates honestly (``docs/methods.
   the targets;
 * the test part then gives the flag rate per source of the chosen gating.
 
-*Routing gates* (``--gate-route``, category profiles): every category of the profile that the labelled harmful
-data covers is a harmful source of its own (split in three like any source), with one gate: its best per-source
-gate from the same grid, naming the category (``GateSpec.category``); the OR of those gates meets the budgets as
-above, and the test part also gives, per category, where :func:`~vllm_steer.core.gates.route_of` routes its
-prompts (the routing accuracy and a confusion table).
+*Routing* (``--gate-route``, category profiles): every category of the profile that the labelled harmful data
+covers is a harmful source of its own (split in three like any source). The *deciding* gate is the best pooled
+gate over those sources (``mean`` or ``probe`` as above, every category weighing alike). The *routing* gates, one
+per category, are a nearest-centroid router (:func:`fit_router`): per layer, each category's direction is its
+fit-part mean minus the mean of the category means (one-vs-rest, centred), scored by ``projection``, its
+threshold the categories' balanced mean score on the fit part; the row routes to the largest ``score −
+threshold`` (:func:`~vllm_steer.core.gates.route_of`), and the select part chooses the layer by routing
+accuracy. The test part gives, per category, the share gated, where the rows route (accuracy and a confusion
+table), and, per harmless source, the share gated.
 
 Everything after the activations is pure tensor arithmetic (:func:`calibrate_gating`), so the tests plant a
 direction in synthetic activations; :func:`run_gate_calibration` runs the model and :func:`add_gating` writes
@@ -50,6 +54,7 @@ from vllm_steer.core.gates import (
     MAX_GATES,
     GateSpec,
     GatingSpec,
+    fired_gates,
     gate_score,
     route_of,
 )
@@ -79,6 +84,8 @@ __all__ = [
     "route_categories",
     "collect_gate_activations",
     "fit_directions",
+    "Router",
+    "fit_router",
     "layer_scores",
     "balanced_auc",
     "common_thresholds",
@@ -101,12 +108,12 @@ DEFAULT_PROBE_C: tuple[float, ...] = (0.01, 0.1, 1.0)
 """The probe directions' inverse L2 strengths (a grid dimension: the select part chooses)."""
 POOLED_GATE = "harmful"
 """The name of the pooled gate (and of its direction set)."""
-ROUTE = "route"
-"""The one candidate gating of a routing calibration: one gate per category."""
 GENERIC = "generic"
 """The category profiles' pooled vector: no gate routes to it."""
 NO_ROUTE = "none"
-"""The routing confusion table's column for rows no gate fired on."""
+"""The routing confusion table's column for rows not gated (no deciding gate fired)."""
+ROUTE_SCORE = "projection"
+"""The routing gates' score: signed, so the largest margin points at the nearest category."""
 _ROC_POINTS = 200
 
 Activations = Mapping[str, Mapping[str, torch.Tensor]]
@@ -324,9 +331,11 @@ def load_route_sources(
             f"{list(harmful)} (their categories: {have[:12] if have else 'none'}{' ...' if len(have) > 12 else ''});"
             " name labelled harmful sets with --gate-harmful",
         )
-    if len(covered) > MAX_GATES:
+    if len(covered) < 2 or len(covered) >= MAX_GATES:
         raise CalibrationError(
-            "gate_route", f"{len(covered)} categories to route, a gating holds at most {MAX_GATES} gates"
+            "gate_route",
+            f"{len(covered)} categories to route ({covered}): routing needs 2 to {MAX_GATES - 1} (a gating holds "
+            f"{MAX_GATES} gates, one of them deciding)",
         )
     harmless_labels = source_labels([*harmful, *harmless])[len(harmful) :]
     taken = {POOLED_GATE, *harmless_labels}
@@ -442,7 +451,7 @@ def fit_directions(
     harmless: Sequence[str],
     probe_c: Sequence[float] = (),
     seed: int = 0,
-    pooled: bool = True,
+    per_source: bool | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Unit candidate directions per layer (``[L, d]``) from the fit parts, named ``"<kind>:<target>"``.
@@ -450,36 +459,104 @@ def fit_directions(
     ``mean:harmful``: the mean of the harmful sources' means minus the mean of the harmless sources' means;
     ``mean:<source>``, per harmful source: that source's mean minus the harmless sources' balanced mean.
     With ``probe_c``, also ``probe-c<C>:harmful`` and ``probe-c<C>:<source>``: source-balanced logistic
-    regressions (:func:`_probe_directions`), one per inverse regularization strength ``C``. Without ``pooled``
-    (routing gates) only the per-source sets, also for a single source. ``tick(1)`` after each set."""
+    regressions (:func:`_probe_directions`), one per inverse regularization strength ``C``. ``per_source``
+    (default: with more than one harmful source) adds the per-source sets; routing leaves them out. ``tick(1)``
+    after each set."""
+    if per_source is None:
+        per_source = len(harmful) > 1
     negative = _balanced_mean([acts[s]["fit"] for s in harmless])
     neg_fit = [acts[s]["fit"] for s in harmless]
-    per_source = list(harmful) if not pooled or len(harmful) > 1 else []
+    sources = list(harmful) if per_source else []
     directions: dict[str, torch.Tensor] = {}
-    if pooled:
-        directions[f"mean:{POOLED_GATE}"] = _unit(_balanced_mean([acts[s]["fit"] for s in harmful]) - negative)
-    for s in harmful:
+    directions[f"mean:{POOLED_GATE}"] = _unit(_balanced_mean([acts[s]["fit"] for s in harmful]) - negative)
+    for s in sources:
         directions[f"mean:{s}"] = _unit(acts[s]["fit"].double().mean(0) - negative)
     if tick:
         tick(len(directions))
     for c in probe_c:
-        if pooled:
-            directions[f"probe-c{c:g}:{POOLED_GATE}"] = _probe_directions(
-                [acts[s]["fit"] for s in harmful], neg_fit, c, seed
-            )
-            if tick:
-                tick(1)
-        for s in per_source:
+        directions[f"probe-c{c:g}:{POOLED_GATE}"] = _probe_directions(
+            [acts[s]["fit"] for s in harmful], neg_fit, c, seed
+        )
+        if tick:
+            tick(1)
+        for s in sources:
             directions[f"probe-c{c:g}:{s}"] = _probe_directions([acts[s]["fit"]], neg_fit, c, seed)
             if tick:
                 tick(1)
     return directions
 
 
-def _direction_count(harmful: Sequence[str], probe_c: Sequence[float], pooled: bool) -> int:
+def _direction_count(harmful: Sequence[str], probe_c: Sequence[float], per_source: bool) -> int:
     """How many direction sets :func:`fit_directions` fits (the progress bar's total)."""
-    per_source = len(harmful) if not pooled or len(harmful) > 1 else 0
-    return (int(pooled) + len(harmful)) + len(probe_c) * (int(pooled) + per_source)
+    sets = 1 + (len(harmful) if per_source else 0)
+    return sets * (1 + len(probe_c))
+
+
+@dataclass
+class Router:
+    """The routing gates' nearest-centroid router (:func:`fit_router`) at its chosen layer."""
+
+    layer: int
+    directions: dict[str, torch.Tensor]
+    """Category source → ``[d]`` unit direction (its fit mean minus the mean of the category means)."""
+    thresholds: dict[str, float]
+    """Category source → the categories' balanced mean ``projection`` score on the fit part."""
+    grid: list[dict[str, Any]]
+    """Per layer: ``layer``, ``fit`` and ``select`` routing accuracy (mean over categories)."""
+
+
+def _router_at(fit: Sequence[torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[K, d]`` unit one-vs-rest directions and ``[K]`` thresholds of ``K`` categories at one layer."""
+    means = torch.stack([a[:, layer].double().mean(0) for a in fit])
+    directions = _unit(means - means.mean(0))
+    scores = [_projection(a[:, layer], directions).double().mean(0) for a in fit]
+    thresholds = torch.stack(scores).mean(0).float()
+    return directions, thresholds
+
+
+def _projection(h: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``[n, K]``: :func:`~vllm_steer.core.gates.gate_score` ``projection`` of ``h`` ``[n, d]`` on each of
+    ``directions`` ``[K, d]`` (unit)."""
+    return torch.stack([gate_score(h, c, ROUTE_SCORE) for c in directions], dim=1)
+
+
+def _route_accuracy(parts: Sequence[torch.Tensor], layer: int, directions: torch.Tensor, tau: torch.Tensor) -> float:
+    """Mean over categories of the share of its rows whose largest ``score − threshold`` is its own."""
+    hits = [
+        float(((_projection(a[:, layer], directions) - tau).argmax(1) == k).double().mean())
+        for k, a in enumerate(parts)
+        if len(a)
+    ]
+    return _mean(hits)
+
+
+def fit_router(acts: Activations, categories: Sequence[str], layers: Sequence[int] | None = None) -> Router:
+    """The routing gates (one per category source of ``categories``) as a nearest-centroid router.
+
+    Per layer, on the fit parts: each category's mean, ``m_k``; its direction ``(m_k − m̄)/‖·‖`` with ``m̄`` the
+    mean of the ``m_k`` (one-vs-rest: what sets it apart from the other categories, not from harmless text); its
+    threshold the mean over categories of their mean ``projection`` score, so ``score − threshold`` is centred.
+    The layer (of ``layers``, default all) with the best routing accuracy on the select parts wins (ties: the
+    shallower). At least two categories."""
+    num_layers = acts[categories[0]]["fit"].shape[1]
+    fit = [acts[c]["fit"] for c in categories]
+    select = [acts[c]["select"] for c in categories]
+    grid: list[dict[str, Any]] = []
+    best: tuple[float, int, torch.Tensor, torch.Tensor] | None = None
+    for layer in layers if layers is not None else range(num_layers):
+        directions, tau = _router_at(fit, layer)
+        accuracy = _route_accuracy(select, layer, directions, tau)
+        grid.append({"layer": layer, "fit": _route_accuracy(fit, layer, directions, tau), "select": accuracy})
+        if best is None or _nan_low(accuracy) > best[0]:
+            best = (_nan_low(accuracy), layer, directions, tau)
+    assert best is not None
+    _, layer, directions, tau = best
+    return Router(
+        layer=layer,
+        directions={c: directions[k].clone() for k, c in enumerate(categories)},
+        thresholds={c: float(tau[k]) for k, c in enumerate(categories)},
+        grid=grid,
+    )
 
 
 def layer_scores(acts: torch.Tensor, directions: torch.Tensor, score: str) -> torch.Tensor:
@@ -776,10 +853,11 @@ def calibrate_gating(
     the select part. The candidate with the higher mean recall on the select part wins (ties: its AUC, then
     fewer gates); every candidate's rates on the test parts are reported, and none of them chose anything.
 
-    With ``routes`` (harmful source → the category it stands for; action ``steer``), the one candidate is
-    :data:`ROUTE`: each source's best gate, named by the source and routing to its category, the thresholds set
-    together as above; the report adds ``routing`` (per split, where
-    :func:`~vllm_steer.core.gates.route_of` sends each source's rows)."""
+    With ``routes`` (harmful source → the category it stands for, at least two; action ``steer``), the sources
+    are categories: the deciding gate is the better of the pooled candidates (``mean``, ``probe``), and the
+    routing gates, one per source named by it and routing to its category, come from :func:`fit_router`; the
+    report adds ``router`` (its layer and per-layer accuracy) and ``routing`` (per split, which rows are gated and
+    where :func:`~vllm_steer.core.gates.route_of` sends them)."""
     if action not in GATE_ACTIONS:
         raise CalibrationError("gate_action", f"unknown {action!r} (one of {', '.join(GATE_ACTIONS)})")
     if not harmful or not harmless:
@@ -793,17 +871,21 @@ def calibrate_gating(
         unrouted = [s for s in harmful if s not in routes]
         if unrouted:
             raise CalibrationError("gate_route", f"no category for the harmful source(s) {unrouted}")
-        if len(harmful) > MAX_GATES:
-            raise CalibrationError("gate_route", f"{len(harmful)} categories, a gating holds at most {MAX_GATES}")
-    pooled = routes is None
+        if not 2 <= len(harmful) < MAX_GATES:
+            raise CalibrationError(
+                "gate_route",
+                f"{len(harmful)} categories: routing needs 2 to {MAX_GATES - 1} (a gating holds {MAX_GATES} gates, one "
+                "of them deciding)",
+            )
+    per_source = routes is None and len(harmful) > 1
     directions = fit_directions(
         acts,
         harmful,
         harmless,
         probe_c,
         seed,
-        pooled,
-        _ticker(progress, "gate: directions (fit)", _direction_count(harmful, probe_c, pooled)),
+        per_source,
+        _ticker(progress, "gate: directions (fit)", _direction_count(harmful, probe_c, per_source)),
     )
     select = _scores_for(acts, directions, "select")
     test = _scores_for(acts, directions, "test")
@@ -831,17 +913,14 @@ def calibrate_gating(
         return GateConfig(target, row.direction, row.layer, row.score, row.comparison)
 
     candidates: dict[str, list[GateConfig]] = {}
-    if routes is not None:
-        candidates[ROUTE] = [best_of(s) for s in harmful]
-    else:
-        candidates["mean"] = [best_of(POOLED_GATE, "mean:")]
-        if probe_c:
-            candidates["probe"] = [best_of(POOLED_GATE, "probe-")]
-        if 1 < len(harmful) <= MAX_GATES:
-            per_source = [best_of(s) for s in harmful]
-            candidates[PER_SOURCE] = per_source
-            if len(harmful) < MAX_GATES:
-                candidates["pooled+per-source"] = [best_of(POOLED_GATE), *per_source]
+    candidates["mean"] = [best_of(POOLED_GATE, "mean:")]
+    if probe_c:
+        candidates["probe"] = [best_of(POOLED_GATE, "probe-")]
+    if per_source and len(harmful) <= MAX_GATES:
+        each = [best_of(s) for s in harmful]
+        candidates[PER_SOURCE] = each
+        if len(harmful) < MAX_GATES:
+            candidates["pooled+per-source"] = [best_of(POOLED_GATE), *each]
 
     summaries: dict[str, dict[str, Any]] = {}
     for cname, configs in candidates.items():
@@ -874,12 +953,27 @@ def calibrate_gating(
             score=c.score,
             threshold=_threshold(c, tau[g]),
             comparison=c.comparison,
-            category=routes[c.name] if routes is not None else None,
         )
         for g, c in enumerate(configs)
     ]
-    gating = GatingSpec(action=action, gates=gates)
     gate_vectors = {c.name: directions[c.direction][c.layer].clone() for c in configs}
+    router = None
+    if routes is not None:
+        router = fit_router(acts, harmful, layers)
+        for source in harmful:
+            gates.append(
+                GateSpec(
+                    name=source,
+                    layer=router.layer,
+                    tensor=f"gate.{source}",
+                    score=ROUTE_SCORE,
+                    threshold=router.thresholds[source],
+                    comparison=">",
+                    category=routes[source],
+                )
+            )
+            gate_vectors[source] = router.directions[source]
+    gating = GatingSpec(action=action, gates=gates)
     report: dict[str, Any] = {
         "sources": {"harmful": list(harmful), "harmless": list(harmless)},
         "sizes": {s: {split: int(acts[s][split].shape[0]) for split in SPLITS} for s in [*harmful, *harmless]},
@@ -888,11 +982,12 @@ def calibrate_gating(
             "mean over harmful sources of the share flagged on the select part, at the most permissive thresholds "
             "whose false-positive rate (any gate firing) on every harmless source's select part is at most its "
             "target; ties: AUC, then fewer gates"
-            if routes is None
-            else "one gate per category: its best grid point (the category's share flagged on the select part at "
-            "the target false-positive rates, then AUC); the OR's thresholds set together so that any gate firing "
-            "meets every harmless source's target on the select part, maximizing the mean share of the categories "
-            "flagged"
+            + (
+                ""
+                if routes is None
+                else " (the deciding gate, the categories its harmful sources); routing gates: the layer whose "
+                "nearest-centroid routing is most accurate on the select part (mean over categories)"
+            )
         ),
         "directions": (
             "per layer, fitted on the fit parts with every source weighing the same: 'mean:*' = unit difference of "
@@ -917,66 +1012,90 @@ def calibrate_gating(
         "chosen": chosen,
         "operating_point": {
             "action": action,
-            "gates": [{**g.model_dump(), "direction": c.direction} for g, c in zip(gates, configs, strict=True)],
+            "gates": [
+                {**g.model_dump(), "direction": c.direction if c is not None else f"route:{g.name}"}
+                for g, c in zip(gates, [*configs, *[None] * (len(gates) - len(configs))], strict=True)
+            ],
             "select": win["select"],
         },
         "test": win["test"],
         "roc": _curve(configs, select, {"select": select, "test": test}, harmful, harmless),
     }
-    if routes is not None:
+    if routes is not None and router is not None:
         report["routes"] = dict(routes)
+        report["router"] = {
+            "layer": router.layer,
+            "score": ROUTE_SCORE,
+            "directions": "per category: its fit mean minus the mean of the category means (unit); threshold: the "
+            "categories' balanced mean score on the fit part; a row routes to the largest score − threshold",
+            "grid": router.grid,
+        }
         report["routing"] = {
-            split: _routing(gating, configs, scores, routes, harmful, harmless)
-            for split, scores in (("select", select), ("test", test))
+            split: _routing(gating, gate_vectors, acts, split, routes, harmful, harmless)
+            for split in ("select", "test")
         }
     return GatingResult(gating, gate_vectors, report)
 
 
 def _routing(
     gating: GatingSpec,
-    configs: Sequence[GateConfig],
-    scores: Scores,
+    vectors: Mapping[str, torch.Tensor],
+    acts: Activations,
+    split: str,
     routes: Mapping[str, str],
     harmful: Sequence[str],
     harmless: Sequence[str],
 ) -> dict[str, Any]:
-    """Where :func:`~vllm_steer.core.gates.route_of` (the engine's rule: the fired gate with the largest margin)
-    sends every row of one split: ``confusion`` (true category → routed category or :data:`NO_ROUTE` → rows),
-    per category its ``recall`` (any gate fires) and ``accuracy`` (routed to its own category), and per harmless
-    source the same counts (every routed row a false positive)."""
+    """What the engine's rule does with every row of one split, from the reference formulas: gated when a deciding
+    gate fires (:func:`~vllm_steer.core.gates.fired_gates`), then steered with :func:`~vllm_steer.core.gates.route_of`'s
+    category. ``confusion``: true category → routed category (:data:`NO_ROUTE`: not gated) → rows; per category its
+    ``recall`` (gated), ``accuracy`` (gated and routed to its own category: what it gets), ``route_accuracy``
+    (routed to its own, gated or not: the router alone) and ``accuracy_when_fired``; per harmless source the same
+    counts (every gated row a false positive)."""
     columns = [*(routes[s] for s in harmful), NO_ROUTE]
 
-    def routed(source: str) -> dict[str, int]:
-        raw = torch.stack([scores[(c.direction, c.score)][source][:, c.layer] for c in configs], 1)
-        counts = dict.fromkeys(columns, 0)
-        for row in raw.tolist():
-            category = route_of(gating, {g.name: v for g, v in zip(gating.gates, row, strict=True)})
-            counts[category if category is not None else NO_ROUTE] += 1
-        return counts
+    def decisions(source: str) -> list[tuple[bool, str | None]]:
+        parts = acts[source][split]
+        raw = {g.name: gate_score(parts[:, g.layer], vectors[g.name], g.score).tolist() for g in gating.gates}
+        out = []
+        for i in range(len(parts)):
+            scores = {name: values[i] for name, values in raw.items()}
+            out.append((bool(fired_gates(gating, scores)), route_of(gating, scores)))
+        return out
 
-    confusion = {routes[s]: routed(s) for s in harmful}
+    def counts(rows: Sequence[tuple[bool, str | None]]) -> dict[str, int]:
+        table = dict.fromkeys(columns, 0)
+        for gated, category in rows:
+            table[category if gated and category is not None else NO_ROUTE] += 1
+        return table
+
+    confusion: dict[str, dict[str, int]] = {}
     per_category: dict[str, dict[str, Any]] = {}
     for s in harmful:
-        category, counts = routes[s], confusion[routes[s]]
-        n = sum(counts.values())
-        fired = n - counts[NO_ROUTE]
+        category = routes[s]
+        rows = decisions(s)
+        confusion[category] = table = counts(rows)
+        n = len(rows)
+        gated = n - table[NO_ROUTE]
         per_category[category] = {
             "gate": s,
             "n": n,
-            "recall": fired / n if n else float("nan"),
-            "accuracy": counts[category] / n if n else float("nan"),
-            "accuracy_when_fired": counts[category] / fired if fired else float("nan"),
+            "recall": gated / n if n else float("nan"),
+            "accuracy": table[category] / n if n else float("nan"),
+            "route_accuracy": sum(c == category for _, c in rows) / n if n else float("nan"),
+            "accuracy_when_fired": table[category] / gated if gated else float("nan"),
         }
-    harmless_routed = {s: routed(s) for s in harmless}
+    harmless_routed = {s: counts(decisions(s)) for s in harmless}
     return {
         "confusion": confusion,
         "per_category": per_category,
         "accuracy_mean": _mean([c["accuracy"] for c in per_category.values()]),
+        "route_accuracy_mean": _mean([c["route_accuracy"] for c in per_category.values()]),
         "recall_mean": _mean([c["recall"] for c in per_category.values()]),
         "harmless": harmless_routed,
         "false_positive_rate": {
-            s: 1.0 - counts[NO_ROUTE] / sum(counts.values()) if sum(counts.values()) else float("nan")
-            for s, counts in harmless_routed.items()
+            s: 1.0 - table[NO_ROUTE] / sum(table.values()) if sum(table.values()) else float("nan")
+            for s, table in harmless_routed.items()
         },
     }
 
@@ -1126,7 +1245,9 @@ def add_gating(profile_dir: str | Path, result: GatingResult) -> Path:
     if "routing" in report:
         test = report["routing"]["test"]
         calibration["gating"]["test_routing"] = {
-            c: {"recall": r["recall"], "accuracy": r["accuracy"]} for c, r in test["per_category"].items()
+            c: {"recall": r["recall"], "accuracy": r["accuracy"], "route_accuracy": r["route_accuracy"]}
+            for c, r in test["per_category"].items()
         }
+        calibration["gating"]["router_layer"] = report["router"]["layer"]
     new_spec = spec.model_copy(update={"gating": result.gating, "calibration": calibration})
     return save_profile(profile_dir, new_spec, profile.vectors, result.directions)

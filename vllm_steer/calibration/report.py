@@ -138,16 +138,19 @@ def write_report(profile_dir: str | Path, diagnostics: dict | None = None) -> Pa
             )
         lines += ["", "![sweep](sweep.png)"]
     if spec.gating is not None:
-        gates = ", ".join(
-            f"`{g.name}` (layer {g.layer}, {g.score} {g.comparison} {g.threshold:.4g}"
-            f"{f'; routes to {g.category}' if g.category else ''})"
-            for g in spec.gating.gates
+        deciding = ", ".join(
+            f"`{g.name}` (layer {g.layer}, {g.score} {g.comparison} {g.threshold:.4g})" for g in spec.gating.deciding
         )
-        lines += ["", "## Gates", "", f"Action `{spec.gating.action}` when any of {gates} fires."]
+        lines += ["", "## Gates", "", f"Action `{spec.gating.action}` when any of {deciding} fires."]
         if spec.gating.routes:
+            routing = ", ".join(
+                f"`{g.name}` (layer {g.layer}, {g.score} − {g.threshold:.4g}; routes to {g.category})"
+                for g in spec.gating.gates
+                if g.category is not None
+            )
             lines.append(
-                'With `steer_categories: "auto"` a gated row steers with the category of the fired gate with the '
-                "largest margin."
+                f'With `steer_categories: "auto"` a gated row steers with the category of the routing gate with the '
+                f"largest margin: {routing}."
             )
         if (out / "gate.md").exists():
             lines.append("Calibration, operating point and test-split rates: [gate.md](gate.md).")
@@ -168,28 +171,32 @@ def _routing_lines(report: dict) -> list[str]:
     columns = list(next(iter(confusion.values())))
     lines = [
         "",
-        "## Routing (test part): where `route_of` sends each category's prompts",
+        "## Routing (test part): which prompts are gated, and where `route_of` sends them",
         "",
         (
-            "A routed row steers with the category of the fired gate with the largest margin (`steer_categories: "
-            '"auto"`); recall: any gate fires; accuracy: routed to its own category (share of all its test prompts).'
+            f"Router: layer {report['router']['layer']}, {report['router']['directions']}. A gated row steers with "
+            '`route_of`\'s category (`steer_categories: "auto"`). Gated: the deciding gate fires; routed to it: '
+            "`route_of` picks the prompt's own category (gated or not: the router alone); **gated and routed to it**: "
+            "what the prompt gets (shares of all its test prompts)."
         ),
         "",
-        "| category | gate | test n | recall | **routing accuracy** | accuracy when fired | select accuracy |",
+        "| category | test n | gated | routed to it | **gated and routed to it** | routed to it when gated | select: routed to it |",
         "|---|---|---|---|---|---|---|",
     ]
     for category, r in test["per_category"].items():
         lines.append(
-            f"| {category} | {r['gate']} | {r['n']} | {_pct(r['recall'])} | **{_pct(r['accuracy'])}** | "
-            f"{_pct(r['accuracy_when_fired'])} | {_pct(select['per_category'][category]['accuracy'])} |"
+            f"| {category} | {r['n']} | {_pct(r['recall'])} | {_pct(r['route_accuracy'])} | **{_pct(r['accuracy'])}** | "
+            f"{_pct(r['accuracy_when_fired'])} | {_pct(select['per_category'][category]['route_accuracy'])} |"
         )
     lines.append(
-        f"| mean | | | {_pct(test['recall_mean'])} | **{_pct(test['accuracy_mean'])}** | | "
-        f"{_pct(select['accuracy_mean'])} |"
+        f"| mean | | {_pct(test['recall_mean'])} | {_pct(test['route_accuracy_mean'])} | **{_pct(test['accuracy_mean'])}** | | "
+        f"{_pct(select['route_accuracy_mean'])} |"
     )
+    per_layer = ", ".join(f"{r['layer']}: {_pct(r['select'])}" for r in report["router"]["grid"])
+    lines += ["", f"Routing accuracy per layer (select part, mean over categories): {per_layer}."]
     lines += [
         "",
-        "### False positives per harmless source (test part: any gate fires)",
+        "### False positives per harmless source (test part: gated)",
         "",
         "| source | target (select) | test false-positive rate | test n |",
         "|---|---|---|---|",
@@ -200,7 +207,7 @@ def _routing_lines(report: dict) -> list[str]:
     short = {c: report["routing"]["test"]["per_category"][c]["gate"] for c in columns if c in test["per_category"]}
     lines += [
         "",
-        "### Confusion (test part): true category (rows) → routed category (columns), prompts",
+        "### Confusion (test part): true category (rows) → routed category of the gated prompts (columns; none: not gated)",
         "",
         "| true → routed | " + " | ".join(short.get(c, c) for c in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -278,18 +285,11 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
         lines.append(f"| {name} | {gates} | {_pct(c['select']['recall_mean'])} | {_pct(c['auc_select'])} | {rates} |")
     if "routing" in report:
         lines += _routing_lines(report)
-    routing = "routes" in report
-    pooled = [
-        r
-        for r in report["grid"]
-        if r["direction"].split(":", 1)[1] == "harmful" or (routing and r["direction"].startswith("mean:"))
-    ]
+    pooled = [r for r in report["grid"] if r["direction"].split(":", 1)[1] == "harmful"]
     kinds = sorted({r["direction"] for r in pooled})
     lines += [
         "",
-        "## Grid ("
-        + ("per-category difference-of-means directions" if routing else "pooled directions")
-        + ", select part): best comparison per layer and score",
+        "## Grid (pooled directions, select part): best comparison per layer and score",
         "",
         "| direction | layer | score | comparison | AUC | recall@FPR | precision | threshold |",
         "|---|---|---|---|---|---|---|---|",
@@ -322,7 +322,7 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
         ax.set_title(f"{report['chosen']}: ROC per harmful source (dotted: select); dots: operating point", fontsize=8)
         ax.legend(fontsize=7 if len(harmful) <= 6 else 5, loc="lower right")
         for j, direction in enumerate(kinds):
-            for score, ls in (("cast", "-"), ("projection", "--")) if not routing else (("cast", "-"),):
+            for score, ls in (("cast", "-"), ("projection", "--")):
                 rows = sorted(
                     (r for (d, _, sc), r in best.items() if d == direction and sc == score), key=lambda r: r["layer"]
                 )
@@ -334,8 +334,12 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
                         color=f"C{j}",
                         label=f"{direction} {score}",
                     )
+        if "router" in report:
+            grid = report["router"]["grid"]
+            ax2.plot([r["layer"] for r in grid], [r["select"] for r in grid], color="black", lw=1.5,
+                     label="routing accuracy (select)")  # fmt: skip
         ax2.set_xlabel("layer")
-        ax2.set_ylabel("balanced AUC (select)")
+        ax2.set_ylabel("balanced AUC (select)" + ("; routing accuracy" if "router" in report else ""))
         ax2.legend(fontsize=6 if len(kinds) <= 6 else 4, loc="lower right")
         save(fig, out / "gate_roc.png")
         lines += ["", "![ROC](gate_roc.png)"]

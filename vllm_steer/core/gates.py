@@ -3,11 +3,16 @@
 A profile may carry a ``gating`` block (``profile.json``; tensors in ``tensors.safetensors``). Each gate is
 a direction ``c`` read at one decoder layer's output (the residual stream after block ``layer``), a score,
 a threshold and a comparison. The gates are OR-ed (CAST's multi-conditioning): a request is *gated* when
-any of its profile's gates fires on the **last prompt token**. The action then applies to that request:
+any of its profile's *deciding* gates (those without a ``category``) fires on the **last prompt token**. The
+action then applies to that request:
 
 * ``steer`` — the profile's steering applies to the request only if it is gated;
 * ``refuse`` — the request's answer is a fixed refusal (the engine forces it token by token);
 * ``flag`` — generation is unchanged; the decision and the scores are recorded.
+
+*Routing* gates (those naming a ``category``, on category profiles) do not decide: a routing request
+(``steer_categories: "auto"``), once gated, steers with the category of its routing gate with the largest
+margin, fired or not (:func:`route_of`). A profile with routing gates has at least one deciding gate.
 
 Scores (``docs/methods.md`` §3.11), for ``h`` the hidden state and ``ĉ = c/‖c‖``:
 
@@ -43,6 +48,8 @@ __all__ = [
     "GatingSpec",
     "gate_score",
     "gate_fires",
+    "fired_gates",
+    "margin",
     "batched_scores",
     "route_of",
     "SCORE_CODES",
@@ -76,8 +83,8 @@ class GateSpec(BaseModel):
     threshold: float = Field(allow_inf_nan=False)
     comparison: Comparison = ">"
     category: str | None = Field(default=None, min_length=1)
-    """Category profiles: the category this gate routes to (``steer_categories: "auto"``); a profile's gates
-    name one each or none do."""
+    """Category profiles: a *routing* gate, for the category it routes to (``steer_categories: "auto"``). A
+    routing gate does not decide (:func:`route_of`); gates without a category do."""
 
     @model_serializer(mode="wrap")
     def _without_unset_category(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -88,7 +95,8 @@ class GateSpec(BaseModel):
 
 
 class GatingSpec(BaseModel):
-    """A profile's ``gating`` block: the gates (OR-ed) and the action when one fires."""
+    """A profile's ``gating`` block: the gates (the deciding ones OR-ed; any routing ones) and the action when a
+    deciding gate fires."""
 
     model_config = ConfigDict(extra="forbid")
     action: GateAction
@@ -106,16 +114,22 @@ class GatingSpec(BaseModel):
 
     @field_validator("gates")
     @classmethod
-    def _all_or_no_categories(cls, gates: list[GateSpec]) -> list[GateSpec]:
-        named = [g.category is not None for g in gates]
-        if any(named) and not all(named):
-            i = named.index(False)
-            raise ValueError(f"gate {i} ({gates[i].name!r}) names no category, others do: name one per gate or none")
+    def _routing_needs_a_deciding_gate(cls, gates: list[GateSpec]) -> list[GateSpec]:
+        if all(g.category is not None for g in gates):
+            raise ValueError(
+                "every gate names a category: routing gates only route, add a gate without a category that decides "
+                "(vllm-steer calibrate --gate-route writes one)"
+            )
         return gates
 
     @property
+    def deciding(self) -> list[GateSpec]:
+        """The gates that decide (OR-ed): those without a category."""
+        return [g for g in self.gates if g.category is None]
+
+    @property
     def routes(self) -> tuple[str, ...]:
-        """The categories the gates route to, distinct and sorted (empty: the gates do not route)."""
+        """The categories the routing gates route to, distinct and sorted (empty: the gates do not route)."""
         return tuple(sorted({g.category for g in self.gates if g.category is not None}))
 
     @property
@@ -174,16 +188,29 @@ def batched_scores(h: torch.Tensor, directions: torch.Tensor, score_codes: torch
     return torch.where(score_codes == SCORE_CODES["cast"], cast, projection)
 
 
+def margin(gate: GateSpec, value: float) -> float:
+    """How far a score lies past its gate's threshold, in the firing direction (``> 0``: it fires)."""
+    return value - gate.threshold if gate.comparison == ">" else gate.threshold - value
+
+
+def fired_gates(gating: GatingSpec, scores: dict[str, float]) -> list[str]:
+    """The deciding gates that fire on ``scores`` (gate name → score; a missing or NaN score never fires), in the
+    profile's order: the request is gated when this is not empty."""
+    return [g.name for g in gating.deciding if margin(g, scores.get(g.name, math.nan)) > 0]
+
+
 def route_of(gating: GatingSpec, scores: dict[str, float]) -> str | None:
-    """The category a routing request steers with: that of the fired gate with the largest margin
-    (``score − threshold`` for ``>``, ``threshold − score`` for ``<``; ties: the first gate); ``None`` when
-    no gate fired or the gates do not route. ``scores``: gate name → score (a missing or NaN score never fires)."""
+    """The category a gated routing request steers with: that of the routing gate with the largest
+    :func:`margin`, fired or not (ties: the shallower gate, then the profile's order, as the engine reads them);
+    ``None`` when the gates do not route or no routing gate has a score. ``scores``: gate name → score (a missing
+    or NaN score never routes). Whether the request is gated at all is :func:`fired_gates`' answer."""
     best: tuple[float, str] | None = None
-    for gate in gating.gates:
+    order = sorted(range(len(gating.gates)), key=lambda j: (gating.gates[j].layer, j))
+    for gate in (gating.gates[j] for j in order):
         value = scores.get(gate.name, math.nan)
         if gate.category is None or math.isnan(value):
             continue
-        margin = value - gate.threshold if gate.comparison == ">" else gate.threshold - value
-        if margin > 0 and (best is None or margin > best[0]):
-            best = (margin, gate.category)
+        m = margin(gate, value)
+        if best is None or m > best[0]:
+            best = (m, gate.category)
     return None if best is None else best[1]

@@ -18,10 +18,12 @@ For action ``refuse`` the request's row of the logits is replaced, from its firs
 its row fired, by a one-hot row of the next token of its refusal (:meth:`GateTable.force_refusals`, called by the
 engine's logits processor); the host knows which token is next, the device whether the row fired.
 
-A *routing* request (``steer_categories: "auto"`` on a category profile whose gates name categories) steers with
-the slot of the category whose fired gate has the largest margin: every gate of its slot names a target slot
-(:attr:`GateTable.routes`), the row keeps the best margin so far and its slot (:attr:`GateTable.route`), and the
-effective slot reads that slot instead of the request's own (which steers nothing).
+Only a slot's *deciding* gates (:attr:`GateTable.decides`: those without a category) fire the row. A *routing*
+request (``steer_categories: "auto"`` on a category profile with routing gates) steers, if its row fired, with the
+slot of the category whose routing gate has the largest margin, fired or not (:func:`~vllm_steer.core.gates.route_of`):
+each routing gate of its slot names a target slot (:attr:`GateTable.routes`), the row keeps the best margin so far
+and its slot (:attr:`GateTable.route`), and the effective slot reads that slot instead of the request's own (which
+steers nothing).
 
 So for action ``steer``: prompt tokens before the last are never steered; the last prompt token is steered at
 the sites of layers after the deepest gate, if gated; every generated token is steered at every site, if
@@ -105,8 +107,11 @@ class GateTable:
         self.thresholds = torch.zeros(max_slots, g, dtype=f32, device=dev)
         self.signs = torch.zeros(max_slots, g, dtype=f32, device=dev)  # +1 '>', -1 '<', 0 no gate
         self.codes = torch.zeros(max_slots, g, dtype=i64, device=dev)
+        self.decides = torch.zeros(max_slots, g, dtype=torch.bool, device=dev)
+        """The slot's deciding gates (no category): only they fire a row."""
         self.routes = torch.full((max_slots, g), -1, dtype=i64, device=dev)
-        """A routing slot's gates: the slot holding each gate's category's steering (-1: the gate routes nowhere)."""
+        """A routing slot's gates: the slot holding each routing gate's category's steering (-1: no routing gate, or
+        a request that names its categories)."""
         # Per row: fired (0/1) and every gate's score.
         self.fired = torch.zeros(self.n_rows + 3, dtype=f32, device=dev)
         self.fired[self.ROW_ALWAYS] = 1.0
@@ -150,6 +155,7 @@ class GateTable:
         self.thresholds[slot] = 0.0
         self.signs[slot] = 0.0
         self.codes[slot] = 0
+        self.decides[slot] = False
         self.routes[slot] = -1
         self._slot_gate_names[slot] = ()
         self._slot_gate_sites[slot] = frozenset()
@@ -162,12 +168,14 @@ class GateTable:
             self.thresholds[slot, j] = gate.threshold
             self.signs[slot, j] = 1.0 if gate.comparison == ">" else -1.0
             self.codes[slot, j] = SCORE_CODES[gate.score]
+            self.decides[slot, j] = gate.category is None
         self._slot_gate_names[slot] = tuple(g.name for g in gating.gates)
         self._slot_gate_sites[slot] = frozenset(site_of_layer[g.layer] for g in gating.gates)
         return site_of_layer[gating.decided_after]
 
     def set_routes(self, slot: int, targets: Sequence[int]) -> None:
-        """A routing slot's gates: gate ``j`` (in the profile's order) routes to slot ``targets[j]``."""
+        """A routing slot's gates: gate ``j`` (in the profile's order) routes to slot ``targets[j]`` (-1: a deciding
+        gate)."""
         self.routes[slot] = -1
         self.routes[slot, : len(targets)] = torch.tensor(list(targets), dtype=torch.int64)
 
@@ -247,7 +255,8 @@ class GateTable:
         torch.where(fired, chosen, torch.full_like(token_slot, -1), out=out)
 
     def evaluate(self, h: torch.Tensor, site: int, k: int) -> None:
-        """Score the first ``k`` deciding tokens' gates that read ``site`` and OR the result into their rows."""
+        """Score the first ``k`` deciding tokens' gates that read ``site``, OR their deciding gates' result into
+        their rows, and keep their routing gates' best margin."""
         position = self.dec_position[:k]
         slot = self.dec_slot[:k]
         rows = self.dec_write_row[:k]
@@ -255,13 +264,13 @@ class GateTable:
         scores = batched_scores(hk, self.directions.index_select(0, slot), self.codes.index_select(0, slot))
         here = self.sites.index_select(0, slot) == site  # [k, G]
         margin = self.signs.index_select(0, slot) * (scores - self.thresholds.index_select(0, slot))
-        fires_each = (margin > 0) & here
-        fires = fires_each.any(-1)
+        fires = ((margin > 0) & here & self.decides.index_select(0, slot)).any(-1)
         self.fired.index_put_((rows,), torch.maximum(self.fired.index_select(0, rows), fires.float()))
         self.scores.index_put_((rows,), torch.where(here, scores, self.scores.index_select(0, rows)))
-        # Routing: the fired gate with the largest margin so far (over every site) names the row's slot.
-        best, which = torch.where(fires_each, margin, -math.inf).max(-1)
-        target = self.routes.index_select(0, slot).gather(1, which[:, None])[:, 0]
+        # Routing: the routing gate with the largest margin so far (over every site; fired or not) names the slot.
+        targets = self.routes.index_select(0, slot)
+        best, which = torch.where(here & (targets >= 0), margin, -math.inf).max(-1)
+        target = targets.gather(1, which[:, None])[:, 0]
         better = best > self.route_margin.index_select(0, rows)
         self.route.index_put_((rows,), torch.where(better, target, self.route.index_select(0, rows)))
         self.route_margin.index_put_((rows,), torch.where(better, best, self.route_margin.index_select(0, rows)))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_steer.core.gates import GATE_HOOK, gate_fires, route_of
+from vllm_steer.core.gates import GATE_HOOK, fired_gates, route_of
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.ops import Method, single_method_deltas, token_deltas
 from vllm_steer.core.profile import Profile
@@ -278,7 +278,8 @@ class SteeringRuntime:
     def gate_decisions(self, match: str) -> list[dict[str, object]]:
         """The decisions of the gated requests (bound, or among the last finished) whose id contains ``match``
         (the server's request id is part of vLLM's): ``request``, ``profile``, ``action``, ``fired`` (``None``:
-        undecided), ``scores``. Reads the device: for the workers' RPC, between steps."""
+        undecided), ``gates`` (the deciding gates that fired), ``scores`` (every gate's); on a profile with routing
+        gates, ``route_gates`` (their names), and for a routing request the ``category`` it steered with. Reads the device: for the workers' RPC, between steps."""
         found = [
             (req_id, self._slots[b.slot].gate_of, b.decided, self.gates.snapshot(b.slot, b.row))
             for req_id, b in self._bindings.items()
@@ -290,21 +291,18 @@ class SteeringRuntime:
             decision = self.gates.read(snapshot, decided)
             version = self._versions.get(digest)
             gating = version.spec.gating if version is not None else None
-            fired_gates = [
-                g.name
-                for g in (gating.gates if gating is not None else [])
-                if decided and bool(gate_fires(decision.scores[g.name], g.threshold, g.comparison))
-            ]
             record: dict[str, object] = {
                 "request": req_id,
                 "profile": profile_id,
                 "action": action,
                 "fired": decision.fired,
-                "gates": fired_gates,
+                "gates": fired_gates(gating, decision.scores) if decided and gating is not None else [],
                 "scores": decision.scores,
             }
-            if routes and gating is not None:  # the category it was steered with (None: not decided, or none fired)
-                record["category"] = route_of(gating, decision.scores) if decided else None
+            if gating is not None and gating.routes:  # routing gates only route: not counted as decisions
+                record["route_gates"] = [g.name for g in gating.gates if g.category is not None]
+            if routes and gating is not None:  # the category it was steered with (None: not decided, or not gated)
+                record["category"] = route_of(gating, decision.scores) if decision.fired else None
             out.append(record)
         return out
 

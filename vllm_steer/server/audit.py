@@ -11,9 +11,9 @@ Lines go to the standard logging logger ``vllm_steer.audit`` (INFO), and to the 
 
 A gated request (its profile has gates: docs/methods.md §3.11) gets a second line once it is answered,
 ``"event": "gate"``, with the same ``request_id``, the tenant, tier and route, and per row of the request
-its ``profile``, ``action``, whether it ``fired`` (``null``: cut off before its prompt ended), the ``gates``
-that fired and every gate's ``score``; for a routing request (``steer_categories: "auto"``) also the
-``category`` the row was steered with (``null``: no gate fired, or undecided).
+its ``profile``, ``action``, whether it ``fired`` (``null``: cut off before its prompt ended), the deciding
+``gates`` that fired and every gate's ``score``; for a routing request (``steer_categories: "auto"``) also the
+``category`` the row was steered with (``null``: not gated, or undecided).
 
 ``decision`` is ``admitted`` (``status`` null: what vLLM answers is not the policy's) or ``refused``; a
 refusal has the HTTP ``status``, the refused ``field`` and the

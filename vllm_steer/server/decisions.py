@@ -8,11 +8,11 @@ finished); the server asks for the decisions of one request by its request id (t
 * a **non-streaming** response gets the header ``x-vllm-steer-gate`` before it is sent: the action and, per row
   of the request (a prompt of ``/v1/completions``), whether it fired — ``action=refuse; fired=1,0``
   (``-``: undecided, the row was cut off before its prompt ended); a routing request (``steer_categories:
-  "auto"``) also the category each row was steered with, percent-encoded (``-``: none fired, or undecided) —
+  "auto"``) also the category each row was steered with, percent-encoded (``-``: not gated, or undecided) —
   ``action=steer; fired=1,0; category=cat_a,-``. A streamed response's headers leave before
   any row is decided, so it gets none; its decisions are counted and audited when the stream ends;
-* every decided row is counted once per gate of its profile (``vllm_steer_gate_decisions``:
-  :func:`~vllm_steer.server.metrics.count_gate_decisions`);
+* every decided row is counted once per deciding gate of its profile (``vllm_steer_gate_decisions``), and a
+  routed row once by its category (``vllm_steer_gate_routes``): :func:`~vllm_steer.server.metrics.count_gate_decisions`;
 * the request's audit log gets a ``gate`` line (:meth:`~vllm_steer.server.audit.AuditLog.gate`), with each row's
   routed ``category`` for a routing request.
 

@@ -19,6 +19,7 @@ __all__ = [
     "TOKENS",
     "REJECTIONS",
     "GATE_DECISIONS",
+    "GATE_ROUTES",
     "count_gate_decisions",
     "REJECTION_FIELDS",
     "OTHER_FIELD",
@@ -35,21 +36,33 @@ TOKENS = Counter(
 REJECTIONS = Counter("vllm_steer_rejections", "Requests refused by the steering policy", ["reason", "field"])
 GATE_DECISIONS = Counter(
     "vllm_steer_gate_decisions",
-    "Gate decisions of gated rows: one per row and gate of its profile (fired: that gate fired on the row)",
+    "Gate decisions of gated rows: one per row and deciding gate of its profile (fired: that gate fired on the row)",
     ["tenant", "tier", "profile", "gate", "action", "fired"],
+)
+GATE_ROUTES = Counter(
+    "vllm_steer_gate_routes",
+    "Gated rows of routing requests (steer_categories: auto), by the category they were steered with",
+    ["tenant", "tier", "profile", "category"],
 )
 
 
 def count_gate_decisions(tenant: str, tier: str, decisions: list[dict]) -> None:
-    """Count each decided row of a request once per gate of its profile (an undecided row, cut off before its
-    prompt ended, is not a decision)."""
+    """Count each decided row of a request once per deciding gate of its profile (an undecided row, cut off before
+    its prompt ended, is not a decision; routing gates only route), and each routed row once by its category."""
     for row in decisions:
         if row.get("fired") is None:
             continue
         fired = set(row.get("gates") or ())
+        routing = set(row.get("route_gates") or ())
         for gate in row.get("scores") or {}:
+            if gate in routing:
+                continue
             labels = {"profile": str(row["profile"]), "gate": gate, "action": str(row["action"])}
             GATE_DECISIONS.labels(tenant=tenant, tier=tier, fired=str(gate in fired).lower(), **labels).inc()
+        if row.get("category"):
+            GATE_ROUTES.labels(
+                tenant=tenant, tier=tier, profile=str(row["profile"]), category=str(row["category"])
+            ).inc()
 
 
 def count_admitted(labels: dict[str, str]) -> None:

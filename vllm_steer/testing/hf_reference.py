@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_steer.core.gates import GATE_HOOK, GatingSpec, gate_fires, gate_score, route_of
+from vllm_steer.core.gates import GATE_HOOK, GatingSpec, gate_score, margin, route_of
 from vllm_steer.core.layout import DecoderLayout, layout_for
 from vllm_steer.core.methods import METHODS, Setting
 from vllm_steer.core.profile import Profile
@@ -87,14 +87,16 @@ def _gate_reader(profile: Profile, layer: int, record: GateRecord):
             for gate in gates:
                 value = float(gate_score(last, profile.gate_vectors[gate.name], gate.score))
                 record.scores[gate.name] = value
-                record.fired = bool(record.fired) or bool(gate_fires(value, gate.threshold, gate.comparison))
+                if gate.category is None:  # a deciding gate (routing gates only route)
+                    record.fired = bool(record.fired) or margin(gate, value) > 0
         return output
 
     return hook
 
 
 def _routed(ops: dict[str, Callable[[torch.Tensor], torch.Tensor]], gating: GatingSpec, record: GateRecord):
-    """A routing request's op: that of the category whose fired gate has the largest margin (``route_of``)."""
+    """A (gated) routing request's op: that of the category whose routing gate has the largest margin
+    (``route_of``)."""
 
     def apply(h: torch.Tensor) -> torch.Tensor:
         record.category = route_of(gating, record.scores)

@@ -180,13 +180,18 @@ TINY_GATED: dict[str, dict[str, Any]] = {
         gates=[("g", 1, "projection", ">")],
         refusal="Sorry, I can't help with that.",
     ),
-    # Category routing (``steer_categories: "auto"``): one gate per category, at two layers, steering after both.
+    # Category routing (``steer_categories: "auto"``): a deciding gate, and one routing gate per category at two
+    # layers (both scores), steering after both.
     "tiny-routed": dict(
         method="category",
         layers=[2, 3],
         action="steer",
-        gates=[("ga", 1, "cast", ">", "cat_a"), ("gb", 1, "projection", ">", "cat_b"), ("gc", 2, "cast", ">", "cat_c")],
-        window=(0.7, 0.92),  # each gate fires on the top ~10-30 % of the prompts: some rows route nowhere
+        gates=[
+            ("harm", 1, "projection", ">"),
+            ("ga", 1, "cast", ">", "cat_a"),
+            ("gb", 1, "projection", ">", "cat_b"),
+            ("gc", 2, "projection", ">", "cat_c"),
+        ],
     ),
 }
 
@@ -270,6 +275,11 @@ def build_tiny_gated(
             )
             for j, gate in enumerate(probe)
         ]
+        for i, row in enumerate(scores):  # routing: the largest margin must be clear, as the threshold's side is
+            margins = sorted((g.threshold - row[g.name]) * (-1 if g.comparison == ">" else 1)
+                             for g in gates if g.category is not None)  # fmt: skip
+            if len(margins) > 1 and margins[-1] - margins[-2] < 2 * margin:
+                raise ValueError(f"{pid}: prompt {i}'s two largest routing margins are within {2 * margin}")
         profile = with_gates(base, kw["action"], gates, directions, kw.get("refusal"))
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors, profile.gate_vectors)
     return root
