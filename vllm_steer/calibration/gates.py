@@ -1012,10 +1012,8 @@ def calibrate_gating(
         "chosen": chosen,
         "operating_point": {
             "action": action,
-            "gates": [
-                {**g.model_dump(), "direction": c.direction if c is not None else f"route:{g.name}"}
-                for g, c in zip(gates, [*configs, *[None] * (len(gates) - len(configs))], strict=True)
-            ],
+            "gates": [{**g.model_dump(), "direction": c.direction} for g, c in zip(gates, configs, strict=False)]
+            + [{**g.model_dump(), "direction": f"route:{g.name}"} for g in gates[len(configs) :]],
             "select": win["select"],
         },
         "test": win["test"],

@@ -279,7 +279,8 @@ class SteeringRuntime:
         """The decisions of the gated requests (bound, or among the last finished) whose id contains ``match``
         (the server's request id is part of vLLM's): ``request``, ``profile``, ``action``, ``fired`` (``None``:
         undecided), ``gates`` (the deciding gates that fired), ``scores`` (every gate's); on a profile with routing
-        gates, ``route_gates`` (their names), and for a routing request the ``category`` it steered with. Reads the device: for the workers' RPC, between steps."""
+        gates, ``route_gates`` (their names), and for a routing request the ``category`` it steered with. Reads the
+        device: for the workers' RPC, between steps."""
         found = [
             (req_id, self._slots[b.slot].gate_of, b.decided, self.gates.snapshot(b.slot, b.row))
             for req_id, b in self._bindings.items()

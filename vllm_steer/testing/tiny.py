@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vllm_steer.core.gates import GateSpec
+from vllm_steer.core.gates import margin as gate_margin
 from vllm_steer.core.profile import ModelFingerprint, Profile, save_profile
 from vllm_steer.testing.synthetic import random_profile, with_gates
 
@@ -218,11 +219,9 @@ def _threshold(
     comparison: str,
     split: tuple[int, int] | None,
     margin: float,
-    window: tuple[float, float] = (0.25, 0.75),
 ) -> float:
     """A threshold with some prompts on each side and no score within ``margin`` of it: the midpoint of the
-    widest gap in ``window`` (shares of the sorted scores; default the middle half), or of prompts ``split``'s
-    scores."""
+    widest gap in the middle half of the sorted scores, or of prompts ``split``'s scores."""
     if split is not None:
         a, b = scores[split[0]], scores[split[1]]
         if abs(a - b) < 2 * margin:
@@ -230,7 +229,7 @@ def _threshold(
         return (a + b) / 2
     ordered = sorted(scores)
     n = len(ordered)
-    lo, hi = max(1, int(n * window[0])), max(2, int(n * window[1]))
+    lo, hi = max(1, int(n * 0.25)), max(2, int(n * 0.75))
     gap, i = max((ordered[i] - ordered[i - 1], i) for i in range(lo, hi))
     if gap < 2 * margin:
         raise ValueError(f"no gap of {2 * margin} in the middle of the scores {ordered}")
@@ -269,15 +268,13 @@ def build_tiny_gated(
                         gate.comparison,
                         split if first and j == 0 else None,
                         margin,
-                        kw.get("window", (0.25, 0.75)),
                     )
                 }
             )
             for j, gate in enumerate(probe)
         ]
         for i, row in enumerate(scores):  # routing: the largest margin must be clear, as the threshold's side is
-            margins = sorted((g.threshold - row[g.name]) * (-1 if g.comparison == ">" else 1)
-                             for g in gates if g.category is not None)  # fmt: skip
+            margins = sorted(gate_margin(g, row[g.name]) for g in gates if g.category is not None)
             if len(margins) > 1 and margins[-1] - margins[-2] < 2 * margin:
                 raise ValueError(f"{pid}: prompt {i}'s two largest routing margins are within {2 * margin}")
         profile = with_gates(base, kw["action"], gates, directions, kw.get("refusal"))
