@@ -18,9 +18,10 @@ $C --method category         --id smollm2-category         --out profiles/smollm
 .venv/bin/vllm-steer calibrate "$M" --method addition --id smollm2-refusal-gated --out profiles/smollm2-refusal-gated \
   --sweep none --batch-size 16 --gate --gate-action refuse --gate-fpr 0.01,xstest-safe=0.2
 rm -f profiles/smollm2-refusal-gated/report/gate.json
-# Category routing (docs/methods.md §2.9): the category profile again, a deciding gate (CatQA's categories against
-# Alpaca and XSTest-safe) and a router of one gate per category; 40 CatQA questions per category; ~9 min.
+# Category routing (docs/methods.md §2.9): the category profile again, a router of one gate per category (40 CatQA
+# questions per category) and deciding gates from every row of AdvBench, HarmBench, XSTest-unsafe and the CatQA
+# questions the router does not use, against every row of Alpaca and XSTest-safe; ~15 min.
 $C --method category         --id smollm2-category-routed  --out profiles/smollm2-category-routed  --harmful catqa --n 24 \
-  --sweep none --batch-size 16 --gate --gate-route --gate-harmful catqa --gate-fpr 0.01,xstest-safe=0.2 --gate-n 40 \
-  --gate-probe-c 0.1
+  --sweep none --batch-size 16 --gate --gate-route --gate-route-from catqa --gate-route-n 40 \
+  --gate-fpr 0.01,xstest-safe=0.2 --gate-probe-c 0.1
 rm -f profiles/smollm2-category-routed/report/gate.json

@@ -115,9 +115,17 @@ def calibrate(
     gate_route: bool = typer.Option(
         False,
         "--gate-route",
-        help="Category profiles: one routing gate per category the labelled --gate-harmful data covers "
-        "(--gate-n prompts per category); a request with steer_categories 'auto' steers with the category of "
-        "the gate that fires. Action steer.",
+        help="Category profiles: one routing gate per category the labelled --gate-harmful (or --gate-route-from) "
+        "data covers (--gate-n prompts per category); a gated request with steer_categories 'auto' steers with the "
+        "category of the routing gate with the largest margin. Action steer.",
+    ),
+    gate_route_from: str | None = typer.Option(
+        None,
+        help="With --gate-route: the labelled sets the router learns from (comma-separated); the deciding gates "
+        "then learn from --gate-harmful less those prompts. Default: the --gate-harmful sets, as categories.",
+    ),
+    gate_route_n: int | None = typer.Option(
+        None, min=3, help="With --gate-route-from: routing prompts per category (default: --gate-n)."
     ),
     gate_fpr: str = typer.Option(
         "0.01",
@@ -157,6 +165,17 @@ def calibrate(
                 raise typer.BadParameter("required (unless --gate-into)", param_hint=f"'{name}'")
     if gate_route and not gate and gate_into is None:
         raise typer.BadParameter("routing gates are calibrated with --gate or --gate-into", param_hint="'--gate-route'")
+    for name, given in (
+        ("--gate-route-from", gate_route_from is not None),
+        ("--gate-route-n", gate_route_n is not None),
+    ):
+        if given and not gate_route:
+            raise typer.BadParameter("needs --gate-route", param_hint=f"'{name}'")
+    if gate_route_n is not None and gate_route_from is None:
+        raise typer.BadParameter(
+            "counts the prompts of --gate-route-from (without it, --gate-n counts per category)",
+            param_hint="'--gate-route-n'",
+        )
     if gate_route and gate_into is None and method != "category":
         raise typer.BadParameter(
             f"routes to the categories of a category profile (--method category, not {method})",
@@ -167,6 +186,8 @@ def calibrate(
         model=model,
         gate_action=gate_action or ("steer" if gate_route else "refuse"),
         gate_route=gate_route,
+        gate_route_from=gate_route_from,
+        gate_route_n=gate_route_n,
         gate_fpr=gate_fpr,
         gate_harmful=gate_harmful,
         gate_harmless=gate_harmless,
@@ -313,6 +334,10 @@ def _gate_config(enabled: bool, **o: Any):
             layers=numbers("'--gate-layers'", o["gate_layers"], int),
             probe_c=tuple(probe_c or ()),
             route=() if o["gate_route"] else None,  # the profile's categories: _route_config
+            route_from=(
+                parse_sources(o["gate_route_from"], "gate_route_from") if o["gate_route_from"] is not None else None
+            ),
+            route_n=o["gate_route_n"],
         )
     except CalibrationError as exc:
         raise typer.BadParameter(exc.message, param_hint=f"'--{exc.field.replace('_', '-')}'") from None
@@ -348,7 +373,17 @@ def _route_config(cfg: Any, gate_into: Path | None, calibration: Any) -> Any:
             return cfg  # the calibration itself reports it
         categories = sorted({p.category for p in harmful_train if p.category is not None})
     try:
-        load_route_sources(cfg.harmful, cfg.harmless, route_categories(categories), cfg.data_dir, cfg.n)
+        load_route_sources(
+            cfg.harmful,
+            cfg.harmless,
+            route_categories(categories),
+            cfg.data_dir,
+            cfg.n,
+            cfg.fractions,
+            cfg.seed,
+            cfg.route_from,
+            cfg.route_n,
+        )
     except CalibrationError as exc:
         raise typer.BadParameter(exc.message, param_hint=f"'--{exc.field.replace('_', '-')}'") from None
     return dataclasses.replace(cfg, route=tuple(categories))

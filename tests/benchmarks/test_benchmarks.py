@@ -270,6 +270,20 @@ def test_gate_overhead_runs_on_a_minimal_setting(tmp_path):
     assert result["summary"]["routed:fires"]["baseline"] == "category"
 
 
+def test_gate_overhead_runs_the_chosen_scenarios_with_their_baselines():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gate_overhead", BENCH / "gate_overhead.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.scenario_names(None) == list(module.SCENARIOS)
+    assert module.scenario_names("routed:fires") == ["category", "routed:fires"]
+    assert module.scenario_names("gated:never, category") == ["ungated", "gated:never", "category"]
+    with pytest.raises(SystemExit, match="--scenarios: unknown \\['routed'\\]"):
+        module.scenario_names("routed")
+
+
 def test_gate_tradeoff_reproduces_the_shipped_gates_test_rates(tmp_path):
     """The shipped harm gate on its own XSTest test parts: the rates the README and report/gate.md give."""
     out = tmp_path / "tradeoff.json"

@@ -18,6 +18,7 @@ import torch
 
 from vllm_steer.calibration.gates import NO_ROUTE, calibrate_gating, fit_router, load_route_sources
 from vllm_steer.calibration.pipeline import CalibrationError
+from vllm_steer.calibration.report import write_gate_report
 from vllm_steer.core.gates import fired_gates, gate_score, route_of
 from vllm_steer.core.profile import load_profile
 
@@ -126,6 +127,45 @@ def test_routing_with_probe_directions_and_a_restricted_layer_grid():
     assert {g.layer for g in result.gating.gates} <= {1, 2}
 
 
+def test_deciding_gates_from_other_sources_are_chosen_as_without_routing_beside_the_router(tmp_path):
+    """``--gate-route-from``: the deciding gates learn from harmful sources that are not the categories (here two
+    that carry the harm direction at layer 1 only, so one of them is weaker), with the OR candidates, and the
+    routing report covers the routing sources, gated by those deciding gates."""
+    acts = _planted(seed=2)
+    gen = torch.Generator().manual_seed(7)
+    harm = acts[next(iter(ROUTES))]["fit"][:, 1].mean(0) - acts["n1"]["fit"][:, 1].mean(0)
+    for k, source in enumerate(["d1", "d2"]):
+        acts[source] = {}
+        for split, n in SPLIT.items():
+            x = acts["n1"][split].clone() + 0.1 * torch.randn(n, L, D, generator=gen)
+            x[:, 1] += (1.0 - 0.3 * k) * harm
+            acts[source][split] = x
+    budgets = {"n1": 0.05, "n2": 0.05}
+    result = calibrate_gating(acts, ["d1", "d2"], HARMLESS, budgets, action="steer", routes=ROUTES)
+    gating, report = result.gating, result.report
+    assert set(report["candidates"]) == {"mean", "per-source", "pooled+per-source"}, "OR candidates compete"
+    assert report["sources"] == {"harmful": ["d1", "d2"], "harmless": HARMLESS, "routing": list(ROUTES)}
+    assert set(report["sizes"]) == {"d1", "d2", *ROUTES, *HARMLESS}
+    deciding = [g for g in gating.gates if g.category is None]
+    assert deciding == list(gating.deciding) and gating.gates[: len(deciding)] == deciding, "deciding gates first"
+    assert [g.name for g in gating.gates[len(deciding) :]] == list(ROUTES)
+    assert set(report["test"]["flag_rate"]) == {"d1", "d2", *HARMLESS}
+    routing = report["routing"]["test"]
+    assert set(routing["per_category"]) == set(ROUTES.values())
+    for label, category in ROUTES.items():
+        rows = _decided(acts[label]["test"], gating, result.directions)
+        row = routing["per_category"][category]
+        assert row["recall"] == pytest.approx(sum(d for d, _ in rows) / SPLIT["test"])
+        assert row["accuracy"] == pytest.approx(sum(d and c == category for d, c in rows) / SPLIT["test"])
+        assert row["route_accuracy"] >= 0.9
+    for source in ("d1", "d2"):
+        rows = _decided(acts[source]["test"], gating, result.directions)
+        assert report["test"]["flag_rate"][source] == pytest.approx(sum(d for d, _ in rows) / SPLIT["test"])
+    assert report["test"]["recall_mean"] >= 0.8
+    md = (write_gate_report(tmp_path, report, plot=False) / "gate.md").read_text()
+    assert "| d1 | harmful | 24 | 30 | 30 |" in md and "| poisoning | routes to Poisoning | 24 | 30 | 30 |" in md
+
+
 def test_fit_router_is_the_nearest_centroid_rule():
     gen = torch.Generator().manual_seed(4)
     centres = 3.0 * torch.randn(3, D, generator=gen)
@@ -144,8 +184,10 @@ def test_routing_refuses_other_actions_unrouted_sources_and_a_single_category():
     budgets = {"n1": 0.05, "n2": 0.05}
     with pytest.raises(CalibrationError, match="gate_action: routing gates steer"):
         calibrate_gating(acts, list(ROUTES), HARMLESS, budgets, action="refuse", routes=ROUTES)
-    with pytest.raises(CalibrationError, match="gate_route: no category for the harmful source"):
+    with pytest.raises(CalibrationError, match=r"gate_route: .* overlap in \['poisoning'\]"):
         calibrate_gating(acts, list(ROUTES), HARMLESS, budgets, action="steer", routes={"poisoning": "Poisoning"})
+    with pytest.raises(CalibrationError, match=r"gate_route: no activations for the routing source\(s\) \['x'\]"):
+        calibrate_gating(acts, ["weapons-arms"], HARMLESS, budgets, action="steer", routes={"x": "X", "poisoning": "P"})
     one = {"poisoning": "Poisoning"}
     with pytest.raises(CalibrationError, match="gate_route: 1 categories: routing needs 2 to 15"):
         calibrate_gating(acts, list(one), HARMLESS, budgets, action="steer", routes=one)
@@ -203,6 +245,28 @@ def test_load_route_sources_groups_by_category_per_n_and_names_safely(tmp_path):
         CalibrationError, match=r"gate_route: 1 categories to route \(\['Poisoning'\]\): routing needs 2"
     ):
         load_route_sources([str(harmful_file)], [str(harmless_file)], ["Poisoning", "Other", "generic"])
+
+
+def test_load_route_sources_from_other_sets_takes_the_routed_prompts_out_of_the_deciding_sources(tmp_path):
+    harmful_file, harmless_file = _write_sets(tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"instruction": f"do harm number {i}"}) + "\n" for i in range(9)))
+    harmful, harmless = [str(harmful_file), str(other)], [str(harmless_file)]
+    sources, routes = load_route_sources(
+        harmful, harmless, list(CATEGORIES), n=20, seed=1, route_from=[str(harmful_file)], route_n=10
+    )
+    assert [s.name for s in sources] == ["labelled", "other", *routes, "plain"]
+    by_name = {s.name: [*s.fit, *s.select, *s.test] for s in sources}
+    routed = {p.text for name in routes for p in by_name[name]}
+    assert all(len(by_name[name]) == 10 for name in routes), "route_n counts per category"
+    assert len(by_name["labelled"]) == 15 and not routed & {p.text for p in by_name["labelled"]}, (
+        "the deciding source holds the 5 per category the router does not use, no more"
+    )
+    assert len(by_name["other"]) == 9 and len(by_name["plain"]) == 20, "n counts per deciding/harmless source"
+    with pytest.raises(CalibrationError, match=r"gate_harmful: .*labelled.csv: 0 prompt\(s\) left once the 45"):
+        load_route_sources(harmful, harmless, list(CATEGORIES), route_from=[str(harmful_file)])
+    with pytest.raises(CalibrationError, match="gate_route_from: no category of the profile"):
+        load_route_sources(harmful, harmless, list(CATEGORIES), route_from=[str(other)])
 
 
 def saved_layer(profile_dir) -> int:
@@ -272,6 +336,18 @@ def test_calibrate_gate_route_cli_writes_a_routed_category_profile(tiny_root, tm
     layer = next(iter(profile.vectors))
     assert torch.equal(reloaded.vectors[layer]["Poisoning"], profile.vectors[layer]["Poisoning"])
 
+    # --gate-route-from: the router from 10 prompts per category, the deciding gate from the 5 others
+    split = ["--gate-split", "0.4,0.3,0.3", "--gate-fpr", "0.1", "--gate-probe-c", "none"]
+    sources = ["--gate-harmful", str(harmful_file), "--gate-harmless", str(harmless_file), *split]
+    apart = _invoke([*into, *sources, "--gate-route-from", str(harmful_file), "--gate-route-n", "10"])
+    assert apart.exit_code == 0, apart.output
+    record = load_profile(out).spec.calibration["gating"]
+    assert record["route_sets"] == [str(harmful_file)]
+    assert record["sources"]["harmful"] == ["labelled"] and record["sources"]["routing"] == list(record["routes"])
+    assert record["sizes"]["labelled"] == {"fit": 6, "select": 4, "test": 5}
+    assert all(sum(record["sizes"][r].values()) == 10 for r in record["routes"])
+    assert record["split"]["n_per_category"] == 10
+
 
 def test_gate_route_usage_errors_name_the_option(tiny_root, tmp_path):
     model = str(tiny_root / "model")
@@ -303,5 +379,17 @@ def test_gate_route_usage_errors_name_the_option(tiny_root, tmp_path):
         ["--method", "category", *out, *sets, "--gate", "--gate-route", "--gate-action", "refuse"],
         "--gate-action",
         "routing gates steer",
+    )
+    usage_error(["--method", "category", *out, *sets, "--gate", "--gate-route-from", "catqa"], "--gate-route-from",
+                "needs --gate-route")  # fmt: skip
+    usage_error(
+        ["--method", "category", *out, *sets, "--gate", "--gate-route", "--gate-route-n", "5"],
+        "--gate-route-n",
+        "counts the prompts of --gate-route-from",
+    )
+    usage_error(
+        ["--method", "category", *out, *sets, "--gate", "--gate-route", *gate, "--gate-route-from", str(harmless_file)],
+        "--gate-route-from",
+        "no category",
     )
     assert not (tmp_path / "x").exists(), "nothing ran"

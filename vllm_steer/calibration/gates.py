@@ -17,9 +17,11 @@ the prompt's last token. This module chooses the gates honestly (``docs/methods.
   the targets;
 * the test part then gives the flag rate per source of the chosen gating.
 
-*Routing* (``--gate-route``, category profiles): every category of the profile that the labelled harmful data
-covers is a harmful source of its own (split in three like any source). The *deciding* gate is the best pooled
-gate over those sources (``mean`` or ``probe`` as above, every category weighing alike). The *routing* gates, one
+*Routing* (``--gate-route``, category profiles): every category of the profile that the labelled data covers is a
+routing source of its own (split in three like any source). The *deciding* gates are, by default, the best pooled
+gate over those sources (``mean`` or ``probe`` as above, every category weighing alike); with ``--gate-route-from``
+the router learns from those sets and the deciding gates are chosen as above from the harmful sources, less the
+prompts the router holds (:func:`load_route_sources`). The *routing* gates, one
 per category, are a nearest-centroid router (:func:`fit_router`): per layer, each category's direction is its
 fit-part mean minus the mean of the category means (one-vs-rest, centred), scored by ``projection``, its
 threshold the categories' balanced mean score on the fit part; the row routes to the largest ``score −
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,17 +258,44 @@ def load_sources(
     n: int | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    exclude: Collection[str] = frozenset(),
 ) -> list[GateSource]:
-    """Every source's prompts (the first ``n`` in file order; all when ``None``), split in three.
+    """Every source's prompts (the first ``n`` in file order; all when ``None``), split in three. Harmful prompts
+    whose text is in ``exclude`` (those a router learns from) are left out before the first ``n`` are taken.
 
     A harmful source with rows labelled harmless (``xstest``), or the reverse, is refused: name the labelled
     half (``xstest-unsafe``, ``xstest-safe``)."""
     labels = source_labels([*harmful, *harmless])
-    classes = [True] * len(harmful) + [False] * len(harmless)
     return [
-        _gate_source(label, is_harmful, _load_class(origin, is_harmful, data_dir, n), fractions, seed, origin)
-        for origin, label, is_harmful in zip([*harmful, *harmless], labels, classes, strict=True)
+        *_load_side(harmful, labels[: len(harmful)], True, data_dir, n, fractions, seed, exclude),
+        *_load_side(harmless, labels[len(harmful) :], False, data_dir, n, fractions, seed),
     ]
+
+
+def _load_side(
+    origins: Sequence[str],
+    labels: Sequence[str],
+    is_harmful: bool,
+    data_dir: str | None,
+    n: int | None,
+    fractions: Sequence[float],
+    seed: int,
+    exclude: Collection[str] = frozenset(),
+) -> list[GateSource]:
+    """The sources of one class: each origin's prompts less ``exclude``, the first ``n``, split in three."""
+    out = []
+    for origin, label in zip(origins, labels, strict=True):
+        loaded = _load_class(origin, is_harmful, data_dir, None)
+        kept = [p for p in loaded if p.text not in exclude]
+        if len(kept) < 3 and len(kept) < len(loaded):
+            raise CalibrationError(
+                "gate_harmful",
+                f"{origin}: {len(kept)} prompt(s) left once the {len(loaded) - len(kept)} the router learns from are "
+                "taken out; a gate source needs at least 3 (route fewer per category with --gate-route-n, or leave "
+                "it out of --gate-harmful)",
+            )
+        out.append(_gate_source(label, is_harmful, kept[:n] if n else kept, fractions, seed, origin))
+    return out
 
 
 def _load_class(origin: str, is_harmful: bool, data_dir: str | None, n: int | None) -> list[Prompt]:
@@ -303,18 +332,29 @@ def load_route_sources(
     n: int | None = None,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
+    route_from: Sequence[str] | None = None,
+    route_n: int | None = None,
 ) -> tuple[list[GateSource], dict[str, str]]:
-    """The sources of a routing calibration: one harmful source per category of ``categories`` (the profile's,
-    :func:`route_categories`) that the harmful sets label with at least 3 prompts — its prompts from every
-    harmful set, the first ``n`` in file order (``n`` counts per category, as the category method does) —
-    labelled by a gate-name-safe slug of the category, then the harmless sources as :func:`load_sources` loads
-    them. Returns ``(sources, routes)``, ``routes`` the category of each harmful source's label. Rows without a
-    category, or with one the profile lacks, are left out; none left is an error (``gate_route``)."""
+    """The sources of a routing calibration. Returns ``(sources, routes)``, ``routes`` the category of each
+    routing source's label.
+
+    Routing sources: one per category of ``categories`` (the profile's, :func:`route_categories`) that the
+    labelled sets ``route_from`` (default: ``harmful``) label with at least 3 prompts — its prompts from every
+    such set, the first ``route_n`` (default ``n``) in file order per category, as the category method counts —
+    labelled by a gate-name-safe slug of the category. Rows without a category, or with one the profile lacks,
+    are left out; none left is an error (``gate_route``).
+
+    Without ``route_from`` the deciding gate learns from the routing sources (they are the harmful sources).
+    With it, the harmful sources are ``harmful`` as :func:`load_sources` loads them, less every prompt a routing
+    source holds (a prompt is in one source only, so no test prompt of one was fitted on by the other). Then
+    the harmless sources."""
     wanted = route_categories(categories)
+    sets = list(route_from) if route_from is not None else list(harmful)
+    per_category = route_n if route_from is not None and route_n is not None else n
     by_category: dict[str, list[Prompt]] = {c: [] for c in wanted}
     origins: dict[str, list[str]] = {c: [] for c in wanted}
     seen: set[str] = set()
-    for origin in harmful:
+    for origin in sets:
         for p in _load_class(origin, True, data_dir, None):
             if p.category is not None:
                 seen.add(p.category)
@@ -322,32 +362,37 @@ def load_route_sources(
                 by_category[p.category].append(p)
                 if origin not in origins[p.category]:
                     origins[p.category].append(origin)
+    option = "gate_route_from" if route_from is not None else "gate_route"
     covered = [c for c in wanted if len(by_category[c]) >= 3]
     if not covered:
         have = sorted(seen)
         raise CalibrationError(
-            "gate_route",
+            option,
             f"no category of the profile ({wanted or 'it has none but generic'}) labels 3 or more prompts of "
-            f"{list(harmful)} (their categories: {have[:12] if have else 'none'}{' ...' if len(have) > 12 else ''});"
-            " name labelled harmful sets with --gate-harmful",
+            f"{sets} (their categories: {have[:12] if have else 'none'}{' ...' if len(have) > 12 else ''});"
+            " name labelled harmful sets with " + ("--gate-route-from" if route_from is not None else "--gate-harmful"),
         )
     if len(covered) < 2 or len(covered) >= MAX_GATES:
         raise CalibrationError(
-            "gate_route",
+            option,
             f"{len(covered)} categories to route ({covered}): routing needs 2 to {MAX_GATES - 1} (a gating holds "
             f"{MAX_GATES} gates, one of them deciding)",
         )
-    harmless_labels = source_labels([*harmful, *harmless])[len(harmful) :]
-    taken = {POOLED_GATE, *harmless_labels}
-    sources, routes = [], {}
+    labels = source_labels([*harmful, *harmless])
+    taken = {POOLED_GATE, *labels}
+    routed, routes = [], {}
     for c in covered:
         label = _unique(_slug(c), taken)
-        prompts = by_category[c][:n] if n else by_category[c]
-        sources.append(_gate_source(label, True, prompts, fractions, seed, f"{'+'.join(origins[c])}: {c}"))
+        prompts = by_category[c][:per_category] if per_category else by_category[c]
+        routed.append(_gate_source(label, True, prompts, fractions, seed, f"{'+'.join(origins[c])}: {c}"))
         routes[label] = c
-    for origin, label in zip(harmless, harmless_labels, strict=True):
-        sources.append(_gate_source(label, False, _load_class(origin, False, data_dir, n), fractions, seed, origin))
-    return sources, routes
+    if route_from is not None:
+        used = frozenset(p.text for s in routed for p in (*s.fit, *s.select, *s.test))
+        deciding = _load_side(harmful, labels[: len(harmful)], True, data_dir, n, fractions, seed, used)
+    else:
+        deciding = []
+    safe = _load_side(harmless, labels[len(harmful) :], False, data_dir, n, fractions, seed)
+    return [*deciding, *routed, *safe], routes
 
 
 # ------------------------------------------------------------------------------------------- activations
@@ -853,11 +898,13 @@ def calibrate_gating(
     the select part. The candidate with the higher mean recall on the select part wins (ties: its AUC, then
     fewer gates); every candidate's rates on the test parts are reported, and none of them chose anything.
 
-    With ``routes`` (harmful source → the category it stands for, at least two; action ``steer``), the sources
-    are categories: the deciding gate is the better of the pooled candidates (``mean``, ``probe``), and the
-    routing gates, one per source named by it and routing to its category, come from :func:`fit_router`; the
-    report adds ``router`` (its layer and per-layer accuracy) and ``routing`` (per split, which rows are gated and
-    where :func:`~vllm_steer.core.gates.route_of` sends them)."""
+    With ``routes`` (routing source → the category it stands for, at least two; action ``steer``), routing gates
+    follow the deciding ones: one per routing source, routing to its category, from :func:`fit_router`. When the
+    routing sources are the harmful sources, the deciding gate is the better of the pooled candidates (``mean``,
+    ``probe``: one gate over the categories); when they are other sources, the deciding gates are chosen as without
+    routing, the OR candidates only if they fit beside the routing gates (:data:`MAX_GATES` in all). The report
+    adds ``router`` (its layer and per-layer accuracy) and ``routing`` (per split, which rows of the routing
+    sources are gated and where :func:`~vllm_steer.core.gates.route_of` sends them)."""
     if action not in GATE_ACTIONS:
         raise CalibrationError("gate_action", f"unknown {action!r} (one of {', '.join(GATE_ACTIONS)})")
     if not harmful or not harmless:
@@ -865,19 +912,29 @@ def calibrate_gating(
     missing = [s for s in harmless if s not in budgets]
     if missing:
         raise CalibrationError("gate_fpr", f"no false-positive target for {missing}")
+    routed = list(routes or {})
+    shared = bool(routed) and set(routed) == set(harmful)
     if routes is not None:
         if action != "steer":
             raise CalibrationError("gate_action", f"routing gates steer (--gate-route), not {action!r}")
-        unrouted = [s for s in harmful if s not in routes]
-        if unrouted:
-            raise CalibrationError("gate_route", f"no category for the harmful source(s) {unrouted}")
-        if not 2 <= len(harmful) < MAX_GATES:
+        both = [s for s in harmful if s in routes]
+        if both and not shared:
             raise CalibrationError(
                 "gate_route",
-                f"{len(harmful)} categories: routing needs 2 to {MAX_GATES - 1} (a gating holds {MAX_GATES} gates, one "
+                f"the harmful sources {list(harmful)} and the routing sources {routed} overlap in {both}: the deciding "
+                "gate learns from all the routing sources or from none of them",
+            )
+        missing = [s for s in routed if s not in acts]
+        if missing:
+            raise CalibrationError("gate_route", f"no activations for the routing source(s) {missing}")
+        if not 2 <= len(routed) < MAX_GATES:
+            raise CalibrationError(
+                "gate_route",
+                f"{len(routed)} categories: routing needs 2 to {MAX_GATES - 1} (a gating holds {MAX_GATES} gates, one "
                 "of them deciding)",
             )
-    per_source = routes is None and len(harmful) > 1
+    room = MAX_GATES - len(routed)  # the gates left for deciding
+    per_source = not shared and len(harmful) > 1 and len(harmful) <= room
     directions = fit_directions(
         acts,
         harmful,
@@ -916,10 +973,10 @@ def calibrate_gating(
     candidates["mean"] = [best_of(POOLED_GATE, "mean:")]
     if probe_c:
         candidates["probe"] = [best_of(POOLED_GATE, "probe-")]
-    if per_source and len(harmful) <= MAX_GATES:
+    if per_source:
         each = [best_of(s) for s in harmful]
         candidates[PER_SOURCE] = each
-        if len(harmful) < MAX_GATES:
+        if len(harmful) < room:
             candidates["pooled+per-source"] = [best_of(POOLED_GATE), *each]
 
     summaries: dict[str, dict[str, Any]] = {}
@@ -959,8 +1016,8 @@ def calibrate_gating(
     gate_vectors = {c.name: directions[c.direction][c.layer].clone() for c in configs}
     router = None
     if routes is not None:
-        router = fit_router(acts, harmful, layers)
-        for source in harmful:
+        router = fit_router(acts, routed, layers)
+        for source in routed:
             gates.append(
                 GateSpec(
                     name=source,
@@ -975,8 +1032,12 @@ def calibrate_gating(
             gate_vectors[source] = router.directions[source]
     gating = GatingSpec(action=action, gates=gates)
     report: dict[str, Any] = {
-        "sources": {"harmful": list(harmful), "harmless": list(harmless)},
-        "sizes": {s: {split: int(acts[s][split].shape[0]) for split in SPLITS} for s in [*harmful, *harmless]},
+        "sources": {"harmful": list(harmful), "harmless": list(harmless)}
+        | ({"routing": routed} if routes is not None else {}),
+        "sizes": {
+            s: {split: int(acts[s][split].shape[0]) for split in SPLITS}
+            for s in dict.fromkeys([*harmful, *routed, *harmless])
+        },
         "target_fpr": dict(budgets),
         "objective": (
             "mean over harmful sources of the share flagged on the select part, at the most permissive thresholds "
@@ -985,8 +1046,9 @@ def calibrate_gating(
             + (
                 ""
                 if routes is None
-                else " (the deciding gate, the categories its harmful sources); routing gates: the layer whose "
-                "nearest-centroid routing is most accurate on the select part (mean over categories)"
+                else (" (the deciding gate, the categories its harmful sources)" if shared else " (the deciding gates)")
+                + "; routing gates: the layer whose nearest-centroid routing is most accurate on the select part (mean "
+                "over categories)"
             )
         ),
         "directions": (
@@ -1029,8 +1091,7 @@ def calibrate_gating(
             "grid": router.grid,
         }
         report["routing"] = {
-            split: _routing(gating, gate_vectors, acts, split, routes, harmful, harmless)
-            for split in ("select", "test")
+            split: _routing(gating, gate_vectors, acts, split, routes, routed, harmless) for split in ("select", "test")
         }
     return GatingResult(gating, gate_vectors, report)
 
@@ -1148,7 +1209,13 @@ class GateCalibrationConfig:
     """Inverse L2 strengths of the probe directions (empty: difference-of-means directions only)."""
     route: Sequence[str] | None = None
     """Routing gates (``--gate-route``): the category profile's categories (:func:`route_categories` drops
-    ``generic``); one gate per category the harmful sets label, ``n`` prompts per category. ``None``: none."""
+    ``generic``); one gate per category the labelled sets label, ``n`` prompts per category. ``None``: none."""
+    route_from: Sequence[str] | None = None
+    """The labelled sets the router learns from (``--gate-route-from``); ``None``: the harmful sets, which the
+    deciding gate then learns from as categories. Given, the deciding gates learn from ``harmful`` less the routing
+    prompts (:func:`load_route_sources`)."""
+    route_n: int | None = None
+    """Routing prompts per category with ``route_from`` (default ``n``)."""
 
 
 def run_gate_calibration(
@@ -1164,13 +1231,19 @@ def run_gate_calibration(
     if overlap:
         raise CalibrationError("gate_harmless", f"{overlap} named as both harmful and harmless")
     routes: dict[str, str] | None = None
+    route_from: list[str] | None = None
     if cfg.route is not None:
         if cfg.action != "steer":
             raise CalibrationError("gate_action", f"routing gates steer (--gate-route), not {cfg.action!r}")
-        sources, routes = load_route_sources(harmful, harmless, cfg.route, cfg.data_dir, cfg.n, fractions, cfg.seed)
+        route_from = parse_sources(cfg.route_from, "gate_route_from") if cfg.route_from is not None else None
+        sources, routes = load_route_sources(
+            harmful, harmless, cfg.route, cfg.data_dir, cfg.n, fractions, cfg.seed, route_from, cfg.route_n
+        )
     else:
+        if cfg.route_from is not None or cfg.route_n is not None:
+            raise CalibrationError("gate_route_from", "routing sources without routing (--gate-route)")
         sources = load_sources(harmful, harmless, cfg.data_dir, cfg.n, fractions, cfg.seed)
-    harmful_labels = [s.name for s in sources if s.harmful]
+    harmful_labels = [s.name for s in sources if s.harmful and s.name not in (routes or {})] or list(routes or {})
     harmless_labels = [s.name for s in sources if not s.harmful]
     budgets = budgets_for(cfg.fpr, harmful, harmless)
     tokenizer = _load_tokenizer(cfg.model)
@@ -1197,13 +1270,15 @@ def run_gate_calibration(
             "split": {
                 "fractions": list(fractions),
                 "seed": cfg.seed,
-                "n_per_source" if routes is None else "n_per_category": cfg.n,
-            },
+                "n_per_source" if routes is None or cfg.route_from is not None else "n_per_category": cfg.n,
+            }
+            | ({"n_per_category": cfg.route_n or cfg.n} if cfg.route_from is not None else {}),
             "data_dir": cfg.data_dir,
         }
     )
     if routes is not None:
         result.report["harmful_sets"] = list(harmful)
+        result.report["route_sets"] = list(route_from) if route_from is not None else list(harmful)
         result.report["unrouted_categories"] = [
             c for c in route_categories(cfg.route or ()) if c not in routes.values()
         ]
@@ -1236,6 +1311,7 @@ def add_gating(profile_dir: str | Path, result: GatingResult) -> Path:
             "chosen",
             "objective",
             "routes",
+            "route_sets",
             "unrouted_categories",
         )
         if key in report

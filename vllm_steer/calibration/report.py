@@ -227,6 +227,7 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
     out.mkdir(exist_ok=True)
     (out / "gate.json").write_text(json.dumps(report, indent=1) + "\n")
     harmful, harmless = report["sources"]["harmful"], report["sources"]["harmless"]
+    routing = report["sources"].get("routing", [])
     sources = [*harmful, *harmless]
     op, test = report["operating_point"], report["test"]
     split = report.get("split", {})
@@ -245,9 +246,9 @@ def write_gate_report(profile_dir: str | Path, report: dict, plot: bool = True) 
         "| source | class | fit | select | test |",
         "|---|---|---|---|---|",
     ]
-    for s in sources:
+    for s in dict.fromkeys([*harmful, *routing, *harmless]):
         size = report["sizes"][s]
-        kind = "harmful" if s in harmful else "harmless"
+        kind = "harmful" if s in harmful else f"routes to {report['routes'][s]}" if s in routing else "harmless"
         lines.append(f"| {s} | {kind} | {size['fit']} | {size['select']} | {size['test']} |")
     lines += [
         "",
