@@ -8,6 +8,8 @@ per source the *engine* decides, and how many rows the engine and calibration di
 
     .venv/bin/python benchmarks/gate_rates.py                       # profiles/smollm2-refusal-gated
     .venv/bin/python benchmarks/gate_rates.py --profile DIR --n 40  # the first N prompts of every source
+    .venv/bin/python benchmarks/gate_rates.py --profile profiles/smollm2-category-routed \
+        --out benchmarks/results/gate_rates_routed_cpu.json            # routing: where each row steers too
 """
 
 from __future__ import annotations
@@ -33,20 +35,14 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    from vllm_steer.calibration.gates import load_sources
+    from vllm_steer.calibration.gates import recorded_sources
     from vllm_steer.core.profile import load_profile, save_profile
     from vllm_steer.default_model import ensure_default_model
     from vllm_steer.evaluation.gates import decisions_by_request, external_id
 
     profile = load_profile(args.profile)
     record = profile.spec.calibration["gating"]
-    sources = load_sources(
-        record["sources"]["harmful"],
-        record["sources"]["harmless"],
-        n=args.n or record["split"]["n_per_source"],
-        fractions=record["split"]["fractions"],
-        seed=record["split"]["seed"],
-    )
+    sources, routes = recorded_sources(profile.spec, n=args.n)
     model = args.model or str(ensure_default_model())
     root = Path(tempfile.mkdtemp(prefix="gate-rates-"))
     save_profile(root / profile.id, profile.spec, profile.vectors, profile.gate_vectors)
@@ -66,9 +62,9 @@ def main() -> None:
         tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
         for _, text in rows
     ]
-    params = SamplingParams(
-        max_tokens=1, temperature=0.0, extra_args={"steer_profile": profile.id, "steer_gate_action": "flag"}
-    )
+    # a routing profile's rows route (steer_categories "auto", its action steer); others only flag
+    setting = {"steer_categories": "auto"} if routes else {"steer_gate_action": "flag"}
+    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"steer_profile": profile.id, **setting})
     started = time.time()
     outs = llm.generate(chats, [params] * len(chats), use_tqdm=True)
     seconds = time.time() - started
@@ -77,11 +73,16 @@ def main() -> None:
         for k, v in decisions_by_request(llm.collective_rpc("vllm_steer_gate_decisions", args=("",))).items()
     }
     by_source: dict[str, list[bool]] = {}
+    own: dict[str, list[bool]] = {}  # routing sources: gated and steered with their own category
     for (name, _), out in zip(rows, outs, strict=True):
-        fired = decisions[out.request_id]["fired"]
-        by_source.setdefault(name, []).append(bool(fired))
+        decision = decisions[out.request_id]
+        by_source.setdefault(name, []).append(bool(decision["fired"]))
+        if name in routes:
+            own.setdefault(name, []).append(bool(decision["fired"]) and decision.get("category") == routes[name])
     engine = {name: sum(v) / len(v) for name, v in by_source.items()}
-    calibrated = record.get("test_flag_rate", {})
+    routing = record.get("test_routing", {})
+    calibrated = dict(record.get("test_flag_rate", {}))
+    calibrated |= {name: routing[c]["recall"] for name, c in routes.items() if c in routing}
     result = {
         "profile": profile.id,
         "model": model,
@@ -91,12 +92,20 @@ def main() -> None:
         "calibration_flag_rate": calibrated,
         "flagged": {name: [sum(v), len(v)] for name, v in by_source.items()},
     }
+    if routes:
+        result["engine_routed_to_own"] = {routes[name]: sum(v) / len(v) for name, v in own.items()}
+        result["calibration_routed_to_own"] = {c: routing[c]["accuracy"] for c in routes.values() if c in routing}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| source | engine: flagged / n | engine rate | calibration (HF) rate |", "|---|---|---|---|"]
     for name, v in by_source.items():
         cal = calibrated.get(name)
         lines.append(f"| {name} | {sum(v)} / {len(v)} | {engine[name]:.3f} | {'—' if cal is None else f'{cal:.3f}'} |")
+    if routes:
+        lines += ["", "| category | engine: gated and routed to it | calibration (HF) |", "|---|---|---|"]
+        for name, v in own.items():
+            cal = result["calibration_routed_to_own"].get(routes[name])
+            lines.append(f"| {routes[name]} | {sum(v)} / {len(v)} | {'—' if cal is None else f'{cal:.3f}'} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

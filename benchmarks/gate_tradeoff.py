@@ -33,7 +33,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_steer.calibration.gates import load_sources
+    from vllm_steer.calibration.gates import recorded_sources
     from vllm_steer.calibration.stats import collect_activations, format_prompts
     from vllm_steer.core.gates import GATE_HOOK, gate_score
     from vllm_steer.core.profile import load_profile
@@ -44,17 +44,7 @@ def main() -> None:
     (gate,) = profile.spec.gating.gates  # one gate: its threshold alone decides
     record = profile.spec.calibration["gating"]
     wanted = args.sources.split(",")
-    sources = [
-        s
-        for s in load_sources(
-            record["sources"]["harmful"],
-            record["sources"]["harmless"],
-            n=record["split"]["n_per_source"],
-            fractions=record["split"]["fractions"],
-            seed=record["split"]["seed"],
-        )
-        if s.name in wanted
-    ]
+    sources = [s for s in recorded_sources(profile.spec)[0] if s.name in wanted]
     path = args.model or str(ensure_default_model())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -284,6 +284,27 @@ def test_gate_overhead_runs_the_chosen_scenarios_with_their_baselines():
         module.scenario_names("routed")
 
 
+@pytest.mark.engine
+@pytest.mark.exhaustive  # make test-exhaustive: an engine start, the script the routing rates come from
+def test_gate_rates_reads_back_routing_decisions_and_categories(tmp_path):
+    out = tmp_path / "rates.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    record_engine_start("bench:gate-rates")
+    profile = REPO / "profiles" / "smollm2-category-routed"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gate_rates.py"), "--profile", str(profile), "--n", "4", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] == 17, "4 prompts per source (2 fit, 1 select, 1 test) of 17 sources"
+    assert set(result["engine_routed_to_own"]) == set(result["calibration_routed_to_own"])
+    assert all(0.0 <= v <= 1.0 for v in result["engine_routed_to_own"].values())
+
+
 def test_gate_tradeoff_reproduces_the_shipped_gates_test_rates(tmp_path):
     """The shipped harm gate on its own XSTest test parts: the rates the README and report/gate.md give."""
     out = tmp_path / "tradeoff.json"

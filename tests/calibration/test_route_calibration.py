@@ -16,7 +16,14 @@ import json
 import pytest
 import torch
 
-from vllm_steer.calibration.gates import NO_ROUTE, calibrate_gating, fit_router, load_route_sources
+from support import REPO
+from vllm_steer.calibration.gates import (
+    NO_ROUTE,
+    calibrate_gating,
+    fit_router,
+    load_route_sources,
+    recorded_sources,
+)
 from vllm_steer.calibration.pipeline import CalibrationError
 from vllm_steer.calibration.report import write_gate_report
 from vllm_steer.core.gates import fired_gates, gate_score, route_of
@@ -267,6 +274,24 @@ def test_load_route_sources_from_other_sets_takes_the_routed_prompts_out_of_the_
         load_route_sources(harmful, harmless, list(CATEGORIES), route_from=[str(harmful_file)])
     with pytest.raises(CalibrationError, match="gate_route_from: no category of the profile"):
         load_route_sources(harmful, harmless, list(CATEGORIES), route_from=[str(other)])
+
+
+@pytest.mark.parametrize("name", ["smollm2-refusal-gated", "smollm2-category-routed"])
+def test_recorded_sources_split_the_shipped_profiles_as_their_calibration_did(name):
+    """What the benchmarks rerun (gate_rates.py, gate_tradeoff.py): the same sources, split as recorded."""
+    spec = load_profile(REPO / "profiles" / name).spec
+    record = spec.calibration["gating"]
+    sources, routes = recorded_sources(spec)
+    sizes = {s.name: {"fit": len(s.fit), "select": len(s.select), "test": len(s.test)} for s in sources}
+    assert sizes == record["sizes"]
+    assert routes == record.get("routes", {})
+    routed = {p.text for s in sources if s.name in routes for p in (*s.fit, *s.select, *s.test)}
+    deciding = {p.text for s in sources if s.harmful and s.name not in routes for p in (*s.fit, *s.select, *s.test)}
+    assert not routed & deciding, "no routed prompt among the deciding gates' prompts"
+    first = recorded_sources(spec, n=5)[0]
+    assert all(len(s.fit) + len(s.select) + len(s.test) == 5 for s in first)
+    with pytest.raises(CalibrationError, match="profile: profile 'smollm2-probe' has no calibrated gates"):
+        recorded_sources(load_profile(REPO / "profiles" / "smollm2-probe").spec)
 
 
 def saved_layer(profile_dir) -> int:

@@ -95,6 +95,9 @@ def test_decisions_are_matched_by_request_id_and_read_from_the_header():
         [{"request": "3-0a1b2c3d", "profile": "p", "action": "flag", "fired": True, "gates": ["g"], "scores": {}}],
     ]
     assert decisions_by_request(per_worker)["3-0a1b2c3d"]["fired"] is True, "a decided worker wins"
+    assert decisions_by_request(per_worker)["3-0a1b2c3d"]["category"] is None
+    routed = [[{**per_worker[1][0], "request": "4-0a1b2c3d", "route_gates": ["c"], "category": "Cyber Crime"}]]
+    assert decisions_by_request(routed)["4-0a1b2c3d"]["category"] == "Cyber Crime", "a routing request's category"
     assert parse_gate_header("action=refuse; fired=1") == {
         "action": "refuse",
         "fired": True,

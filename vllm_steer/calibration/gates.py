@@ -60,7 +60,7 @@ from vllm_steer.core.gates import (
     gate_score,
     route_of,
 )
-from vllm_steer.core.profile import load_profile, save_profile
+from vllm_steer.core.profile import ProfileSpec, load_profile, save_profile
 from vllm_steer.data import NAMED_SETS, DatasetError, Prompt, load_prompts
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
     "budgets_for",
     "load_sources",
     "load_route_sources",
+    "recorded_sources",
     "route_categories",
     "collect_gate_activations",
     "fit_directions",
@@ -393,6 +394,47 @@ def load_route_sources(
         deciding = []
     safe = _load_side(harmless, labels[len(harmful) :], False, data_dir, n, fractions, seed)
     return [*deciding, *routed, *safe], routes
+
+
+def recorded_sources(
+    spec: ProfileSpec, data_dir: str | None = None, n: int | None = None
+) -> tuple[list[GateSource], dict[str, str]]:
+    """The sources a profile's gates were calibrated on, split as calibration split them (its
+    ``calibration.gating`` record: the sets, shares, seed and counts), so that a test part can be run again.
+    Returns ``(sources, routes)`` as :func:`load_route_sources` does (``routes`` empty without routing gates).
+    ``n``: the first ``n`` prompts per source instead of the recorded count."""
+    record = spec.calibration.get("gating")
+    if spec.gating is None or not record:
+        raise CalibrationError("profile", f"profile {spec.id!r} has no calibrated gates (calibration.gating)")
+    origins, split = record.get("origins", {}), record["split"]
+    names = record["sources"]
+
+    def sets(labels: Sequence[str]) -> list[str]:
+        return [origins.get(label, label) for label in labels]
+
+    harmless = sets(names["harmless"])
+    fractions, seed = split["fractions"], split["seed"]
+    if "routes" not in record:
+        count = n or split.get("n_per_source")
+        return load_sources(sets(names["harmful"]), harmless, data_dir, count, fractions, seed), {}
+    route_sets = record.get("route_sets") or list(
+        dict.fromkeys(x for o in sets(names["harmful"]) for x in o.split(": ", 1)[0].split("+"))
+    )
+    apart = names.get("routing", names["harmful"]) != names["harmful"]
+    if apart:
+        return load_route_sources(
+            sets(names["harmful"]),
+            harmless,
+            spec.categories,
+            data_dir,
+            n or split.get("n_per_source"),
+            fractions,
+            seed,
+            route_sets,
+            n or split.get("n_per_category"),
+        )
+    return load_route_sources(route_sets, harmless, spec.categories, data_dir, n or split.get("n_per_category"),
+                              fractions, seed)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- activations

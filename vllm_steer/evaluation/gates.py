@@ -113,13 +113,14 @@ def external_id(internal: str) -> str:
 
 def decisions_by_request(per_worker: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The RPC's answer (one list per worker) by internal request id; a worker that decided wins over one that did not
-    (every worker of a tensor-parallel engine decides alike)."""
+    (every worker of a tensor-parallel engine decides alike). Each: ``action``, ``fired``, ``gates``, ``scores``,
+    ``profile``, and ``category`` (a routing request's category; ``None`` otherwise)."""
     out: dict[str, dict[str, Any]] = {}
     for decisions in per_worker:
         for d in decisions:
             key = str(d["request"])
             if key not in out or (out[key].get("fired") is None and d.get("fired") is not None):
-                out[key] = {k: d.get(k) for k in ("action", "fired", "gates", "scores", "profile")}
+                out[key] = {k: d.get(k) for k in ("action", "fired", "gates", "scores", "profile", "category")}
     return out
 
 
