@@ -420,21 +420,14 @@ def recorded_sources(
     route_sets = record.get("route_sets") or list(
         dict.fromkeys(x for o in sets(names["harmful"]) for x in o.split(": ", 1)[0].split("+"))
     )
-    apart = names.get("routing", names["harmful"]) != names["harmful"]
-    if apart:
-        return load_route_sources(
-            sets(names["harmful"]),
-            harmless,
-            spec.categories,
-            data_dir,
-            n or split.get("n_per_source"),
-            fractions,
-            seed,
-            route_sets,
-            n or split.get("n_per_category"),
-        )
-    return load_route_sources(route_sets, harmless, spec.categories, data_dir, n or split.get("n_per_category"),
-                              fractions, seed)  # fmt: skip
+    per_category = n or split.get("n_per_category")
+    if names.get("routing", names["harmful"]) == names["harmful"]:  # the categories were the harmful sources
+        return load_route_sources(route_sets, harmless, spec.categories, data_dir, per_category, fractions, seed)
+    harmful = sets(names["harmful"])
+    per_source = n or split.get("n_per_source")
+    return load_route_sources(
+        harmful, harmless, spec.categories, data_dir, per_source, fractions, seed, route_sets, per_category
+    )
 
 
 # ------------------------------------------------------------------------------------------- activations
