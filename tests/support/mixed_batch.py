@@ -141,9 +141,12 @@ def hf_reference_for(root: Path, *, eager_attention: bool = False):
     from vllm_steer.core.profile import load_profile_dir
     from vllm_steer.core.request import parse_steering, resolve_steering
     from vllm_steer.testing.hf_reference import steered
+    from vllm_steer.testing.int8 import emulate_w8a8
 
     kwargs = {"attn_implementation": "eager"} if eager_attention else {}
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32, **kwargs).eval()
+    if getattr(model.config, "quantization_config", None):  # int8 W8A8: vLLM's integer arithmetic, not HF's floats
+        emulate_w8a8(model, root / "model")
     profiles = load_profile_dir(root / "profiles")
     cache: dict = {}
 
