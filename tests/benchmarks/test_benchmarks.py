@@ -15,6 +15,21 @@ from vllm_steer.testing.engines import record_engine_start
 BENCH = REPO / "benchmarks"
 
 
+def _engine_bench(script: str, args: list[str], out, key: str) -> dict:
+    """Run one benchmark script that starts an engine (a small KV cache, its start recorded) and return the JSON
+    it wrote to ``out``."""
+    record_engine_start(key)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def test_op_cost_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "op.json"
     proc = subprocess.run(
@@ -93,17 +108,7 @@ def test_step_overhead_runs_on_a_minimal_setting(tmp_path):
 @pytest.mark.exhaustive  # make test-exhaustive: an engine start each, scripts the benchmark results come from
 def test_throughput_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "tp.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    record_engine_start("bench:throughput")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "throughput.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _engine_bench("throughput.py", ["--smoke"], out, "bench:throughput")
     runs = result["runs"]["eager"]
     assert {"unsteered", "plugin-idle", "all:selective", "mixed:1", "mixed:2"} <= set(runs)
     assert all(r["tokens"] == 4 * 4 for r in runs.values()), "every scenario generates the same tokens"
@@ -196,32 +201,9 @@ def test_load_runs_on_a_minimal_setting(tmp_path, tiny_root):
 def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
     out = tmp_path / "b1.json"
     settings = {"unsteered": None, "selective": {"steer_profile": "tiny-selective", "steer_angle": 90.0}}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    record_engine_start("bench:batch1-latency")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "batch1_latency.py"),
-            "--model",
-            str(tiny_root / "model"),
-            "--profiles",
-            str(tiny_root / "profiles"),
-            "--settings",
-            json.dumps(settings),
-            "--reps",
-            "2",
-            "--max-tokens",
-            "4",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    model, profiles = str(tiny_root / "model"), str(tiny_root / "profiles")
+    args = ["--model", model, "--profiles", profiles, "--settings", json.dumps(settings), "--reps", "2"]
+    result = _engine_bench("batch1_latency.py", [*args, "--max-tokens", "4"], out, "bench:batch1-latency")
     assert [r["setting"] for r in result["rows"]] == ["unsteered", "selective"]
     assert all(len(v) == 2 for v in result["samples_ms"].values())
     assert result["rows"][0]["ratio_to_unsteered_median"] == 1.0
@@ -231,17 +213,7 @@ def test_batch1_latency_runs_on_a_minimal_setting(tmp_path, tiny_root):
 @pytest.mark.exhaustive  # make test-exhaustive: an engine start each, scripts the benchmark results come from
 def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "overhead.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    record_engine_start("bench:plugin-overhead")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "plugin_overhead.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _engine_bench("plugin_overhead.py", ["--smoke"], out, "bench:plugin-overhead")
     assert len(result["runs"]) == 2 and all(
         set(r) == {"unsteered", "plugin-idle", "all:selective", "mixed:8-selective", "all:ablation", "mixed:8"}
         for r in result["runs"]
@@ -252,17 +224,7 @@ def test_plugin_overhead_runs_on_a_minimal_setting(tmp_path):
 
 def test_gate_overhead_runs_on_a_minimal_setting(tmp_path):
     out = tmp_path / "gates.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    record_engine_start("bench:gate-overhead")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "gate_overhead.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _engine_bench("gate_overhead.py", ["--smoke"], out, "bench:gate-overhead")
     (rep,) = result["reps"]
     assert set(rep) == {"ungated", "gated:fires", "gated:never", "category", "routed:fires"}
     assert all(run["tokens"] == 4 * 4 for run in rep.values())
@@ -288,18 +250,8 @@ def test_gate_overhead_runs_the_chosen_scenarios_with_their_baselines():
 @pytest.mark.exhaustive  # make test-exhaustive: an engine start, the script the routing rates come from
 def test_gate_rates_reads_back_routing_decisions_and_categories(tmp_path):
     out = tmp_path / "rates.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    record_engine_start("bench:gate-rates")
     profile = REPO / "profiles" / "smollm2-category-routed"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "gate_rates.py"), "--profile", str(profile), "--n", "4", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _engine_bench("gate_rates.py", ["--profile", str(profile), "--n", "4"], out, "bench:gate-rates")
     assert result["rows"] == 17, "4 prompts per source (2 fit, 1 select, 1 test) of 17 sources"
     assert set(result["engine_routed_to_own"]) == set(result["calibration_routed_to_own"])
     assert all(0.0 <= v <= 1.0 for v in result["engine_routed_to_own"].values())
