@@ -57,7 +57,7 @@ def calibrate(
     method: str | None = typer.Option(
         None,
         help="selective | angular_standard | angular_adaptive | ablation | addition | category | probe "
-        "(required unless --gate-into).",
+        "(required unless --gate-into or --gate-only).",
     ),
     out: Path | None = typer.Option(None, help="Profile directory to write (required unless --gate-into)."),
     harmful: str = typer.Option(
@@ -68,7 +68,9 @@ def calibrate(
         "alpaca",
         help="alpaca | xstest-safe | a CSV/JSONL file | 'labels' (both classes from the --harmful set's label column).",
     ),
-    profile_id: str | None = typer.Option(None, "--id", help="Profile id (default: <model>-<method>)."),
+    profile_id: str | None = typer.Option(
+        None, "--id", help="Profile id (default: <model>-<method>; with --gate-only, <model>-gates)."
+    ),
     data_dir: str | None = typer.Option(
         None,
         help="Read the named prompt sets from this directory (default: $VLLM_STEER_DATA, else the packaged copies).",
@@ -108,6 +110,12 @@ def calibrate(
         None,
         help="Calibrate only the gates, into this existing profile directory (adds or replaces its gating block; "
         "keeps its report/). Implies --gate; no --method or --out.",
+    ),
+    gate_only: bool = typer.Option(
+        False,
+        "--gate-only",
+        help="Write a gate-only profile to --out: the gates and nothing that steers (method null; action refuse or "
+        "flag). Implies --gate; no --method, sweep or --gate-route.",
     ),
     gate_action: str | None = typer.Option(
         None, help="What a firing gate does: refuse | steer | flag (default: refuse; steer with --gate-route)."
@@ -155,7 +163,27 @@ def calibrate(
 
     With --gate (or --gate-into DIR), also choose gates on held-out splits and write them as the profile's
     gating block, with report/gate.md; with --gate-route, routing gates, one per category of a category profile."""
-    if gate_into is not None:
+    if gate_only:
+        for name, given in (("--method", method is not None), ("--gate-into", gate_into is not None)):
+            if given:
+                raise typer.BadParameter(
+                    "not with --gate-only (a gate-only profile steers nothing)", param_hint=f"'{name}'"
+                )
+        if out is None:
+            raise typer.BadParameter("required: the gate-only profile's directory", param_hint="'--out'")
+        if gate_route:
+            raise typer.BadParameter("routing gates steer; a gate-only profile does not", param_hint="'--gate-route'")
+        if gate_action == "steer":
+            raise typer.BadParameter("a gate-only profile's gates refuse or flag", param_hint="'--gate-action'")
+        import re
+
+        from vllm_steer.core.profile import PROFILE_ID_PATTERN
+
+        if profile_id is not None and not re.fullmatch(PROFILE_ID_PATTERN, profile_id):
+            raise typer.BadParameter(
+                f"{profile_id!r}: lower-case letters, digits, '.', '_', '-' (up to 128)", param_hint="'--id'"
+            )
+    elif gate_into is not None:
         for name, value in (("--method", method), ("--out", out)):
             if value is not None:
                 raise typer.BadParameter(f"not with --gate-into (which updates {gate_into})", param_hint=f"'{name}'")
@@ -182,7 +210,7 @@ def calibrate(
             param_hint="'--gate-route'",
         )
     gate_cfg = _gate_config(
-        gate or gate_into is not None,
+        gate or gate_into is not None or gate_only,
         model=model,
         gate_action=gate_action or ("steer" if gate_route else "refuse"),
         gate_route=gate_route,
@@ -202,6 +230,12 @@ def calibrate(
     )
     if gate_cfg is not None:
         _require_extra("sklearn", "calibrate", "gate calibration")
+    if gate_only:
+        if report:
+            _require_extra("matplotlib", "calibrate", "--report")
+        assert gate_cfg is not None and out is not None
+        _calibrate_gates(out, gate_cfg, report, gate_only_id=profile_id or "")
+        return
     if gate_into is not None:
         if report:
             _require_extra("matplotlib", "calibrate", "--report")
@@ -249,9 +283,9 @@ def calibrate(
             raise typer.Exit(1) from None
     profile = load_profile(path)
     console.print(f"wrote {path}: {profile.spec.method} on layers {_layers(profile.spec.layers)}")
-    from vllm_steer.core.methods import METHODS
+    from vllm_steer.core.methods import parameter_of
 
-    if sweep != "none" and METHODS[profile.method].parameter is not None:
+    if sweep != "none" and parameter_of(profile.method) is not None:
         _sweep(cfg, path, profile, model, sweep, sweep_n, max_tokens)
     if gate_cfg is not None:
         if gate_cfg.route is not None:  # the categories the profile now has (checked against the data above)
@@ -389,29 +423,41 @@ def _route_config(cfg: Any, gate_into: Path | None, calibration: Any) -> Any:
     return dataclasses.replace(cfg, route=tuple(categories))
 
 
-def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool) -> None:
-    """Choose the gates, write them into the profile at ``profile_dir`` and ``report/gate.*``; print the result."""
+def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool, gate_only_id: str | None = None) -> None:
+    """Choose the gates, write them into the profile at ``profile_dir`` and ``report/gate.*``; print the result.
 
-    from vllm_steer.calibration.gates import add_gating, run_gate_calibration
+    ``gate_only_id``: write a gate-only profile there instead, with this id (``""``: the default id)."""
+
+    from vllm_steer.calibration.gates import add_gating, run_gate_calibration, write_gate_only_profile
     from vllm_steer.calibration.pipeline import CalibrationError
     from vllm_steer.calibration.report import write_gate_report
     from vllm_steer.core.profile import ProfileError, load_profile
 
-    try:
-        load_profile(profile_dir)  # before the model runs: the profile must exist and load
-    except ProfileError as exc:
-        console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
-        raise typer.Exit(1) from None
+    if gate_only_id is None:
+        try:
+            spec = load_profile(profile_dir).spec  # before the model runs: the profile must exist and load
+        except ProfileError as exc:
+            console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from None
+        if spec.gate_only and cfg.action == "steer":
+            raise typer.BadParameter(
+                f"{spec.id!r} is gate-only: its gates refuse or flag", param_hint="'--gate-action'"
+            )
     with _phase_progress() as progress:
         try:
             result = run_gate_calibration(cfg, progress)
-            add_gating(profile_dir, result)
+            if gate_only_id is None:
+                add_gating(profile_dir, result)
+            else:
+                write_gate_only_profile(profile_dir, result, gate_only_id or None)
         except (CalibrationError, ProfileError) as exc:
             console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None
     where = write_gate_report(profile_dir, result.report, plot=report)
     rep = result.report
-    table = Table(title=f"gates of {load_profile(profile_dir).id}: {rep['chosen']}, action {result.gating.action}")
+    written = load_profile(profile_dir)
+    kind = " (gate-only profile)" if written.spec.gate_only else ""
+    table = Table(title=f"gates of {written.id}{kind}: {rep['chosen']}, action {result.gating.action}")
     routing = rep.get("routing")
     for col in ("gate", "direction", "layer", "score", "threshold", *(("routes to",) if routing else ())):
         table.add_column(col)
@@ -667,7 +713,7 @@ def eval_cmd(
     setting is a row of one mixed batch."""
     _require_extra("matplotlib", "eval", "vllm-steer eval (the report's plots)")
     from vllm_steer.calibration.sweep import parse_grid
-    from vllm_steer.core.methods import METHODS
+    from vllm_steer.core.methods import parameter_of
     from vllm_steer.core.profile import ProfileError, load_profile_dir
     from vllm_steer.evaluation.report import write_eval_report
     from vllm_steer.evaluation.runner import EvalConfig, EvalError, EvalTarget, run_eval
@@ -687,7 +733,7 @@ def eval_cmd(
             if pid not in loaded:
                 raise EvalError("profile", f"unknown {pid!r} (in {profiles}: {sorted(loaded)})")
             method = loaded[pid].method
-            grid_text = {"angle": angles, "scale": scales}.get(METHODS[method].parameter or "")
+            grid_text = {"angle": angles, "scale": scales}.get(parameter_of(method) or "")
             grid = parse_grid(grid_text) if grid_text is not None else None
             targets.append(EvalTarget(pid, tuple(grid) if grid is not None else None))
         targets += [EvalTarget(pid) for pid in compare]

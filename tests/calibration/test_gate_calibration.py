@@ -281,3 +281,46 @@ def test_calibrate_gate_cli_writes_a_gated_profile_and_its_report(tiny_root, tmp
     assert bad.exit_code == 2 and "--method" in bad.output
     bad = _invoke(["calibrate", model, "--gate-into", str(tmp_path / "missing"), "--no-report"])
     assert bad.exit_code == 1 and "gate calibration failed" in bad.output
+
+
+def test_calibrate_gate_only_cli_writes_a_gate_only_profile(tiny_root, tmp_path):
+    """``--gate-only``: a profile of gates and nothing that steers (method null), loadable by the server, with the
+    gate report; then ``--gate-into`` it recalibrates its gates (refuse or flag only); usage errors name the
+    option before any model runs."""
+    model = str(tiny_root / "model")
+    out = tmp_path / "gates"
+    gate = ["--gate-n", "8", "--gate-probe-c", "none", "--gate-fpr", "0.0,xstest-safe=0.5"]
+    result = _invoke(["calibrate", model, "--gate-only", "--out", str(out), "--id", "tiny-gates", *gate])
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    spec = profile.spec
+    assert (spec.id, spec.method, spec.layers, spec.tensors, profile.vectors) == ("tiny-gates", None, [], {}, {})
+    assert spec.gating is not None and spec.gating.action == "refuse" and not spec.gating.routes
+    assert set(profile.gate_vectors) == {g.name for g in spec.gating.gates}
+    assert set(spec.calibration) == {"gating"} and spec.calibration["gating"]["report"] == "report/gate.md"
+    assert spec.model.name == "model" and spec.model.num_layers == 4
+    assert (out / "report" / "gate.md").stat().st_size > 100 and (out / "report" / "gate_roc.png").exists()
+    assert "gate-only" in result.output and "tiny-gates" in result.output
+
+    into = ["calibrate", model, "--gate-into", str(out), "--gate-action", "flag", "--no-report", *gate]
+    result = _invoke(into)
+    assert result.exit_code == 0, result.output
+    again = load_profile(out)
+    assert again.spec.method is None and again.spec.gating is not None and again.spec.gating.action == "flag"
+
+    default_id = _invoke(["calibrate", model, "--gate-only", "--out", str(tmp_path / "d"), "--no-report", *gate])
+    assert default_id.exit_code == 0, default_id.output
+    assert load_profile(tmp_path / "d").id == "model-gates"
+
+    for args, option in (
+        (["--gate-only", "--out", str(tmp_path / "x"), "--method", "addition"], "--method"),
+        (["--gate-only"], "--out"),
+        (["--gate-only", "--out", str(tmp_path / "x"), "--gate-action", "steer"], "--gate-action"),
+        (["--gate-only", "--out", str(tmp_path / "x"), "--gate-route"], "--gate-route"),
+        (["--gate-only", "--out", str(tmp_path / "x"), "--gate-into", str(out)], "--gate-into"),
+        (["--gate-only", "--out", str(tmp_path / "x"), "--id", "Bad Id"], "--id"),
+        (["--gate-into", str(out), "--gate-action", "steer"], "--gate-action"),
+    ):
+        bad = _invoke(["calibrate", model, *args])
+        assert bad.exit_code == 2 and option in bad.output, (args, bad.output)
+    assert not (tmp_path / "x").exists()

@@ -31,6 +31,9 @@ SETTINGS = [
     # the request's own gate action and refusal text (a tier's override travels the same way)
     {"steer_profile": "tiny-refuse", "steer_gate_action": "flag"},
     {"steer_profile": "tiny-flag", "steer_gate_action": "refuse", "steer_refusal": "No."},
+    # a gate-only profile (method null): refuses where either gate fires, or only flags (the request's action)
+    {"steer_profile": "tiny-gate-only"},
+    {"steer_profile": "tiny-gate-only", "steer_gate_action": "flag"},
     # category routing: each row steered with the vector of the category whose gate fired; an explicit category
     # request of the same profile shares that category's slot
     {"steer_profile": "tiny-routed", "steer_categories": "auto", "steer_scale": 3.0},

@@ -30,7 +30,7 @@ from vllm_steer.evaluation.metrics import perplexity_from_logprobs
 from vllm_steer.evaluation.report import gate_table, markdown_table
 from vllm_steer.testing.engines import record_engine_start
 from vllm_steer.testing.synthetic import random_profile, with_gates
-from vllm_steer.testing.tiny import TINY, TINY_GATED
+from vllm_steer.testing.tiny import TINY
 
 # ------------------------------------------------------------------ metrics
 
@@ -159,10 +159,10 @@ def test_an_evaluated_profile_named_like_a_copy_is_refused(tmp_path):
 
 
 def test_the_reports_gate_table_puts_ungated_rows_next_to_gated_ones():
-    def point(profile, gate, value=None):
+    def point(profile, gate, value=None, method="addition"):
         return {
             "profile": profile,
-            "method": "addition" if profile else None,
+            "method": method if profile else None,
             "value": value,
             "n_harmful": 1,
             "n_harmless": 1,
@@ -185,11 +185,13 @@ def test_the_reports_gate_table_puts_ungated_rows_next_to_gated_ones():
             point(None, None),
             point("p", gate_summary(rows, action="refuse", gated=True), 3.0),
             point("p-ungated", gate_summary(rows, action=None, gated=False, ungated_of="p"), 3.0),
+            point("guard", gate_summary(rows, action="refuse", gated=True), method=None),
         ],
     }
     table = gate_table(result).splitlines()
     assert "gate precision" in table[0] and "over-refusal (xstest-safe)" in table[0]
-    assert [line.split(" | ")[0] for line in table[2:]] == ["| unsteered", "| p ×3", "| p-ungated ×3 (no gate)"]
+    first = [line.split(" | ")[0] for line in table[2:]]
+    assert first == ["| unsteered", "| p ×3", "| p-ungated ×3 (no gate)", "| guard (gate-only)"]
     assert "| refuse | 1.00 | 1.00 | 0 |" in table[3]
     assert "over-refusal (xstest-safe)" in markdown_table(result)
     assert gate_table({"points": [point(None, None)]}) == ""
@@ -218,6 +220,7 @@ def test_eval_cli_reports_gates_consistent_with_the_engines_decisions(gated, tmp
         "tiny-refuse",
         "tiny-gated-addition",
         "tiny-flag",
+        "tiny-gate-only",
         "--data",
         str(DATA / "harmful.csv"),
         "--harmless",
@@ -248,14 +251,14 @@ def test_eval_cli_reports_gates_consistent_with_the_engines_decisions(gated, tmp
         ("tiny-gated-addition-ungated", 3.0, "tiny-gated-addition"),
         ("tiny-flag", 3.0, None),
         ("tiny-flag-ungated", 3.0, "tiny-flag"),
-    ], "each gated profile next to its ungated copy at the same (default) strength"
+        ("tiny-gate-only", None, None),
+    ], "each gated profile next to its ungated copy at the same (default) strength; a gate-only one has none"
     assert result["served_in_one_mixed_batch"] is True and result["data"]["over_refusal"] == "xstest-safe"
     assert "tiny-refuse-ungated@3" in result["capability"]
 
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == result["rows"]
     profiles = load_profile_dir(root / "profiles")
-    refusal = TINY_GATED["tiny-refuse"]["refusal"]
     fired_anywhere: set[bool] = set()
     for pi, point in enumerate(result["points"]):
         mine = [g for g in gens if g["meta"].get("point") == pi and g["group"] != "capability"]
@@ -287,7 +290,7 @@ def test_eval_cli_reports_gates_consistent_with_the_engines_decisions(gated, tmp
         )
         for name in ("harmful", "harmless", "over_refusal"):
             assert gate["flag_rate"][name] == fire_rate([g["gate"]["fired"] for g in mine if g["group"] == name])
-        refused = [g["text"].startswith(refusal[:5]) for g in mine]
+        refused = [g["text"].startswith(spec.gating.refusal[:5]) for g in mine]
         if spec.gating.action == "refuse":
             assert refused == fired, "refused rows are exactly the rows whose gate fired"
             assert sum(gate["refused_by_gate"].values()) == sum(fired)
@@ -302,5 +305,5 @@ def test_eval_cli_reports_gates_consistent_with_the_engines_decisions(gated, tmp
 
     readme = (out / "README.md").read_text()
     assert "## Gates" in readme and "gate precision" in readme and "over-refusal (xstest-safe)" in readme
-    assert "| tiny-refuse-ungated ×3 (no gate) |" in readme
+    assert "| tiny-refuse-ungated ×3 (no gate) |" in readme and "| tiny-gate-only (gate-only) | refuse |" in readme
     assert (out / "gates.png").stat().st_size > 1000

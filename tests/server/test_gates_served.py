@@ -196,3 +196,31 @@ def test_auto_where_the_gates_do_not_route_is_a_bad_request(gated, gated_server)
     ):
         response = gated_server.post("/v1/completions", _body(gated_server, prompts[0], xargs), RESEARCH)
         assert response.status_code == 400 and "steer_categories" in response.text, (xargs, response.text)
+
+
+def test_a_gate_only_profile_refuses_fired_rows_and_takes_no_steering_field(gated, gated_server, tokenizer):
+    """``tiny-gate-only`` (method null) over the API: fired rows answered with its refusal, the others as
+    unsteered; every steering field is a 400 naming it."""
+    _, prompts, _, reference = gated
+    only = {"steer_profile": "tiny-gate-only"}
+    text = TINY_GATED["tiny-gate-only"]["refusal"]
+    seen = set()
+    for ids in prompts[:6]:
+        fired = bool(reference(ids, only)["fired"])
+        seen.add(fired)
+        response = gated_server.post("/v1/completions", _body(gated_server, ids, only), RESEARCH)
+        choice = response.json()["choices"][0]
+        assert response.headers["x-vllm-steer-gate"] == f"action=refuse; fired={int(fired)}"
+        if fired:
+            assert (choice["text"], choice["finish_reason"]) == (text, "stop"), choice
+        else:
+            plain = gated_server.post("/v1/completions", _body(gated_server, ids, None), RESEARCH)
+            assert choice["token_ids"] == plain.json()["choices"][0]["token_ids"]
+    assert seen == {True, False}, "some rows refused, some answered"
+    for extra, field in (
+        ({"steer_scale": 2.0}, "steer_scale"),
+        ({"steer_categories": "auto"}, "steer_categories"),
+        ({"steer_gate_action": "steer"}, "steer_gate_action"),
+    ):
+        response = gated_server.post("/v1/completions", _body(gated_server, prompts[0], {**only, **extra}), RESEARCH)
+        assert response.status_code == 400 and field in response.text and "gate-only" in response.text, response.text

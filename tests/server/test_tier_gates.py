@@ -10,7 +10,7 @@ import torch
 from support.tenants import FP, tenant_entries
 from vllm_steer.core.gates import GateSpec
 from vllm_steer.server.tenants import PolicyError, TenantPolicy, TenantsFileError
-from vllm_steer.testing.synthetic import random_profile, with_gates
+from vllm_steer.testing.synthetic import gate_only_profile, random_profile, with_gates
 
 GATE = [GateSpec(name="harm", layer=2, tensor="gate.harm", threshold=0.1)]
 PROFILES = {
@@ -19,6 +19,7 @@ PROFILES = {
     ),
     "steer": with_gates(random_profile("steer", "addition", FP, [2], seed=2), "steer", GATE, {"harm": torch.ones(16)}),
     "plain": random_profile("plain", "addition", FP, [2], seed=3),
+    "only": gate_only_profile("only", FP, "refuse", GATE, {"harm": torch.ones(16)}, "Not that."),
 }
 KEYS = {"t-strict": "k-strict-0123456", "t-standard": "k-standard-01234", "t-research": "k-research-01234"}
 
@@ -96,9 +97,52 @@ def test_gate_keys_on_an_ungated_profile_are_a_bad_request():
         ({"standard": {"profiles": {"steer": {"gate_actions": ["block"]}}}}, "gate_actions"),
         ({"strict": {"forced": {"profile": "plain", "gate_action": "refuse"}}}, "gate_action"),
         ({"strict": {"forced": {"profile": "steer", "refusal": "No."}}}, "refusal"),
+        # a gate-only profile steers nothing: no action steer, no strength, no layers to grant or force
+        ({"standard": {"profiles": {"only": {"gate_actions": ["flag", "steer"]}}}}, "gate_actions"),
+        ({"standard": {"profiles": {"only": {"scale": [0, 1]}}}}, "scale"),
+        ({"strict": {"forced": {"profile": "only", "gate_action": "steer"}}}, "gate_action"),
+        ({"strict": {"forced": {"profile": "only", "scale": 1.0}}}, "scale"),
+        ({"strict": {"forced": {"profile": "only", "layers": [2]}}}, "layers"),
     ],
 )
 def test_the_tenants_file_is_checked_against_the_gates(tiers, field):
     with pytest.raises(TenantsFileError) as info:
         TenantPolicy.from_mapping(_config(**tiers)).check_profiles(PROFILES)
     assert field in str(info.value), info.value
+
+
+def test_a_strict_tier_may_force_a_gate_only_profile():
+    """The strict tier forced to a gate-only profile: the engine gets the gates and their action, nothing to
+    steer with; a client may restate them, and every steering field is refused naming it."""
+    policy = TenantPolicy.from_mapping(
+        _config(
+            strict={"forced": {"profile": "only"}},
+            standard={"profiles": {"only": {"gate_actions": ["flag"]}}},
+        )
+    )
+    policy.check_profiles(PROFILES)
+    strict, standard = policy.authenticate(KEYS["t-strict"]), policy.authenticate(KEYS["t-standard"])
+    forced = policy.decide(strict, None, PROFILES)
+    assert forced == {"steer_profile": "only", "steer_gate_action": "refuse", "steer_refusal": "Not that."}
+    assert policy.decide(strict, {"steer_profile": "only", "steer_gate_action": "refuse"}, PROFILES) == forced
+    for keys, field in (
+        ({"steer_profile": "only", "steer_scale": 1.0}, "steer_scale"),
+        ({"steer_profile": "only", "steer_layers": [2]}, "steer_layers"),
+        ({"steer_profile": "only", "steer_gate_action": "flag"}, "steer_gate_action"),
+    ):
+        with pytest.raises(PolicyError) as info:
+            policy.decide(strict, keys, PROFILES)
+        assert (info.value.status, info.value.field) == (403, field), info.value
+    assert policy.decide(standard, {"steer_profile": "only", "steer_gate_action": "flag"}, PROFILES) == {
+        "steer_profile": "only",
+        "steer_gate_action": "flag",
+    }
+    for keys, status, field in (
+        ({"steer_profile": "only", "steer_scale": 1.0}, 400, "steer_scale"),
+        ({"steer_profile": "only", "steer_gate_action": "steer"}, 400, "steer_gate_action"),  # no such thing
+    ):
+        with pytest.raises(PolicyError) as info:
+            policy.decide(standard, keys, PROFILES)
+        assert (info.value.status, info.value.field) == (status, field), info.value
+    listed = {p["id"]: p for p in policy.visible_profiles(standard, PROFILES)}["only"]
+    assert (listed["method"], listed["layers"], listed["auto"], listed["scale"]) == (None, [], False, None)

@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from vllm_steer.calibration.pipeline import CalibrationError, _fingerprint, _load_model, _load_tokenizer
 from vllm_steer.calibration.stats import collect_activations, format_prompts, resolve_prompt_format
+from vllm_steer.core.errors import field_and_message
 from vllm_steer.core.extras import require
 from vllm_steer.core.gates import (
     GATE_ACTIONS,
@@ -60,7 +62,7 @@ from vllm_steer.core.gates import (
     gate_score,
     route_of,
 )
-from vllm_steer.core.profile import ProfileSpec, load_profile, save_profile
+from vllm_steer.core.profile import ModelFingerprint, ProfileSpec, load_profile, save_profile
 from vllm_steer.data import NAMED_SETS, DatasetError, Prompt, load_prompts
 
 __all__ = [
@@ -98,6 +100,8 @@ __all__ = [
     "calibrate_gating",
     "run_gate_calibration",
     "add_gating",
+    "write_gate_only_profile",
+    "gating_record",
 ]
 
 DEFAULT_HARMFUL: tuple[str, ...] = ("advbench", "harmbench", "catqa", "xstest-unsafe")
@@ -1333,8 +1337,43 @@ def add_gating(profile_dir: str | Path, result: GatingResult) -> Path:
         if problem:
             raise CalibrationError("gate_into", f"profile {spec.id!r} is for another model: {problem}")
     calibration = dict(spec.calibration)
-    report = result.report
-    calibration["gating"] = {
+    calibration["gating"] = gating_record(result.report)
+    new_spec = spec.model_copy(update={"gating": result.gating, "calibration": calibration})
+    return save_profile(profile_dir, new_spec, profile.vectors, result.directions)
+
+
+def write_gate_only_profile(
+    out: str | Path, result: GatingResult, profile_id: str | None = None, description: str | None = None
+) -> Path:
+    """Write a gate-only profile (``method: null``: the gates and nothing that steers) to ``out`` (replacing the
+    profile there, keeping its other files). ``profile_id`` defaults to ``<model>-gates``."""
+    fp = ModelFingerprint.model_validate(result.report["fingerprint"])
+    if result.gating.action == "steer":
+        raise CalibrationError("gate_action", "a gate-only profile steers nothing: its gates refuse or flag")
+    pid = profile_id or f"{(fp.name or 'model').lower()}-gates"
+    try:
+        spec = ProfileSpec(
+            format_version=1,
+            id=pid,
+            method=None,
+            model=fp,
+            layers=[],
+            tensors={},
+            gating=result.gating,
+            calibration={"gating": gating_record(result.report)},
+            description=description
+            or f"gate-only profile ({result.gating.action}) calibrated by vllm-steer on {fp.name}",
+        )
+    except ValidationError as exc:
+        field, message = field_and_message(exc)
+        raise CalibrationError("profile_id" if field == "id" else field, message) from None
+    return save_profile(out, spec, {}, result.directions)
+
+
+def gating_record(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``calibration.gating`` of a profile records of a gate calibration's ``report``: the sources, split,
+    budgets and choice, the test flag rates, and for routing gates the test routing rates and router layer."""
+    record: dict[str, Any] = {
         key: report[key]
         for key in (
             "sources",
@@ -1353,10 +1392,9 @@ def add_gating(profile_dir: str | Path, result: GatingResult) -> Path:
     } | {"test_flag_rate": report["test"]["flag_rate"], "report": "report/gate.md"}
     if "routing" in report:
         test = report["routing"]["test"]
-        calibration["gating"]["test_routing"] = {
+        record["test_routing"] = {
             c: {"recall": r["recall"], "accuracy": r["accuracy"], "route_accuracy": r["route_accuracy"]}
             for c, r in test["per_category"].items()
         }
-        calibration["gating"]["router_layer"] = report["router"]["layer"]
-    new_spec = spec.model_copy(update={"gating": result.gating, "calibration": calibration})
-    return save_profile(profile_dir, new_spec, profile.vectors, result.directions)
+        record["router_layer"] = report["router"]["layer"]
+    return record

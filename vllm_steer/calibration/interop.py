@@ -387,6 +387,8 @@ def export_vectors(
 ) -> dict[int, torch.Tensor]:
     """What the profile adds at each layer's output at ``scale`` (default: the profile's): ``scale · v``."""
     spec = profile.spec
+    if spec.method is None:
+        raise VectorImportError(spec.id, "method", "a gate-only profile steers nothing: there is no vector to export")
     if spec.method not in EXPORT_METHODS:
         raise VectorImportError(
             spec.id,

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_steer.calibration.stats import format_prompts, resolve_prompt_format
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.methods import METHODS, parameter_of
 from vllm_steer.core.profile import load_profile, save_profile
 from vllm_steer.evaluation.metrics import (
     PERPLEXITY_VIOLATION,
@@ -84,10 +84,11 @@ def default_grid(method: str, text: str | None = None) -> list[float]:
     return grid
 
 
-def _parameter(method: str) -> str:
-    parameter = METHODS[method].parameter
+def _parameter(method: str | None) -> str:
+    parameter = parameter_of(method)
     if parameter is None:
-        raise ValueError(f"method {method!r} has no angle or scale to sweep")
+        kind = f"method {method!r}" if method is not None else "a gate-only profile"
+        raise ValueError(f"{kind} has no angle or scale to sweep")
     return parameter
 
 
@@ -231,7 +232,8 @@ def sweep_profile_dir(
     from vllm_steer.engine import offline_engine, shutdown_engine
 
     profile = load_profile(profile_dir)
-    _parameter(profile.method)  # refuses a method with nothing to sweep
+    method = profile.spec.method_spec.name  # refuses a gate-only profile
+    _parameter(method)  # refuses a method with nothing to sweep
     if prompt_format is None:
         prompt_format = recorded_prompt_format(profile.spec.calibration)
     root = Path(tempfile.mkdtemp(prefix="vllm-steer-sweep-"))
@@ -240,13 +242,13 @@ def sweep_profile_dir(
         llm = offline_engine(model, str(root), eager=eager, max_num_seqs=64)
         try:
             prompt_format = resolve_prompt_format(llm.get_tokenizer(), prompt_format)
-            points = run_sweep(llm, profile.id, profile.method, grid, harmful, harmless, max_tokens, prompt_format)
+            points = run_sweep(llm, profile.id, method, grid, harmful, harmless, max_tokens, prompt_format)
         finally:
             shutdown_engine(llm)
             del llm
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    chosen, criterion = choose_default(points, profile.method)
+    chosen, criterion = choose_default(points, method)
     record_sweep(
         profile_dir,
         points,

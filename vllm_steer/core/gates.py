@@ -39,6 +39,7 @@ __all__ = [
     "Comparison",
     "GateAction",
     "GATE_ACTIONS",
+    "GATE_ONLY_ACTIONS",
     "GATE_SCORES",
     "MAX_GATES",
     "GATE_HOOK",
@@ -60,6 +61,8 @@ Comparison = Literal[">", "<"]
 GateAction = Literal["steer", "refuse", "flag"]
 GATE_SCORES: tuple[str, ...] = ("projection", "cast")
 GATE_ACTIONS: tuple[str, ...] = ("steer", "refuse", "flag")
+GATE_ONLY_ACTIONS: tuple[str, ...] = ("refuse", "flag")
+"""The actions that need no steering method: those a gate-only profile (``method: null``) may take."""
 SCORE_CODES: dict[str, int] = {name: i for i, name in enumerate(GATE_SCORES)}
 """The integer the engine's tables store per gate for its score (part of the op's contract)."""
 MAX_GATES = 16

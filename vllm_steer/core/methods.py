@@ -48,6 +48,8 @@ __all__ = [
     "SCALE_METHODS",
     "METHOD_HOOKS",
     "method_spec",
+    "parameter_of",
+    "has_categories",
     "methods_where",
 ]
 
@@ -204,6 +206,17 @@ def method_spec(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise KeyError(f"unknown method {name!r} (one of {', '.join(METHODS)})") from None
+
+
+def parameter_of(name: str | None) -> Literal["angle", "scale"] | None:
+    """The per-request number (``angle``, ``scale``) method ``name`` takes; ``None`` for none, and for a
+    gate-only profile's method (``None``), which steers nothing."""
+    return None if name is None else METHODS[name].parameter
+
+
+def has_categories(name: str | None) -> bool:
+    """Method ``name`` steers with named categories (``False`` for a gate-only profile's ``None``)."""
+    return name is not None and METHODS[name].roles == "categories"
 
 
 def methods_where(predicate: Callable[[MethodSpec], bool]) -> tuple[str, ...]:

@@ -28,13 +28,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vllm_steer.core.errors import SteerError, field_and_message
-from vllm_steer.core.gates import GatingSpec
+from vllm_steer.core.gates import GATE_ONLY_ACTIONS, GatingSpec
 from vllm_steer.core.layout import HookKind
-from vllm_steer.core.methods import ANGLE_METHODS, METHOD_HOOKS, METHODS, SCALE_METHODS, MethodName, methods_where
+from vllm_steer.core.methods import (
+    ANGLE_METHODS,
+    METHOD_HOOKS,
+    METHODS,
+    SCALE_METHODS,
+    MethodName,
+    MethodSpec,
+    methods_where,
+)
 
 __all__ = [
     "PROFILE_FILE",
     "TENSORS_FILE",
+    "PROFILE_ID_PATTERN",
     "MethodName",
     "HookKind",
     "METHOD_HOOKS",
@@ -55,6 +64,8 @@ __all__ = [
 PROFILE_FILE = "profile.json"
 TENSORS_FILE = "tensors.safetensors"
 FORMAT_VERSION = 1
+PROFILE_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,127}$"
+"""What a profile id may be: lower-case letters, digits, ``.``, ``_``, ``-``; up to 128 characters."""
 
 # MethodName, HookKind, METHOD_HOOKS, ANGLE_METHODS and SCALE_METHODS are the method table's and the
 # layout's (vllm_steer.core.methods, vllm_steer.core.layout), re-exported here where they always were.
@@ -158,11 +169,12 @@ class ProfileSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format_version: Literal[1]
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")
-    method: MethodName
+    id: str = Field(pattern=PROFILE_ID_PATTERN)
+    method: MethodName | None
+    """The steering method; ``None``: a gate-only profile (no layers, no tensors; gates that refuse or flag)."""
     description: str = ""
     model: ModelFingerprint
-    layers: list[int] = Field(min_length=1)
+    layers: list[int]
     tensors: dict[int, dict[str, str]]
     defaults: Defaults = Defaults()
     allowed: Allowed = Allowed()
@@ -183,6 +195,10 @@ class ProfileSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ProfileSpec:
+        if self.method is None:
+            return self._gate_only_consistent()
+        if not self.layers:
+            raise ValueError(f"layers: a {self.method} profile steers at least one layer")
         too_deep = [layer for layer in self.layers if layer >= self.model.num_layers]
         if too_deep:
             raise ValueError(f"layers: {too_deep} do not exist in a {self.model.num_layers}-layer model")
@@ -223,8 +239,51 @@ class ProfileSpec(BaseModel):
                 raise ValueError(f"defaults.{name}: {value} is outside allowed.{name} [{allowed.min}, {allowed.max}]")
         return self
 
+    def _gate_only_consistent(self) -> ProfileSpec:
+        """A gate-only profile (``method: null``): gates that refuse or flag, nothing that steers."""
+        for name, value in (
+            ("layers", self.layers),
+            ("tensors", self.tensors),
+            ("categories", self.categories),
+            ("defaults.angle", self.defaults.angle),
+            ("defaults.scale", self.defaults.scale),
+            ("allowed.angle", self.allowed.angle),
+            ("allowed.scale", self.allowed.scale),
+        ):
+            if value:
+                raise ValueError(f"{name}: a gate-only profile (method null) steers nothing, so it has none")
+        if self.threshold != 0.0:
+            raise ValueError("threshold: a gate-only profile (method null) steers nothing, so it has none")
+        if self.gating is None:
+            raise ValueError("gating: a gate-only profile (method null) is its gates; it needs a gating block")
+        if self.gating.action not in GATE_ONLY_ACTIONS:
+            raise ValueError(
+                f"gating.action: {self.gating.action!r} needs a steering method; a gate-only profile "
+                f"does {' or '.join(map(repr, GATE_ONLY_ACTIONS))}"
+            )
+        for i, gate in enumerate(self.gating.gates):
+            if gate.layer >= self.model.num_layers:
+                raise ValueError(
+                    f"gating.gates.{i}.layer: {gate.layer} does not exist in a {self.model.num_layers}-layer model"
+                )
+            if gate.category is not None:
+                raise ValueError(f"gating.gates.{i}.category: a gate-only profile has no categories to route to")
+        return self
+
+    @property
+    def gate_only(self) -> bool:
+        """No steering method: the profile is its gates (action ``refuse`` or ``flag``)."""
+        return self.method is None
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        """The steering method's table entry; a gate-only profile has none (:class:`ValueError` naming it)."""
+        if self.method is None:
+            raise ValueError(f"profile {self.id!r} is gate-only (method null): it does not steer")
+        return METHODS[self.method]
+
     def expected_roles(self) -> tuple[str, ...]:
-        return METHODS[self.method].expected_roles(self.categories)
+        return () if self.method is None else METHODS[self.method].expected_roles(self.categories)
 
     def to_json(self, indent: int | None = None) -> str:
         """``profile.json``'s text; a profile without gates is written (and digested) without a ``gating`` key,
@@ -233,7 +292,8 @@ class ProfileSpec(BaseModel):
 
     @property
     def hooks(self) -> tuple[str, ...]:
-        return METHODS[self.method].hooks
+        """The hook kinds it edits (none for a gate-only profile)."""
+        return () if self.method is None else METHODS[self.method].hooks
 
 
 class Profile:
@@ -261,7 +321,7 @@ class Profile:
         return self.spec.id
 
     @property
-    def method(self) -> str:
+    def method(self) -> MethodName | None:
         return self.spec.method
 
     def __repr__(self) -> str:
@@ -336,8 +396,10 @@ def _check_tensors(
     spec: ProfileSpec, stored: Mapping[str, torch.Tensor], path: Path
 ) -> dict[int, dict[str, torch.Tensor]]:
     d = spec.model.hidden_size
-    method = METHODS[spec.method]
     vectors: dict[int, dict[str, torch.Tensor]] = {}
+    if spec.method is None:
+        return vectors
+    method = METHODS[spec.method]
     for layer in spec.layers:
         vectors[layer] = {}
         for role, name in spec.tensors[layer].items():

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from vllm_steer.core.errors import SteerError, field_and_message
-from vllm_steer.core.gates import MAX_REFUSAL_CHARS, GateAction
+from vllm_steer.core.gates import GATE_ONLY_ACTIONS, MAX_REFUSAL_CHARS, GateAction
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.wire import keyed_digest
@@ -153,7 +153,8 @@ class ResolvedSteering:
 
     profile_id: str
     profile_digest: str
-    method: str
+    method: str | None
+    """The profile's steering method; ``None``: a gate-only profile (the request is only gated)."""
     categories: tuple[str, ...]
     angle: float
     scale: float
@@ -200,15 +201,18 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         known = ", ".join(sorted(profiles)) or "none loaded"
         raise SteeringRequestError("steer_profile", f"unknown profile {request.steer_profile!r} (known: {known})")
     spec = profile.spec
-    method = METHODS[spec.method]
+    method = METHODS[spec.method] if spec.method is not None else None
+    parameter = method.parameter if method is not None else None
+    roles = method.roles if method is not None else None
+    kind = f"method {spec.method!r}" if method is not None else "gate-only: it steers nothing"
 
     for name, value in (("angle", request.steer_angle), ("scale", request.steer_scale)):
-        if value is not None and method.parameter != name:
-            raise SteeringRequestError(f"steer_{name}", f"profile {spec.id!r} (method {spec.method!r}) takes no {name}")
-    if request.steer_categories is not None and method.roles != "categories":
-        raise SteeringRequestError(
-            "steer_categories", f"profile {spec.id!r} (method {spec.method!r}) has no categories"
-        )
+        if value is not None and parameter != name:
+            raise SteeringRequestError(f"steer_{name}", f"profile {spec.id!r} ({kind}) takes no {name}")
+    if request.steer_categories is not None and roles != "categories":
+        raise SteeringRequestError("steer_categories", f"profile {spec.id!r} ({kind}) has no categories")
+    if request.steer_layers is not None and method is None:
+        raise SteeringRequestError("steer_layers", f"profile {spec.id!r} ({kind}) has no layers")
 
     angle = request.steer_angle if request.steer_angle is not None else (spec.defaults.angle or 0.0)
     scale = request.steer_scale if request.steer_scale is not None else (spec.defaults.scale or 0.0)
@@ -224,7 +228,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
     gating = spec.gating
     categories: tuple[str, ...] = ()
     route: tuple[str, ...] = ()
-    if method.roles == "categories" and request.steer_categories == (ROUTE,) and ROUTE not in spec.categories:
+    if roles == "categories" and request.steer_categories == (ROUTE,) and ROUTE not in spec.categories:
         route = gating.routes if gating is not None else ()
         if not route:
             raise SteeringRequestError(
@@ -236,7 +240,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
                 "steer_categories",
                 f"'{ROUTE}' steers by the gate that fires: only with gate action 'steer' (not {action!r})",
             )
-    elif method.roles == "categories":
+    elif roles == "categories":
         default = ("generic",) if "generic" in spec.categories else tuple(spec.categories)
         chosen = request.steer_categories if request.steer_categories is not None else default
         if not chosen:
@@ -255,6 +259,10 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             if getattr(request, key) is not None:
                 raise SteeringRequestError(key, f"profile {spec.id!r} has no gates")
     action = None if gating is None else (request.steer_gate_action or gating.action)
+    if method is None and action not in GATE_ONLY_ACTIONS:
+        raise SteeringRequestError(
+            "steer_gate_action", f"profile {spec.id!r} is gate-only: its gates refuse or flag, they cannot {action!r}"
+        )
     if request.steer_refusal is not None and action != "refuse":
         raise SteeringRequestError("steer_refusal", f"only with gate action 'refuse' (this request's is {action!r})")
     refusal = None

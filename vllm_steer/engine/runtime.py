@@ -76,9 +76,7 @@ class Site:
 
 def sites_for_profiles(profiles: Mapping[str, Profile]) -> list[Site]:
     """Every site some profile steers or gates at, sorted; hooks are installed only there."""
-    sites = {
-        Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in METHODS[p.method].hooks
-    }
+    sites = {Site(layer, kind) for p in profiles.values() for layer in p.spec.layers for kind in p.spec.hooks}
     sites |= {Site(layer, GATE_HOOK) for p in profiles.values() if p.spec.gating for layer in p.spec.gating.layers}
     return sorted(sites)
 
@@ -360,8 +358,6 @@ class SteeringRuntime:
 
     def _load_slot(self, slot: int, steering: ResolvedSteering) -> None:
         profile = self._profile_of(steering)
-        entry = METHODS[profile.method]
-        method = entry.op
         self.bases[:, slot].zero_()
         self.methods[:, slot] = int(Method.NONE)
         self.gains[:, slot] = 0.0
@@ -374,24 +370,29 @@ class SteeringRuntime:
             (profile.id, action, profile.digest, bool(steering.route)) if gating is not None else ("", "", "", False)
         )
         active: set[int] = set()
-        # Refuse and flag leave the activations alone; a routing slot only decides (its categories' slots steer).
+        # Refuse and flag leave the activations alone (a gate-only profile does nothing else); a routing slot
+        # only decides (its categories' slots steer).
         steers = gating is None or (steering.gate_action == "steer" and not steering.route)
-        for layer in (steering.layers or profile.spec.layers) if steers else ():
-            b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
-            for kind in entry.hooks:
-                site = self.site_ids.get(Site(layer, kind))
-                if site is None:
-                    raise RuntimeError(
-                        f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed"
-                    )
-                self.bases[site, slot, 0].copy_(b1)
-                self.bases[site, slot, 1].copy_(b2)
-                self.methods[site, slot] = int(method)
-                self.gains[site, slot] = gain
-                self.thresholds[site, slot] = profile.spec.threshold
-                active.add(site)
+        method = Method.NONE
+        if steers:
+            entry = profile.spec.method_spec
+            method = entry.op
+            for layer in steering.layers or profile.spec.layers:
+                b1, b2, gain = entry.basis(profile.vectors[layer], steering.categories)
+                for kind in entry.hooks:
+                    site = self.site_ids.get(Site(layer, kind))
+                    if site is None:
+                        raise RuntimeError(
+                            f"profile {profile.id!r} steers {Site(layer, kind)}, which has no hook installed"
+                        )
+                    self.bases[site, slot, 0].copy_(b1)
+                    self.bases[site, slot, 1].copy_(b2)
+                    self.methods[site, slot] = int(method)
+                    self.gains[site, slot] = gain
+                    self.thresholds[site, slot] = profile.spec.threshold
+                    active.add(site)
         self._slots[slot].active_sites = frozenset(active)
-        self._slots[slot].method = method if steers else Method.NONE
+        self._slots[slot].method = method
 
     # ---------------------------------------------------------------- steps
 

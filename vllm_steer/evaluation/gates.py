@@ -70,6 +70,10 @@ def ungated_profile(profile: Profile) -> Profile:
     """``profile`` without its ``gating`` block, as ``<id>-ungated``: the same steering tensors, validated again."""
     if profile.spec.gating is None:
         raise ValueError(f"profile {profile.id!r} has no gates")
+    if profile.spec.gate_only:
+        raise ValueError(
+            f"profile {profile.id!r} is gate-only: without its gates it steers nothing (the unsteered row)"
+        )
     raw = profile.spec.model_dump()
     raw.update(
         gating=None,
@@ -88,7 +92,7 @@ def write_eval_profiles(profiles: Mapping[str, Profile], ids: Iterable[str], des
     wanted = list(dict.fromkeys(ids))
     for pid in wanted:
         profile = profiles[pid]
-        if profile.spec.gating is not None:
+        if profile.spec.gating is not None and not profile.spec.gate_only:  # ungated, a gate-only one is unsteered
             copy = ungated_profile(profile)
             if copy.id in wanted:
                 raise ValueError(

@@ -123,7 +123,7 @@ def gate_table(result: dict) -> str:
         g = p["gate"]
         flags = g.get("flag_rate") or {}
         answered = g.get("answered") or {}
-        label = _label(p) + (" (no gate)" if g.get("ungated_of") else "")
+        label = _label(p) + (" (no gate)" if g.get("ungated_of") else " (gate-only)" if p["method"] is None else "")
         cells = [
             label,
             g.get("action") or "none",

@@ -17,7 +17,8 @@ running vllm-steer server. Then:
 * over-refusal on a second harmless set too (``over_refusal``, default ``xstest-safe``), in the same batch;
 * for gated profiles (docs/methods.md §3.11): each row's gate decision, gate precision/recall, flag rates,
   refusal and over-refusal counting gate refusals, coherence of the answered rows, and the same profile
-  without its gate (``<id>-ungated``) next to it (:mod:`vllm_steer.evaluation.gates`).
+  without its gate (``<id>-ungated``) next to it (:mod:`vllm_steer.evaluation.gates`); a gate-only profile's
+  comparison is the unsteered row.
 
 The result is one JSON file plus a Markdown table and PNG plots (:mod:`vllm_steer.evaluation.report`).
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer.core.errors import SteerError
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.methods import has_categories, parameter_of
 from vllm_steer.core.profile import Profile, load_profile_dir
 from vllm_steer.data import Prompt, load_prompts
 from vllm_steer.evaluation.gates import (
@@ -167,18 +168,19 @@ def _setting(profile: Profile | None, value: float | None, categories: Sequence[
     if profile is None:
         return None
     extra: dict[str, Any] = {"steer_profile": profile.id}
-    key = METHODS[profile.method].parameter_key
+    parameter = parameter_of(profile.method)
     if value is not None:
-        if key is None:
-            raise EvalError("profile", f"{profile.id!r} (method {profile.method!r}) takes no angle or scale")
-        extra[key] = float(value)
+        if parameter is None:
+            kind = f"method {profile.method!r}" if profile.method is not None else "gate-only"
+            raise EvalError("profile", f"{profile.id!r} ({kind}) takes no angle or scale")
+        extra[f"steer_{parameter}"] = float(value)
     if categories is not None:
         extra["steer_categories"] = list(categories)
     return extra
 
 
 def _default_value(profile: Profile) -> float | None:
-    parameter = METHODS[profile.method].parameter
+    parameter = parameter_of(profile.method)
     return getattr(profile.spec.defaults, parameter) if parameter is not None else None
 
 
@@ -445,7 +447,12 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     harmful, harmless = _load_sets(cfg)
     over_refusal = _load_over_refusal(cfg)
 
-    gated_ids = [t.profile_id for t in cfg.targets if profiles[t.profile_id].spec.gating is not None]
+    # a gate-only profile has no ungated copy: without its gates it is the unsteered model, its comparison row
+    gated_ids = [
+        t.profile_id
+        for t in cfg.targets
+        if profiles[t.profile_id].spec.gating is not None and not profiles[t.profile_id].spec.gate_only
+    ]
     notes: list[str] = []
     served_profiles, scratch = cfg.profiles, None
     ungated: dict[str, Profile] = {}
@@ -522,9 +529,7 @@ def _run(
                 for k, item in enumerate(mc_items)
             ]
 
-    category_profiles = [
-        profiles[t.profile_id] for t in cfg.targets if METHODS[profiles[t.profile_id].method].roles == "categories"
-    ]
+    category_profiles = [profiles[t.profile_id] for t in cfg.targets if has_categories(profiles[t.profile_id].method)]
     for profile in category_profiles:
         cats = [c for c in profile.spec.categories if c != "generic"]
         vectors = ("generic",) if "generic" in profile.spec.categories else ()

@@ -18,7 +18,7 @@ import torch
 
 from vllm_steer.core.gates import GATE_HOOK, GatingSpec, gate_score, margin, route_of
 from vllm_steer.core.layout import DecoderLayout, layout_for
-from vllm_steer.core.methods import METHODS, Setting
+from vllm_steer.core.methods import Setting
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ResolvedSteering, route_targets
 
@@ -28,7 +28,7 @@ __all__ = ["reference_op", "steered", "GateRecord"]
 def reference_op(profile: Profile, steering: ResolvedSteering, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The plain-formula op of ``profile`` at ``layer`` (computed in float32, returned in the input dtype)."""
     tensors = profile.vectors[layer]
-    formula = METHODS[profile.method].reference
+    formula = profile.spec.method_spec.reference
     setting = Setting(
         angle=steering.angle, scale=steering.scale, threshold=profile.spec.threshold, categories=steering.categories
     )
@@ -170,7 +170,7 @@ def steered(
                 fn = reference_op(profile, steering, layer)
             if record is not None:
                 fn = _gated(fn, layer, record)
-            for kind in METHODS[profile.method].hooks:
+            for kind in profile.spec.hooks:
                 module = layout.module(block, kind)
                 if layout.placement(kind).point == "input":
                     handles.append(module.register_forward_pre_hook(_on_input(fn, hidden_arg), with_kwargs=True))

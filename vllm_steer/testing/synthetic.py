@@ -14,7 +14,7 @@ from vllm_steer.core.gates import GateSpec, GatingSpec
 from vllm_steer.core.methods import METHODS
 from vllm_steer.core.profile import ModelFingerprint, Profile, ProfileSpec
 
-__all__ = ["random_profile", "with_gates"]
+__all__ = ["random_profile", "with_gates", "gate_only_profile"]
 
 _ALLOWED = {"angle": {"min": 0.0, "max": 360.0}, "scale": {"min": -64.0, "max": 64.0}}
 
@@ -99,3 +99,30 @@ def with_gates(
     raw["gating"] = GatingSpec.model_validate(block).model_dump()
     unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
     return Profile(ProfileSpec.model_validate(raw), profile.vectors, profile.source, gate_vectors=unit)
+
+
+def gate_only_profile(
+    profile_id: str,
+    model: ModelFingerprint,
+    action: str,
+    gates: Sequence[GateSpec],
+    directions: dict[str, torch.Tensor],
+    refusal: str | None = None,
+) -> Profile:
+    """A gate-only profile (``method: null``): ``gates`` (OR-ed) with ``action`` (``refuse`` or ``flag``), each
+    gate's direction by name, and the ``refusal`` text (default: the format's); nothing that steers."""
+    block = {"action": action, "gates": [g.model_dump() for g in gates]}
+    if refusal is not None:
+        block["refusal"] = refusal
+    spec = ProfileSpec(
+        format_version=1,
+        id=profile_id,
+        method=None,
+        description="synthetic gate-only profile",
+        model=model,
+        layers=[],
+        tensors={},
+        gating=GatingSpec.model_validate(block),
+    )
+    unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
+    return Profile(spec, {}, source=f"<synthetic {profile_id}>", gate_vectors=unit)

@@ -20,7 +20,7 @@ import torch
 from vllm_steer.core.gates import GateSpec
 from vllm_steer.core.gates import margin as gate_margin
 from vllm_steer.core.profile import ModelFingerprint, Profile, save_profile
-from vllm_steer.testing.synthetic import random_profile, with_gates
+from vllm_steer.testing.synthetic import gate_only_profile, random_profile, with_gates
 
 TINY = ModelFingerprint(architecture="LlamaForCausalLM", hidden_size=128, num_layers=4)
 
@@ -181,6 +181,14 @@ TINY_GATED: dict[str, dict[str, Any]] = {
         gates=[("g", 1, "projection", ">")],
         refusal="Sorry, I can't help with that.",
     ),
+    # A gate-only profile (method null): two gates OR-ed, refusing; nothing that steers.
+    "tiny-gate-only": dict(
+        method=None,
+        layers=[],
+        action="refuse",
+        gates=[("a", 0, "cast", "<"), ("b", 3, "projection", ">")],
+        refusal="Not that, sorry.",
+    ),
     # Category routing (``steer_categories: "auto"``): a deciding gate, and one routing gate per category at two
     # layers (both scores), steering after both.
     "tiny-routed": dict(
@@ -236,6 +244,20 @@ def _threshold(
     return (ordered[i - 1] + ordered[i]) / 2
 
 
+def _gated(
+    pid: str,
+    base: Profile | None,
+    action: str,
+    gates: Sequence[GateSpec],
+    directions: dict[str, torch.Tensor],
+    refusal: str | None = None,
+) -> Profile:
+    """``base`` with these gates, or (no base) a gate-only profile of them."""
+    if base is None:
+        return gate_only_profile(pid, TINY, action, gates, directions, refusal)
+    return with_gates(base, action, gates, directions, refusal)
+
+
 def build_tiny_gated(
     root: Path, prompts: Sequence[Sequence[int]], split: tuple[int, int] | None = None, margin: float = 1e-3
 ) -> Path:
@@ -252,13 +274,18 @@ def build_tiny_gated(
     shutil.rmtree(root / "profiles")
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).eval()
     for seed, (pid, kw) in enumerate(TINY_GATED.items(), start=100):
-        base = random_profile(pid, kw["method"], TINY, kw["layers"], seed=seed, vector_norm=8.0, scale=3.0)
+        base = (
+            random_profile(pid, kw["method"], TINY, kw["layers"], seed=seed, vector_norm=8.0, scale=3.0)
+            if kw["method"] is not None
+            else None
+        )
+
         gen = torch.Generator().manual_seed(seed)
         directions = {name: torch.randn(TINY.hidden_size, generator=gen) for name, *_ in kw["gates"]}
         probe = [GateSpec(name=n, layer=layer, tensor=f"gate.{n}", score=sc, threshold=0.0, comparison=cmp,
                           category=rest[0] if rest else None)
                  for n, layer, sc, cmp, *rest in kw["gates"]]  # fmt: skip
-        scores = gate_scores_hf(model, with_gates(base, "flag", probe, directions), prompts)
+        scores = gate_scores_hf(model, _gated(pid, base, "flag", probe, directions), prompts)
         first = seed == 100
         gates = [
             gate.model_copy(
@@ -277,7 +304,7 @@ def build_tiny_gated(
             margins = sorted(gate_margin(g, row[g.name]) for g in gates if g.category is not None)
             if len(margins) > 1 and margins[-1] - margins[-2] < 2 * margin:
                 raise ValueError(f"{pid}: prompt {i}'s two largest routing margins are within {2 * margin}")
-        profile = with_gates(base, kw["action"], gates, directions, kw.get("refusal"))
+        profile = _gated(pid, base, kw["action"], gates, directions, kw.get("refusal"))
         save_profile(root / "profiles" / pid, profile.spec, profile.vectors, profile.gate_vectors)
     return root
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.methods import parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import SteeringRequestError
 from vllm_steer.server.tenants.schema import ProfileGrant, Setting, Tier
@@ -87,7 +87,7 @@ def _describe(
     every_action: bool = False,
 ) -> dict[str, Any]:
     spec = profile.spec
-    parameter = METHODS[spec.method].parameter
+    parameter = parameter_of(spec.method)
     categories = [c for c in spec.categories if grant.categories is None or c in grant.categories]
     gating = spec.gating
     routes = list(gating.routes) if gating is not None else []
@@ -113,7 +113,7 @@ def _describe(
 
 def _describe_forced(profile: Profile, forced: Effective) -> dict[str, Any]:
     spec, r = profile.spec, forced.resolved
-    parameter = METHODS[spec.method].parameter
+    parameter = parameter_of(spec.method)
     return {
         "id": spec.id,
         "method": spec.method,

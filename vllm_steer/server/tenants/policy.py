@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.gates import GATE_ONLY_ACTIONS
+from vllm_steer.core.methods import has_categories, parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ROUTE, SteeringRequest, SteeringRequestError, parse_steering
 from vllm_steer.server.tenants.controls import CONTROLS, used_controls
@@ -323,23 +324,29 @@ def _check_grant_fits(source: str, path: str, grant: ProfileGrant, profile: Prof
     if profile is None:
         raise TenantsFileError(source, path, "profile is not loaded on this server")
     spec = profile.spec
-    method = METHODS[spec.method]
+    kind = f"method {spec.method!r}" if spec.method is not None else f"gate-only profile {spec.id!r}"
     for name, bounds in (("angle", grant.angle), ("scale", grant.scale)):
         if bounds is None:
             continue
-        if method.parameter != name:
-            raise TenantsFileError(source, f"{path}.{name}", f"method {spec.method!r} takes no {name}")
+        if parameter_of(spec.method) != name:
+            raise TenantsFileError(source, f"{path}.{name}", f"{kind} takes no {name}")
         if intersect(bounds, getattr(spec.allowed, name)) is None:
             raise TenantsFileError(source, f"{path}.{name}", f"does not overlap the profile's allowed {name} range")
     if grant.categories is not None:
         unknown = [c for c in grant.categories if c not in spec.categories]
-        if method.roles != "categories" or unknown:
+        if not has_categories(spec.method) or unknown:
             message = f"not categories of profile {spec.id!r}: {unknown or list(grant.categories)}"
             if ROUTE in unknown:
                 message += f" ({ROUTE!r} is granted by granting every category the profile's gates route to)"
             raise TenantsFileError(source, f"{path}.categories", message)
     if grant.gate_actions is not None and spec.gating is None:
         raise TenantsFileError(source, f"{path}.gate_actions", f"profile {spec.id!r} has no gates")
+    if spec.gate_only and grant.gate_actions is not None:
+        steering = sorted(set(grant.gate_actions) - set(GATE_ONLY_ACTIONS))
+        if steering:
+            raise TenantsFileError(
+                source, f"{path}.gate_actions", f"{kind} steers nothing: its gates cannot {' or '.join(steering)}"
+            )
 
 
 def _check_setting(source: str, path: str, tier: Tier, setting: Setting, profiles: Mapping[str, Profile]) -> None:

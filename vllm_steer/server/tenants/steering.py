@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.methods import has_categories, parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import (
     ROUTE,
@@ -60,13 +60,13 @@ class Effective:
     def steer_keys(self) -> dict[str, Any]:
         """Explicit keys for the engine, defaults filled in, so it steers with exactly what was checked."""
         r = self.resolved
-        method = METHODS[r.method]
+        parameter = parameter_of(r.method)
         keys: dict[str, Any] = {"steer_profile": r.profile_id}
-        if method.parameter is not None:
-            keys[f"steer_{method.parameter}"] = getattr(r, method.parameter)
+        if parameter is not None:
+            keys[f"steer_{parameter}"] = getattr(r, parameter)
         if r.route:
             keys["steer_categories"] = ROUTE  # routed by its gates: the categories are the fired gate's
-        elif method.roles == "categories":
+        elif has_categories(r.method):
             keys["steer_categories"] = list(r.categories)
         if self.layers is not None:
             keys["steer_layers"] = list(self.layers)
@@ -155,15 +155,15 @@ def refuse_departures_from_forced(request: SteeringRequest, forced: Effective, p
         raise above_tier(
             "steer_profile", f"this tier always steers with {r.profile_id!r}, not {request.steer_profile!r}"
         )
-    method = METHODS[r.method]
+    parameter = parameter_of(r.method)
     fixed = {
-        "steer_angle": (request.steer_angle, r.angle if method.parameter == "angle" else None),
-        "steer_scale": (request.steer_scale, r.scale if method.parameter == "scale" else None),
+        "steer_angle": (request.steer_angle, r.angle if parameter == "angle" else None),
+        "steer_scale": (request.steer_scale, r.scale if parameter == "scale" else None),
         "steer_categories": (
             None if request.steer_categories is None else tuple(sorted(request.steer_categories)),
-            chosen_categories(r) if method.roles == "categories" else None,
+            chosen_categories(r) if has_categories(r.method) else None,
         ),
-        "steer_layers": (_layers(request), forced.layers or tuple(profile.spec.layers)),
+        "steer_layers": (_layers(request), (forced.layers or tuple(profile.spec.layers)) or None),
         "steer_gate_action": (request.steer_gate_action, r.gate_action),
         "steer_refusal": (request.steer_refusal, r.refusal),
     }
@@ -194,7 +194,7 @@ def check_within_grant(
     approving every profile, which grants every action and its own refusal texts). A routing request
     (``steer_categories: "auto"``) is within the tier's categories only if every category its gates route to is."""
     r = effective.resolved
-    method = METHODS[r.method]
+    parameter = parameter_of(r.method)
     gating = None if every_profile or profile is None else profile.spec.gating
     if gating is not None:
         own = gating.action
@@ -209,8 +209,8 @@ def check_within_grant(
         if request.steer_refusal is not None:
             raise above_tier("steer_refusal", "this tier's clients may not set the refusal text")
     ranged = (
-        ("steer_angle", r.angle, request.steer_angle, grant.angle, method.parameter == "angle"),
-        ("steer_scale", r.scale, request.steer_scale, grant.scale, method.parameter == "scale"),
+        ("steer_angle", r.angle, request.steer_angle, grant.angle, parameter == "angle"),
+        ("steer_scale", r.scale, request.steer_scale, grant.scale, parameter == "scale"),
     )
     for key, value, asked, bounds, applies in ranged:
         if applies and bounds is not None and not bounds[0] <= value <= bounds[1]:
@@ -218,7 +218,7 @@ def check_within_grant(
             span = f"[{bounds[0]:g}, {bounds[1]:g}]"
             allows = f"the range this tier allows for {r.profile_id!r}"
             raise above_tier(key, f"{value:g}{origin} is outside {span}, {allows}")
-    if method.roles == "categories" and grant.categories is not None and r.route:
+    if has_categories(r.method) and grant.categories is not None and r.route:
         ungranted = [c for c in r.route if c not in grant.categories]
         if ungranted:  # the gates may pick any of them: every one must be granted
             raise above_tier(
@@ -226,7 +226,7 @@ def check_within_grant(
                 f"{ROUTE!r} may steer with {ungranted}, not approved for this tier (approved: "
                 f"{list(grant.categories)}); name approved categories instead",
             )
-    elif method.roles == "categories" and grant.categories is not None:
+    elif has_categories(r.method) and grant.categories is not None:
         outside = [c for c in r.categories if c not in grant.categories]
         if outside:
             origin = "" if request.steer_categories is not None else " (the profile's default categories)"
