@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the demo profiles for the default model with `vllm-steer calibrate` (see profiles/README.md).
-# Reads the prompt sets shipped in the package (or $VLLM_STEER_DATA). Takes ~20 min on the 2-core CPU box.
+# Reads the prompt sets shipped in the package (or $VLLM_STEER_DATA). Takes ~60 min on the 2-core CPU box.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=$(.venv/bin/vllm-steer default-model)
@@ -18,6 +18,11 @@ $C --method category         --id smollm2-category         --out profiles/smollm
 .venv/bin/vllm-steer calibrate "$M" --method addition --id smollm2-refusal-gated --out profiles/smollm2-refusal-gated \
   --sweep none --batch-size 16 --gate --gate-action refuse --gate-fpr 0.01,xstest-safe=0.2
 rm -f profiles/smollm2-refusal-gated/report/gate.json
+# The same harm gate as a gate-only profile (method null: the gate and nothing that steers), which the strict tier
+# of deploy/tenants.example.yaml forces; the same sources, split and seed choose the same gate; ~12 min.
+.venv/bin/vllm-steer calibrate "$M" --gate-only --id smollm2-guard --out profiles/smollm2-guard \
+  --batch-size 16 --gate-fpr 0.01,xstest-safe=0.2
+rm -f profiles/smollm2-guard/report/gate.json
 # Category routing (docs/methods.md §2.9): the category profile again, a router of one gate per category (40 CatQA
 # questions per category) and deciding gates from every row of AdvBench, HarmBench, XSTest-unsafe and the CatQA
 # questions the router does not use, against every row of Alpaca and XSTest-safe; ~15 min.

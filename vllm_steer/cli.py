@@ -916,11 +916,12 @@ def list_profiles(
             else (f"scale {s.defaults.scale}" if s.defaults.scale is not None else "-")
         )
         allowed = s.allowed.angle or s.allowed.scale
+        gates = f"gates at {_layers(list(s.gating.layers))}" if s.gating is not None else ""
         table.add_row(
             s.id,
-            s.method,
+            s.method or f"gate-only ({s.gating.action if s.gating else '?'})",
             f"{s.model.architecture} d={s.model.hidden_size} L={s.model.num_layers}",
-            _layers(s.layers),
+            _layers(s.layers) if s.layers else gates,
             default,
             f"[{allowed.min}, {allowed.max}]" if allowed else "-",
         )

@@ -33,10 +33,11 @@ STRICT_REFUSAL = "I can't help with that request."
 
 DEMO_SETTINGS: list[tuple[str, dict | None]] = [
     ("unsteered", None),
-    # The strict tier of deploy/tenants.example.yaml: a model with no refusal behaviour still refuses, per row.
+    # The strict tier of deploy/tenants.example.yaml: a model with no refusal behaviour still refuses, per row
+    # (smollm2-guard is gate-only: the harm gate and nothing that steers).
     (
         "strict tier: harm gate → refuse",
-        {"steer_profile": "smollm2-refusal-gated", "steer_gate_action": "refuse", "steer_refusal": STRICT_REFUSAL},
+        {"steer_profile": "smollm2-guard", "steer_gate_action": "refuse", "steer_refusal": STRICT_REFUSAL},
     ),
     ("refusal-add x0.25 (default)", {"steer_profile": "smollm2-refusal-add"}),
     # Same plane, same angle: Selective Steering's relative rotation on the discriminative

@@ -311,6 +311,8 @@ def test_calibrate_gate_only_cli_writes_a_gate_only_profile(tiny_root, tmp_path)
     default_id = _invoke(["calibrate", model, "--gate-only", "--out", str(tmp_path / "d"), "--no-report", *gate])
     assert default_id.exit_code == 0, default_id.output
     assert load_profile(tmp_path / "d").id == "model-gates"
+    listed = _invoke(["profiles", "list", str(tmp_path)])
+    assert listed.exit_code == 0 and "gate-only (flag)" in listed.output and "gate-only (refuse)" in listed.output
 
     for args, option in (
         (["--gate-only", "--out", str(tmp_path / "x"), "--method", "addition"], "--method"),

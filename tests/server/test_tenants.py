@@ -659,15 +659,19 @@ def test_example_file_fits_the_demo_profiles():
     profiles = load_profile_dir(REPO / "profiles")
     policy.check_profiles(profiles)
     strict = policy.authenticate("demo-strict-key")
-    assert policy.decide(strict, None, profiles) == {
-        "steer_profile": "smollm2-refusal-gated",
-        "steer_scale": 1.0,
+    assert policy.decide(strict, None, profiles) == {  # the gate-only guard: nothing to steer with
+        "steer_profile": "smollm2-guard",
         "steer_gate_action": "refuse",
         "steer_refusal": "I can't help with that request.",
     }
-    assert [e["id"] for e in policy.visible_profiles(strict, profiles)] == ["smollm2-refusal-gated"]
-    err = _refused(strict, {"steer_profile": "smollm2-refusal-gated", "steer_gate_action": "flag"}, policy, profiles)
-    assert (err.status, err.field) == (403, "steer_gate_action")
+    assert [e["id"] for e in policy.visible_profiles(strict, profiles)] == ["smollm2-guard"]
+    for keys, field in (
+        ({"steer_profile": "smollm2-guard", "steer_gate_action": "flag"}, "steer_gate_action"),
+        ({"steer_profile": "smollm2-guard", "steer_scale": 1.0}, "steer_scale"),
+        ({"steer_profile": "smollm2-refusal-gated"}, "steer_profile"),
+    ):
+        err = _refused(strict, keys, policy, profiles)
+        assert (err.status, err.field) == (403, field), (keys, err)
     standard = policy.authenticate("demo-standard-key")
     assert policy.decide(standard, None, profiles) == {"steer_profile": "smollm2-selective", "steer_angle": 180.0}
     extra = {"steer_profile": "smollm2-category", "steer_categories": ["Fraud/Deception"]}
