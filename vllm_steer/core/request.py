@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 from vllm_steer.core.errors import SteerError, field_and_message
 from vllm_steer.core.gates import GATE_ONLY_ACTIONS, MAX_REFUSAL_CHARS, GateAction
-from vllm_steer.core.methods import METHODS
+from vllm_steer.core.methods import has_categories, parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.wire import keyed_digest
 
@@ -201,17 +201,16 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
         known = ", ".join(sorted(profiles)) or "none loaded"
         raise SteeringRequestError("steer_profile", f"unknown profile {request.steer_profile!r} (known: {known})")
     spec = profile.spec
-    method = METHODS[spec.method] if spec.method is not None else None
-    parameter = method.parameter if method is not None else None
-    roles = method.roles if method is not None else None
-    kind = f"method {spec.method!r}" if method is not None else "gate-only: it steers nothing"
+    parameter = parameter_of(spec.method)
+    by_category = has_categories(spec.method)
+    kind = "gate-only: it steers nothing" if spec.gate_only else f"method {spec.method!r}"
 
     for name, value in (("angle", request.steer_angle), ("scale", request.steer_scale)):
         if value is not None and parameter != name:
             raise SteeringRequestError(f"steer_{name}", f"profile {spec.id!r} ({kind}) takes no {name}")
-    if request.steer_categories is not None and roles != "categories":
+    if request.steer_categories is not None and not by_category:
         raise SteeringRequestError("steer_categories", f"profile {spec.id!r} ({kind}) has no categories")
-    if request.steer_layers is not None and method is None:
+    if request.steer_layers is not None and spec.gate_only:
         raise SteeringRequestError("steer_layers", f"profile {spec.id!r} ({kind}) has no layers")
 
     angle = request.steer_angle if request.steer_angle is not None else (spec.defaults.angle or 0.0)
@@ -228,7 +227,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
     gating = spec.gating
     categories: tuple[str, ...] = ()
     route: tuple[str, ...] = ()
-    if roles == "categories" and request.steer_categories == (ROUTE,) and ROUTE not in spec.categories:
+    if by_category and request.steer_categories == (ROUTE,) and ROUTE not in spec.categories:
         route = gating.routes if gating is not None else ()
         if not route:
             raise SteeringRequestError(
@@ -240,7 +239,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
                 "steer_categories",
                 f"'{ROUTE}' steers by the gate that fires: only with gate action 'steer' (not {action!r})",
             )
-    elif roles == "categories":
+    elif by_category:
         default = ("generic",) if "generic" in spec.categories else tuple(spec.categories)
         chosen = request.steer_categories if request.steer_categories is not None else default
         if not chosen:
@@ -259,7 +258,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
             if getattr(request, key) is not None:
                 raise SteeringRequestError(key, f"profile {spec.id!r} has no gates")
     action = None if gating is None else (request.steer_gate_action or gating.action)
-    if method is None and action not in GATE_ONLY_ACTIONS:
+    if spec.gate_only and action not in GATE_ONLY_ACTIONS:
         raise SteeringRequestError(
             "steer_gate_action", f"profile {spec.id!r} is gate-only: its gates refuse or flag, they cannot {action!r}"
         )
