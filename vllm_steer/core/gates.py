@@ -162,13 +162,19 @@ def gate_score(h: torch.Tensor, c: torch.Tensor, score: str) -> torch.Tensor:
     raise ValueError(f"unknown gate score {score!r} (one of {', '.join(GATE_SCORES)})")
 
 
-def gate_fires(value: torch.Tensor | float, threshold: float, comparison: str) -> torch.Tensor | bool:
-    """Whether a score fires its gate (``>``: above the threshold; ``<``: below)."""
+def _past(value: Any, threshold: float, comparison: str) -> Any:
+    """How far ``value`` lies past ``threshold`` in the firing direction (``> 0``: it fires; NaN never does)."""
     if comparison == ">":
-        return value > threshold
+        return value - threshold
     if comparison == "<":
-        return value < threshold
+        return threshold - value
     raise ValueError(f"unknown comparison {comparison!r} (> or <)")
+
+
+def gate_fires(value: torch.Tensor | float, threshold: float, comparison: str) -> torch.Tensor | bool:
+    """Whether a score (or a tensor of them) fires its gate (``>``: above the threshold; ``<``: below)."""
+    fires: torch.Tensor | bool = _past(value, threshold, comparison) > 0
+    return fires
 
 
 def batched_scores(h: torch.Tensor, directions: torch.Tensor, score_codes: torch.Tensor) -> torch.Tensor:
@@ -193,7 +199,8 @@ def batched_scores(h: torch.Tensor, directions: torch.Tensor, score_codes: torch
 
 def margin(gate: GateSpec, value: float) -> float:
     """How far a score lies past its gate's threshold, in the firing direction (``> 0``: it fires)."""
-    return value - gate.threshold if gate.comparison == ">" else gate.threshold - value
+    past: float = _past(value, gate.threshold, gate.comparison)
+    return past
 
 
 def fired_gates(gating: GatingSpec, scores: dict[str, float]) -> list[str]:
