@@ -234,7 +234,7 @@ def calibrate(
         if report:
             _require_extra("matplotlib", "calibrate", "--report")
         assert gate_cfg is not None and out is not None
-        _calibrate_gates(out, gate_cfg, report, gate_only_id=profile_id or "")
+        _calibrate_gates(out, gate_cfg, report, gate_only=True, profile_id=profile_id)
         return
     if gate_into is not None:
         if report:
@@ -423,17 +423,19 @@ def _route_config(cfg: Any, gate_into: Path | None, calibration: Any) -> Any:
     return dataclasses.replace(cfg, route=tuple(categories))
 
 
-def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool, gate_only_id: str | None = None) -> None:
+def _calibrate_gates(
+    profile_dir: Path, cfg: Any, report: bool, *, gate_only: bool = False, profile_id: str | None = None
+) -> None:
     """Choose the gates, write them into the profile at ``profile_dir`` and ``report/gate.*``; print the result.
 
-    ``gate_only_id``: write a gate-only profile there instead, with this id (``""``: the default id)."""
+    ``gate_only``: write a gate-only profile there instead, with id ``profile_id`` (default: ``<model>-gates``)."""
 
     from vllm_steer.calibration.gates import add_gating, run_gate_calibration, write_gate_only_profile
     from vllm_steer.calibration.pipeline import CalibrationError
     from vllm_steer.calibration.report import write_gate_report
     from vllm_steer.core.profile import ProfileError, load_profile
 
-    if gate_only_id is None:
+    if not gate_only:
         try:
             spec = load_profile(profile_dir).spec  # before the model runs: the profile must exist and load
         except ProfileError as exc:
@@ -446,10 +448,10 @@ def _calibrate_gates(profile_dir: Path, cfg: Any, report: bool, gate_only_id: st
     with _phase_progress() as progress:
         try:
             result = run_gate_calibration(cfg, progress)
-            if gate_only_id is None:
-                add_gating(profile_dir, result)
+            if gate_only:
+                write_gate_only_profile(profile_dir, result, profile_id)
             else:
-                write_gate_only_profile(profile_dir, result, gate_only_id or None)
+                add_gating(profile_dir, result)
         except (CalibrationError, ProfileError) as exc:
             console.print(f"[red]gate calibration failed:[/red] {escape(str(exc))}")
             raise typer.Exit(1) from None

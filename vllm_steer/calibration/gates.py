@@ -1346,10 +1346,9 @@ def write_gate_only_profile(
     out: str | Path, result: GatingResult, profile_id: str | None = None, description: str | None = None
 ) -> Path:
     """Write a gate-only profile (``method: null``: the gates and nothing that steers) to ``out`` (replacing the
-    profile there, keeping its other files). ``profile_id`` defaults to ``<model>-gates``."""
+    profile there, keeping its other files). ``profile_id`` defaults to ``<model>-gates``. Gates that steer or
+    route, or a bad id, are a :class:`CalibrationError` naming the field (the format refuses them)."""
     fp = ModelFingerprint.model_validate(result.report["fingerprint"])
-    if result.gating.action == "steer":
-        raise CalibrationError("gate_action", "a gate-only profile steers nothing: its gates refuse or flag")
     pid = profile_id or f"{(fp.name or 'model').lower()}-gates"
     try:
         spec = ProfileSpec(

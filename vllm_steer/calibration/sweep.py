@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vllm_steer.calibration.stats import format_prompts, resolve_prompt_format
-from vllm_steer.core.methods import METHODS, parameter_of
+from vllm_steer.core.methods import METHODS, method_label, parameter_of
 from vllm_steer.core.profile import load_profile, save_profile
 from vllm_steer.evaluation.metrics import (
     PERPLEXITY_VIOLATION,
@@ -87,8 +87,7 @@ def default_grid(method: str, text: str | None = None) -> list[float]:
 def _parameter(method: str | None) -> str:
     parameter = parameter_of(method)
     if parameter is None:
-        kind = f"method {method!r}" if method is not None else "a gate-only profile"
-        raise ValueError(f"{kind} has no angle or scale to sweep")
+        raise ValueError(f"{method_label(method)} has no angle or scale to sweep")
     return parameter
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "method_spec",
     "parameter_of",
     "has_categories",
+    "method_label",
     "methods_where",
 ]
 
@@ -217,6 +218,11 @@ def parameter_of(name: str | None) -> Literal["angle", "scale"] | None:
 def has_categories(name: str | None) -> bool:
     """Method ``name`` steers with named categories (``False`` for a gate-only profile's ``None``)."""
     return name is not None and METHODS[name].roles == "categories"
+
+
+def method_label(name: str | None) -> str:
+    """How messages name a profile's method: ``method 'selective'``, or ``gate-only`` for none."""
+    return "gate-only" if name is None else f"method {name!r}"
 
 
 def methods_where(predicate: Callable[[MethodSpec], bool]) -> tuple[str, ...]:

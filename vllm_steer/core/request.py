@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 from vllm_steer.core.errors import SteerError, field_and_message
 from vllm_steer.core.gates import GATE_ONLY_ACTIONS, MAX_REFUSAL_CHARS, GateAction
-from vllm_steer.core.methods import has_categories, parameter_of
+from vllm_steer.core.methods import has_categories, method_label, parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.wire import keyed_digest
 
@@ -203,7 +203,7 @@ def resolve_steering(request: SteeringRequest, profiles: Mapping[str, Profile]) 
     spec = profile.spec
     parameter = parameter_of(spec.method)
     by_category = has_categories(spec.method)
-    kind = "gate-only: it steers nothing" if spec.gate_only else f"method {spec.method!r}"
+    kind = method_label(spec.method)
 
     for name, value in (("angle", request.steer_angle), ("scale", request.steer_scale)):
         if value is not None and parameter != name:

@@ -43,6 +43,7 @@ __all__ = [
     "GATE_SETS",
     "GateRow",
     "ungated_id",
+    "has_ungated_copy",
     "ungated_profile",
     "write_eval_profiles",
     "external_id",
@@ -64,6 +65,12 @@ GATE_SETS = ("harmful", "harmless", "over_refusal")
 
 def ungated_id(profile_id: str) -> str:
     return profile_id + UNGATED_SUFFIX
+
+
+def has_ungated_copy(profile: Profile) -> bool:
+    """The profile is gated and steers, so eval puts its ungated copy beside it; without its gates a gate-only
+    profile steers nothing, and its comparison is the unsteered row."""
+    return profile.spec.gating is not None and not profile.spec.gate_only
 
 
 def ungated_profile(profile: Profile) -> Profile:
@@ -92,7 +99,7 @@ def write_eval_profiles(profiles: Mapping[str, Profile], ids: Iterable[str], des
     wanted = list(dict.fromkeys(ids))
     for pid in wanted:
         profile = profiles[pid]
-        if profile.spec.gating is not None and not profile.spec.gate_only:  # ungated, a gate-only one is unsteered
+        if has_ungated_copy(profile):
             copy = ungated_profile(profile)
             if copy.id in wanted:
                 raise ValueError(

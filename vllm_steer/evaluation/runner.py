@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_steer.core.errors import SteerError
-from vllm_steer.core.methods import has_categories, parameter_of
+from vllm_steer.core.methods import has_categories, method_label, parameter_of
 from vllm_steer.core.profile import Profile, load_profile_dir
 from vllm_steer.data import Prompt, load_prompts
 from vllm_steer.evaluation.gates import (
@@ -44,6 +44,7 @@ from vllm_steer.evaluation.gates import (
     decisions_by_request,
     external_id,
     gate_summary,
+    has_ungated_copy,
     parse_gate_header,
     write_eval_profiles,
 )
@@ -171,8 +172,7 @@ def _setting(profile: Profile | None, value: float | None, categories: Sequence[
     parameter = parameter_of(profile.method)
     if value is not None:
         if parameter is None:
-            kind = f"method {profile.method!r}" if profile.method is not None else "gate-only"
-            raise EvalError("profile", f"{profile.id!r} ({kind}) takes no angle or scale")
+            raise EvalError("profile", f"{profile.id!r} ({method_label(profile.method)}) takes no angle or scale")
         extra[f"steer_{parameter}"] = float(value)
     if categories is not None:
         extra["steer_categories"] = list(categories)
@@ -447,12 +447,7 @@ def run_eval(cfg: EvalConfig, backend=None, progress: Callable[[str], None] | No
     harmful, harmless = _load_sets(cfg)
     over_refusal = _load_over_refusal(cfg)
 
-    # a gate-only profile has no ungated copy: without its gates it is the unsteered model, its comparison row
-    gated_ids = [
-        t.profile_id
-        for t in cfg.targets
-        if profiles[t.profile_id].spec.gating is not None and not profiles[t.profile_id].spec.gate_only
-    ]
+    gated_ids = [t.profile_id for t in cfg.targets if has_ungated_copy(profiles[t.profile_id])]
     notes: list[str] = []
     served_profiles, scratch = cfg.profiles, None
     ungated: dict[str, Profile] = {}

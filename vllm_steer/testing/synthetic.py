@@ -93,12 +93,8 @@ def with_gates(
     """``profile`` with a ``gating`` block: ``gates`` (OR-ed), ``action``, each gate's direction by name, and the
     ``refusal`` text (default: the format's)."""
     raw = profile.spec.model_dump()
-    block = {"action": action, "gates": [g.model_dump() for g in gates]}
-    if refusal is not None:
-        block["refusal"] = refusal
-    raw["gating"] = GatingSpec.model_validate(block).model_dump()
-    unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
-    return Profile(ProfileSpec.model_validate(raw), profile.vectors, profile.source, gate_vectors=unit)
+    raw["gating"] = _gating(action, gates, refusal).model_dump()
+    return Profile(ProfileSpec.model_validate(raw), profile.vectors, profile.source, gate_vectors=_units(directions))
 
 
 def gate_only_profile(
@@ -111,9 +107,6 @@ def gate_only_profile(
 ) -> Profile:
     """A gate-only profile (``method: null``): ``gates`` (OR-ed) with ``action`` (``refuse`` or ``flag``), each
     gate's direction by name, and the ``refusal`` text (default: the format's); nothing that steers."""
-    block = {"action": action, "gates": [g.model_dump() for g in gates]}
-    if refusal is not None:
-        block["refusal"] = refusal
     spec = ProfileSpec(
         format_version=1,
         id=profile_id,
@@ -122,7 +115,18 @@ def gate_only_profile(
         model=model,
         layers=[],
         tensors={},
-        gating=GatingSpec.model_validate(block),
+        gating=_gating(action, gates, refusal),
     )
-    unit = {name: d.float() / d.float().norm() for name, d in directions.items()}
-    return Profile(spec, {}, source=f"<synthetic {profile_id}>", gate_vectors=unit)
+    return Profile(spec, {}, source=f"<synthetic {profile_id}>", gate_vectors=_units(directions))
+
+
+def _gating(action: str, gates: Sequence[GateSpec], refusal: str | None) -> GatingSpec:
+    """The ``gating`` block: ``gates`` OR-ed, ``action``, and ``refusal`` (default: the format's)."""
+    block: dict = {"action": action, "gates": [g.model_dump() for g in gates]}
+    if refusal is not None:
+        block["refusal"] = refusal
+    return GatingSpec.model_validate(block)
+
+
+def _units(directions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: d.float() / d.float().norm() for name, d in directions.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from vllm_steer.core.gates import GATE_ONLY_ACTIONS
-from vllm_steer.core.methods import has_categories, parameter_of
+from vllm_steer.core.methods import has_categories, method_label, parameter_of
 from vllm_steer.core.profile import Profile
 from vllm_steer.core.request import ROUTE, SteeringRequest, SteeringRequestError, parse_steering
 from vllm_steer.server.tenants.controls import CONTROLS, used_controls
@@ -324,12 +324,12 @@ def _check_grant_fits(source: str, path: str, grant: ProfileGrant, profile: Prof
     if profile is None:
         raise TenantsFileError(source, path, "profile is not loaded on this server")
     spec = profile.spec
-    kind = f"method {spec.method!r}" if spec.method is not None else f"gate-only profile {spec.id!r}"
     for name, bounds in (("angle", grant.angle), ("scale", grant.scale)):
         if bounds is None:
             continue
         if parameter_of(spec.method) != name:
-            raise TenantsFileError(source, f"{path}.{name}", f"{kind} takes no {name}")
+            message = f"profile {spec.id!r} ({method_label(spec.method)}) takes no {name}"
+            raise TenantsFileError(source, f"{path}.{name}", message)
         if intersect(bounds, getattr(spec.allowed, name)) is None:
             raise TenantsFileError(source, f"{path}.{name}", f"does not overlap the profile's allowed {name} range")
     if grant.categories is not None:
@@ -345,7 +345,9 @@ def _check_grant_fits(source: str, path: str, grant: ProfileGrant, profile: Prof
         steering = sorted(set(grant.gate_actions) - set(GATE_ONLY_ACTIONS))
         if steering:
             raise TenantsFileError(
-                source, f"{path}.gate_actions", f"{kind} steers nothing: its gates cannot {' or '.join(steering)}"
+                source,
+                f"{path}.gate_actions",
+                f"profile {spec.id!r} is gate-only: its gates cannot {' or '.join(steering)}",
             )
 
 
